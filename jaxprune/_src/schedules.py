@@ -1,0 +1,157 @@
+"""Sparsity schedules: pure, jit-able functions of the step count returning a target sparsity.
+
+Like optax schedules, a sparsity schedule is any callable ``step -> sparsity`` (``step`` an int or
+int32 scalar, the result a float32 scalar in [0, 1]). The schedules here are *staircases*: their
+value only changes on the steps where masks should be recomputed, and `jaxprune.prune`
+recomputes masks exactly on the steps where the scheduled target differs from the target its
+current masks were computed for. So a schedule's update steps are simply the steps where its
+value changes; nothing else has to be declared. Every schedule returns 0.0 before it starts (no
+pruning yet).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Callable, Union
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Step = Union[int, Array]
+Schedule = Callable[[Step], Array]
+
+
+def _check_fraction(value: float, name: str) -> float:
+  if not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+    raise ValueError(f"{name}: expected a fraction in [0, 1], got {value!r}.")
+  return float(value)
+
+
+def _check_int(value: int, name: str, minimum: int) -> int:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}.")
+  return int(value)
+
+
+def constant_schedule(sparsity: float) -> Schedule:
+  """The same target from step 0 on: prune once at the first step, then keep the masks.
+
+  Args:
+    sparsity: target fraction in [0, 1].
+
+  Returns:
+    A schedule ``step -> float32``.
+  """
+  s = _check_fraction(sparsity, "sparsity")
+
+  def schedule(step: Step) -> Array:
+    del step
+    return jnp.full((), s, jnp.float32)
+
+  return schedule
+
+
+def one_shot_schedule(sparsity: float, step: int) -> Schedule:
+  """Dense until ``step``, then ``sparsity`` for ever: train, prune once, fine-tune.
+
+  Args:
+    sparsity: target fraction in [0, 1] from ``step`` on.
+    step: the step at which the masks are computed (scores of the parameters at that step).
+
+  Returns:
+    A schedule ``step -> float32``.
+  """
+  s = _check_fraction(sparsity, "sparsity")
+  at = _check_int(step, "step", 0)
+
+  def schedule(count: Step) -> Array:
+    return jnp.where(jnp.asarray(count) >= at, jnp.float32(s), jnp.float32(0.0))
+
+  return schedule
+
+
+def polynomial_schedule(init_sparsity: float, final_sparsity: float, begin_step: int,
+                        end_step: int, frequency: int = 1, power: float = 3.0) -> Schedule:
+  """Gradual pruning schedule of Zhu & Gupta (2017), reaching ``final_sparsity`` at ``end_step``.
+
+  ``s(t) = s_f + (s_i - s_f) * (1 - (u - t_0) / (t_e - t_0))**power`` where ``u`` is the last
+  update step at or before ``t``. Update steps are ``t_0, t_0 + frequency, t_0 + 2 frequency,
+  ...`` below ``t_e``, and ``t_e`` itself: the final value is reached exactly at ``end_step``
+  even when ``end_step - begin_step`` is not a multiple of ``frequency`` (the last interval is
+  then shorter). Before ``begin_step`` the value is 0 (no pruning); after ``end_step`` it is
+  ``final_sparsity``.
+
+  Args:
+    init_sparsity: sparsity applied at ``begin_step``, in [0, 1].
+    final_sparsity: sparsity from ``end_step`` on, in [0, 1].
+    begin_step: first pruning step.
+    end_step: step at which ``final_sparsity`` is reached (``>= begin_step``).
+    frequency: steps between mask updates (``>= 1``).
+    power: exponent of the polynomial (3 in the paper; 1 is linear).
+
+  Returns:
+    A schedule ``step -> float32``.
+
+  References:
+    Zhu & Gupta, "To prune, or not to prune: exploring the efficacy of pruning for model
+    compression", 2017, eq. (1).
+  """
+  s_i = _check_fraction(init_sparsity, "init_sparsity")
+  s_f = _check_fraction(final_sparsity, "final_sparsity")
+  t0 = _check_int(begin_step, "begin_step", 0)
+  te = _check_int(end_step, "end_step", 0)
+  if te < t0:
+    raise ValueError(f"end_step: expected end_step >= begin_step = {t0}, got {te}.")
+  freq = _check_int(frequency, "frequency", 1)
+  if not isinstance(power, numbers.Real) or not power > 0:
+    raise ValueError(f"power: expected a positive number, got {power!r}.")
+  span = max(te - t0, 1)
+
+  def schedule(step: Step) -> Array:
+    t = jnp.asarray(step, jnp.int32)
+    # Snap to the last update step so the value is constant between updates.
+    u = t0 + ((t - t0) // freq) * freq
+    progress = jnp.clip((u - t0).astype(jnp.float32) / span, 0.0, 1.0)
+    w = (1.0 - progress) ** power
+    # Weighted sum rather than s_f + (s_i - s_f) * w: exact s_i at w == 1 and s_f at w == 0.
+    ramp = jnp.float32(s_i) * w + jnp.float32(s_f) * (1.0 - w)
+    value = jnp.where(t >= te, jnp.float32(s_f), ramp)
+    return jnp.where(t < t0, jnp.float32(0.0), value).astype(jnp.float32)
+
+  return schedule
+
+
+def iterative_schedule(fraction: float, every: int, rounds: int, begin_step: int = 0) -> Schedule:
+  """Iterative pruning: each round prunes ``fraction`` of the weights still alive.
+
+  Round ``r = 1 .. rounds`` happens at step ``begin_step + (r - 1) * every``; after it the
+  sparsity is ``1 - (1 - fraction)**r``. Between rounds training continues with the masks fixed
+  (prune, retrain, repeat).
+
+  Args:
+    fraction: fraction of the remaining weights pruned per round, in [0, 1].
+    every: steps between rounds (``>= 1``).
+    rounds: number of rounds (``>= 1``).
+    begin_step: step of the first round.
+
+  Returns:
+    A schedule ``step -> float32``; its final value is ``1 - (1 - fraction)**rounds``.
+
+  References:
+    Han et al., "Learning both Weights and Connections for Efficient Neural Networks",
+    NeurIPS 2015 (iterative pruning and retraining).
+  """
+  f = _check_fraction(fraction, "fraction")
+  k = _check_int(every, "every", 1)
+  n = _check_int(rounds, "rounds", 1)
+  t0 = _check_int(begin_step, "begin_step", 0)
+  # Per-round values computed once in float64 then rounded: no pow drift inside jit.
+  table = jnp.asarray([0.0] + [1.0 - (1.0 - f) ** r for r in range(1, n + 1)], jnp.float32)
+
+  def schedule(step: Step) -> Array:
+    t = jnp.asarray(step, jnp.int32)
+    done = jnp.where(t < t0, 0, jnp.minimum((t - t0) // k + 1, n))
+    return table[done]
+
+  return schedule
