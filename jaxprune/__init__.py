@@ -15,6 +15,7 @@ transformations keep pruned weights at exactly zero inside jitted train steps.
 # --- end structured ---
 
 # --- reports, sensitivity, export (issue 6) ---
+from jaxprune._src.report import LeafReport, Report, matmul_flops_by_leaf, report, xla_flops
 # --- end reports ---
 
 # --- sharding (issue 7) ---

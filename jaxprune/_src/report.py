@@ -1,0 +1,365 @@
+"""What pruning bought: per-leaf counts, storage bytes and FLOPs, as a table or logger scalars.
+
+Storage formats counted for every prunable leaf (non-prunable leaves are stored dense in all of
+them):
+
+* dense:   ``count * itemsize``.
+* bitmask: the kept values plus one bit per entry, ``kept * itemsize + ceil(count / 8)``.
+* CSR:     the kept values, one int32 column index per kept value and ``rows + 1`` int32 row
+  pointers of the 2-D view whose rows are the leading dims flattened
+  (``rows = prod(shape[:-1])``), i.e. ``kept * (itemsize + 4) + 4 * (rows + 1)``.
+
+FLOPs. ``flops/dense`` is XLA's own count (``jax.jit(apply_fn).lower(...).compile()
+.cost_analysis()['flops']``). The effective count is derived from the jaxpr of ``apply_fn``: each
+``dot_general`` / ``conv_general_dilated`` whose weight operand is a parameter leaf (possibly cast,
+reshaped or transposed, possibly inside ``pjit`` / ``scan`` / ``remat`` / custom-derivative calls)
+is counted analytically (``2 * out_size * contraction_size``) and scaled by that leaf's density
+``kept / count``; ``flops/effective = flops/dense - sum(leaf_flops * (1 - density))``. A sparse
+kernel skips the multiply-adds of its zero weights, which is what this models; it is an upper
+bound on what any real sparse kernel saves.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.extend.core as jex_core
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune._src import tree as tree_lib
+
+PyTree = Any
+
+_INDEX_BYTES = 4  # int32 column indices and row pointers
+
+
+class LeafReport(NamedTuple):
+  """One row of a `Report`.
+
+  Attributes:
+    path: key path string, e.g. ``['dense1']['kernel']``.
+    shape: leaf shape.
+    dtype: dtype name.
+    prunable: whether the leaf is prunable (non-prunable leaves are counted fully kept).
+    count: number of entries.
+    kept: entries kept (mask True, or nonzero when no masks are given).
+    sparsity: ``1 - kept / count``.
+    dense_bytes: ``count * itemsize``.
+    bitmask_bytes: ``kept * itemsize + ceil(count / 8)`` (``dense_bytes`` if not prunable).
+    csr_bytes: ``kept * (itemsize + 4) + 4 * (rows + 1)`` (``dense_bytes`` if not prunable).
+    flops_dense: analytic FLOPs of the matmuls/convs that use this leaf as weight (0 if none or
+      no ``apply_fn`` was given).
+    flops_effective: ``flops_dense * kept / count``.
+  """
+  path: str
+  shape: tuple[int, ...]
+  dtype: str
+  prunable: bool
+  count: int
+  kept: int
+  sparsity: float
+  dense_bytes: int
+  bitmask_bytes: int
+  csr_bytes: int
+  flops_dense: float
+  flops_effective: float
+
+
+class Report(NamedTuple):
+  """Per-leaf rows and totals; `to_dict` gives logger scalars, `table` a printable table.
+
+  Attributes:
+    rows: one `LeafReport` per leaf, in `jax.tree.leaves` order.
+    flops_dense: XLA's FLOP count of ``apply_fn`` (None without ``apply_fn``).
+    flops_effective: ``flops_dense`` minus the multiply-adds of pruned weights (None without
+      ``apply_fn``).
+  """
+  rows: tuple[LeafReport, ...]
+  flops_dense: Optional[float] = None
+  flops_effective: Optional[float] = None
+
+  @property
+  def prunable_rows(self) -> tuple[LeafReport, ...]:
+    return tuple(r for r in self.rows if r.prunable)
+
+  @property
+  def sparsity(self) -> float:
+    """Fraction of pruned entries over the prunable leaves (0.0 when there are none)."""
+    n = sum(r.count for r in self.prunable_rows)
+    return 1.0 - sum(r.kept for r in self.prunable_rows) / n if n else 0.0
+
+  @property
+  def dense_bytes(self) -> int:
+    return sum(r.dense_bytes for r in self.rows)
+
+  @property
+  def bitmask_bytes(self) -> int:
+    return sum(r.bitmask_bytes for r in self.rows)
+
+  @property
+  def csr_bytes(self) -> int:
+    return sum(r.csr_bytes for r in self.rows)
+
+  @property
+  def best_bytes(self) -> int:
+    """Bytes when each leaf is stored in its smallest format (dense, bitmask or CSR)."""
+    return sum(min(r.dense_bytes, r.bitmask_bytes, r.csr_bytes) for r in self.rows)
+
+  def to_dict(self) -> dict[str, float]:
+    """Flat ``{name: float}`` of every figure, for TensorBoard / W&B style loggers.
+
+    Keys: ``params/count``, ``params/kept``, ``sparsity/total``, ``sparsity/<leaf>`` (prunable
+    leaves, ``<leaf>`` the path joined by ``/``), ``bytes/dense``, ``bytes/bitmask``,
+    ``bytes/csr``, ``bytes/best``, ``compression/bitmask``, ``compression/csr``,
+    ``compression/best`` (dense / sparse), and with FLOPs ``flops/dense``, ``flops/effective``,
+    ``flops/matmul_dense``, ``flops/matmul_effective``, ``flops/speedup``.
+    """
+    out: dict[str, float] = {
+        "params/count": float(sum(r.count for r in self.rows)),
+        "params/kept": float(sum(r.kept for r in self.rows)),
+        "sparsity/total": float(self.sparsity),
+    }
+    for r in self.prunable_rows:
+      out[f"sparsity/{log_name(r.path)}"] = float(r.sparsity)
+    dense = self.dense_bytes
+    out["bytes/dense"] = float(dense)
+    for name, value in (("bitmask", self.bitmask_bytes), ("csr", self.csr_bytes),
+                        ("best", self.best_bytes)):
+      out[f"bytes/{name}"] = float(value)
+      out[f"compression/{name}"] = float(dense / value) if value else float("inf")
+    if self.flops_dense is not None:
+      out["flops/dense"] = float(self.flops_dense)
+      out["flops/effective"] = float(self.flops_effective)
+      out["flops/matmul_dense"] = float(sum(r.flops_dense for r in self.rows))
+      out["flops/matmul_effective"] = float(sum(r.flops_effective for r in self.rows))
+      out["flops/speedup"] = (float(self.flops_dense / self.flops_effective)
+                              if self.flops_effective else float("inf"))
+    return out
+
+  def table(self) -> str:
+    """A fixed-width text table: one line per leaf, then the totals."""
+    header = ("path", "shape", "count", "kept", "sparsity", "dense B", "bitmask B", "CSR B",
+              "MFLOPs", "eff MFLOPs")
+    lines = []
+    for r in self.rows:
+      lines.append((r.path + ("" if r.prunable else " (dense)"), "x".join(map(str, r.shape)) or "()",
+                    str(r.count), str(r.kept), f"{r.sparsity:.4f}", str(r.dense_bytes),
+                    str(r.bitmask_bytes), str(r.csr_bytes), f"{r.flops_dense / 1e6:.4g}",
+                    f"{r.flops_effective / 1e6:.4g}"))
+    total = ("total", "", str(sum(r.count for r in self.rows)),
+             str(sum(r.kept for r in self.rows)), f"{self.sparsity:.4f}", str(self.dense_bytes),
+             str(self.bitmask_bytes), str(self.csr_bytes),
+             "" if self.flops_dense is None else f"{self.flops_dense / 1e6:.4g}",
+             "" if self.flops_effective is None else f"{self.flops_effective / 1e6:.4g}")
+    widths = [max(len(row[i]) for row in [header, total, *lines]) for i in range(len(header))]
+    fmt = lambda row: "  ".join(  # noqa: E731
+        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    rule = "-" * len(fmt(header))
+    parts = [fmt(header), rule, *map(fmt, lines), rule, fmt(total)]
+    if self.flops_dense is not None:
+      parts.append("FLOPs: XLA count of apply_fn (total) and matmul/conv FLOPs per weight leaf; "
+                   "effective = dense scaled by the weight's density.")
+    return "\n".join(parts)
+
+
+def log_name(path: str | tuple) -> str:
+  """A logger-friendly name for a key path: ``['dense1']['kernel']`` -> ``dense1/kernel``."""
+  if not isinstance(path, str):
+    path = tree_lib.path_str(path)
+  parts = [p.strip("'\"") for p in path.replace("]", "[").replace(".", "[").split("[") if p]
+  return "/".join(parts)
+
+
+def _cost_flops(compiled: Any) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax returned one dict per device program
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    raise ValueError("apply_fn: XLA cost analysis returned no 'flops' entry on this backend.")
+  return float(cost["flops"])
+
+
+def xla_flops(apply_fn: Callable[..., Any], *args: Any) -> float:
+  """XLA's FLOP count of ``apply_fn(*args)`` (``cost_analysis()['flops']`` of the compiled fn)."""
+  return _cost_flops(jax.jit(apply_fn).lower(*args).compile())
+
+
+# Primitives that move or cast elements without changing which ones are zero: a weight that
+# passes through them is still "the same weight" for density purposes.
+_PASS_THROUGH = frozenset({
+    "convert_element_type", "reshape", "transpose", "copy", "copy_p", "squeeze", "expand_dims",
+    "sharding_constraint", "reduce_precision", "optimization_barrier",
+})
+
+
+def _dot_flops(eqn) -> float:
+  (contract_lhs, _), _ = eqn.params["dimension_numbers"]
+  lhs_shape = eqn.invars[0].aval.shape
+  k = math.prod(lhs_shape[d] for d in contract_lhs)
+  return 2.0 * math.prod(eqn.outvars[0].aval.shape) * k
+
+
+def _valid_taps(in_size: int, out_size: int, k_size: int, stride: int, pad_lo: int,
+                lhs_dil: int, rhs_dil: int) -> int:
+  """Number of (output position, kernel tap) pairs of one spatial dim that read a real input.
+
+  Taps over padding or over the holes of an lhs-dilated input multiply zeros; XLA's cost
+  analysis does not count them, and neither do we.
+  """
+  last = (in_size - 1) * lhs_dil
+  count = 0
+  for o in range(out_size):
+    for k in range(k_size):
+      pos = o * stride - pad_lo + k * rhs_dil
+      count += 0 <= pos <= last and pos % lhs_dil == 0
+  return count
+
+
+def _conv_flops(eqn) -> float:
+  p = eqn.params
+  dn = p["dimension_numbers"]
+  lhs, rhs, out = (v.aval.shape for v in (eqn.invars[0], eqn.invars[1], eqn.outvars[0]))
+  taps = 1
+  for i in range(len(dn.lhs_spec) - 2):
+    taps *= _valid_taps(lhs[dn.lhs_spec[2 + i]], out[dn.out_spec[2 + i]], rhs[dn.rhs_spec[2 + i]],
+                        p["window_strides"][i], p["padding"][i][0], p["lhs_dilation"][i],
+                        p["rhs_dilation"][i])
+  # Per output (batch, feature) pair: one multiply-add per input feature of its group per tap.
+  return 2.0 * out[dn.out_spec[0]] * out[dn.out_spec[1]] * rhs[dn.rhs_spec[1]] * taps
+
+
+def _sub_jaxprs(eqn) -> list[tuple[Any, Optional[list[Any]], float]]:
+  """(jaxpr, outer vars bound to its invars or None, trip multiplier) for higher-order eqns."""
+  out = []
+  mult = float(eqn.params.get("length", 1)) if eqn.primitive.name == "scan" else 1.0
+  for value in eqn.params.values():
+    candidates = value if isinstance(value, (tuple, list)) else (value,)
+    for c in candidates:
+      jaxpr = getattr(c, "jaxpr", c)  # ClosedJaxpr -> Jaxpr
+      if not isinstance(jaxpr, jex_core.Jaxpr):
+        continue
+      if len(jaxpr.invars) == len(eqn.invars):
+        binding = list(eqn.invars)
+      elif eqn.primitive.name == "cond" and len(jaxpr.invars) == len(eqn.invars) - 1:
+        binding = list(eqn.invars[1:])  # the branch index is not passed to branches
+      else:
+        binding = None
+      out.append((jaxpr, binding, mult))
+  return out
+
+
+def _walk(jaxpr, origin: dict, mult: float, acc: dict[int, float]) -> None:
+  """Accumulates into ``acc[leaf index]`` the matmul/conv FLOPs whose weight is that leaf."""
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    src = [origin.get(v) if isinstance(v, jex_core.Var) else None for v in eqn.invars]
+    if name in _PASS_THROUGH and src and src[0] is not None:
+      origin[eqn.outvars[0]] = src[0]
+    elif name in ("dot_general", "conv_general_dilated"):
+      # Prefer the rhs (Flax kernels are the rhs of x @ W and of convolutions).
+      leaf = src[1] if src[1] is not None else src[0]
+      if leaf is not None:
+        flops = _dot_flops(eqn) if name == "dot_general" else _conv_flops(eqn)
+        acc[leaf] = acc.get(leaf, 0.0) + mult * flops
+    else:
+      for sub, binding, m in _sub_jaxprs(eqn):
+        inner = {}
+        if binding is not None:
+          for outer, inner_var in zip(binding, sub.invars):
+            if isinstance(outer, jex_core.Var) and outer in origin:
+              inner[inner_var] = origin[outer]
+        _walk(sub, inner, mult * m, acc)
+
+
+def matmul_flops_by_leaf(apply_fn: Callable[..., Any], params: PyTree,
+                         *inputs: Any) -> list[float]:
+  """Analytic dot/conv FLOPs of ``apply_fn(params, *inputs)`` attributed to each weight leaf.
+
+  Args:
+    apply_fn: ``apply_fn(params, *inputs)``.
+    params: parameter pytree.
+    *inputs: the remaining arguments.
+
+  Returns:
+    One float per leaf of ``params`` (`jax.tree.leaves` order): ``2 * out_size *
+    contraction_size`` summed over the ``dot_general`` / ``conv_general_dilated`` ops that take
+    the leaf (or a cast / reshape / transpose of it) as an operand, times ``scan`` lengths.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  closed = jax.make_jaxpr(lambda ls, ins: apply_fn(jax.tree.unflatten(treedef, ls), *ins))(
+      leaves, inputs)
+  origin = {v: i for i, v in enumerate(closed.jaxpr.invars[:len(leaves)])}
+  acc: dict[int, float] = {}
+  _walk(closed.jaxpr, origin, 1.0, acc)
+  return [acc.get(i, 0.0) for i in range(len(leaves))]
+
+
+def leaf_bytes(shape: Sequence[int], itemsize: int, kept: int) -> tuple[int, int, int]:
+  """``(dense, bitmask, csr)`` bytes of a leaf of ``shape`` with ``kept`` nonzero entries."""
+  count = math.prod(shape)
+  rows = math.prod(shape[:-1]) if len(shape) >= 2 else 1
+  dense = count * itemsize
+  bitmask = kept * itemsize + (count + 7) // 8
+  csr = kept * (itemsize + _INDEX_BYTES) + _INDEX_BYTES * (rows + 1)
+  return dense, bitmask, csr
+
+
+def report(params: PyTree, *, masks: Optional[PyTree] = None,
+           prunable: tree_lib.Prunable = None,
+           apply_fn: Optional[Callable[..., Any]] = None,
+           inputs: Sequence[Any] = ()) -> Report:
+  """Counts, storage bytes and FLOPs of (pruned) parameters.
+
+  Args:
+    params: parameter pytree (concrete arrays).
+    masks: optional bool masks with the structure of ``params`` (True = keep). When given, a
+      prunable leaf's ``kept`` is its mask count; otherwise its number of nonzero entries.
+    prunable: which leaves are prunable (None: floating, ``ndim >= 2``; a predicate
+      ``(path, leaf) -> bool``; or a pytree of bools). Non-prunable leaves count as fully kept
+      and stored dense.
+    apply_fn: optional ``apply_fn(params, *inputs)`` whose FLOPs are counted.
+    inputs: the remaining arguments of ``apply_fn`` (a tuple).
+
+  Returns:
+    A `Report`; see the module docstring for the byte and FLOP formulas.
+  """
+  if masks is not None:
+    tree_lib.check_same_structure(params, masks, "params", "masks")
+  flags = jax.tree.leaves(tree_lib.prunable_flags(params, prunable))
+  with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
+  mask_leaves = jax.tree.leaves(masks) if masks is not None else [None] * len(with_paths)
+
+  if apply_fn is not None:
+    inputs = tuple(inputs)
+    flops_dense: Optional[float] = xla_flops(apply_fn, params, *inputs)
+    leaf_flops = matmul_flops_by_leaf(apply_fn, params, *inputs)
+  else:
+    flops_dense, leaf_flops = None, [0.0] * len(with_paths)
+
+  rows = []
+  for (path, leaf), flag, mask, fl in zip(with_paths, flags, mask_leaves, leaf_flops):
+    shape = tuple(int(d) for d in np.shape(leaf))
+    dtype = np.dtype(getattr(leaf, "dtype", np.asarray(leaf).dtype))
+    count = math.prod(shape)
+    if not flag:
+      kept = count
+    elif mask is not None:
+      kept = int(np.count_nonzero(np.asarray(mask)))
+    else:
+      kept = int(np.count_nonzero(np.asarray(leaf)))
+    dense, bitmask, csr = leaf_bytes(shape, dtype.itemsize, kept)
+    if not flag:
+      bitmask = csr = dense
+    density = kept / count if count else 1.0
+    rows.append(LeafReport(
+        path=tree_lib.path_str(path), shape=shape, dtype=dtype.name, prunable=bool(flag),
+        count=count, kept=kept, sparsity=1.0 - density, dense_bytes=dense,
+        bitmask_bytes=bitmask, csr_bytes=csr, flops_dense=fl, flops_effective=fl * density))
+
+  flops_effective = None
+  if flops_dense is not None:
+    flops_effective = flops_dense - sum(r.flops_dense - r.flops_effective for r in rows)
+  return Report(rows=tuple(rows), flops_dense=flops_dense, flops_effective=flops_effective)
