@@ -1,0 +1,157 @@
+"""Int8 quantization of pruned weights: per-channel symmetric scales, zeros stay zeros.
+
+For a channel (a slice along ``axis``, by default the output axis of a Flax kernel) with largest
+magnitude ``a``, the scale is ``s = a / 127`` and ``q = clip(round(w / s), -127, 127)``; the
+dequantized ``q * s`` is within ``s / 2`` of ``w`` (half an integer step), so the relative error
+against the channel's range is at most ``1 / 254``. ``round(0) = 0``, so pruned weights remain
+exact zeros and a bitmask still describes the sparsity. The symmetric range omits -128 so that
+``q`` and ``-q`` are both representable.
+
+References:
+  Jacob et al., "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-
+  Only Inference", CVPR 2018 (affine/symmetric int8 scheme).
+  Han et al., "Deep Compression: Compressing Deep Neural Networks with Pruning, Trained
+  Quantization and Huffman Coding", ICLR 2016 (pruning followed by quantization).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune._src import report as report_lib
+from jaxprune._src import tree as tree_lib
+
+PyTree = Any
+
+_QMAX = 127
+
+
+class QuantizedArray(NamedTuple):
+  """An int8 array with per-channel float32 scales; ``values * scale`` approximates the weight.
+
+  Attributes:
+    values: int8, the leaf's shape.
+    scale: float32, the leaf's rank with size 1 on every axis but the channel axis.
+  """
+  values: jax.Array
+  scale: jax.Array
+
+
+def _is_quantized(x: Any) -> bool:
+  return isinstance(x, QuantizedArray)
+
+
+def quantize_array(x: jax.Array, axis: int = -1) -> QuantizedArray:
+  """Per-channel symmetric int8 quantization of one array (channels along ``axis``).
+
+  Args:
+    x: floating array with ``ndim >= 1``.
+    axis: channel axis; each slice along it gets its own scale.
+
+  Returns:
+    A `QuantizedArray`. An all-zero channel gets scale 1 (its values are 0).
+  """
+  x = jnp.asarray(x, jnp.float32)
+  axis = axis % x.ndim
+  reduce_axes = tuple(d for d in range(x.ndim) if d != axis)
+  amax = jnp.max(jnp.abs(x), axis=reduce_axes, keepdims=True)
+  scale = jnp.where(amax > 0, amax / _QMAX, 1.0).astype(jnp.float32)
+  q = jnp.clip(jnp.round(x / scale), -_QMAX, _QMAX).astype(jnp.int8)
+  return QuantizedArray(values=q, scale=scale)
+
+
+def dequantize_array(q: QuantizedArray, dtype: Any = jnp.float32) -> jax.Array:
+  """``values * scale`` in ``dtype``."""
+  return (q.values.astype(jnp.float32) * q.scale).astype(dtype)
+
+
+def quantize(params: PyTree, *, axis: int = -1, prunable: tree_lib.Prunable = None) -> PyTree:
+  """Quantizes every prunable leaf to a `QuantizedArray`; other leaves are returned unchanged.
+
+  Args:
+    params: parameter pytree (apply masks first, e.g. `jaxprune.strip`, so pruned weights are 0).
+    axis: channel axis of the per-channel scales (-1: output features of Flax kernels).
+    prunable: which leaves to quantize (see `jaxprune.prunable_flags`). Leaves with ``ndim``
+      below 1 are never quantized.
+
+  Returns:
+    The tree with quantized leaves; `dequantize` inverts it up to the rounding error.
+  """
+  tree_lib.check_float(params, "params")
+  flags = tree_lib.prunable_flags(params, prunable)
+  with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
+  for (p, leaf), flag in zip(with_paths, jax.tree.leaves(flags)):
+    if flag and not -np.ndim(leaf) <= axis < max(np.ndim(leaf), 1):
+      raise ValueError(f"axis: expected an axis of leaf {tree_lib.path_str(p)} (ndim "
+                       f"{np.ndim(leaf)}), got {axis}.")
+  return jax.tree.map(
+      lambda x, f: quantize_array(x, axis) if f and np.ndim(x) >= 1 else x, params, flags)
+
+
+def dequantize(qparams: PyTree, like: Optional[PyTree] = None) -> PyTree:
+  """Float parameters from a `quantize`d tree.
+
+  Args:
+    qparams: output of `quantize`.
+    like: optional original tree; dequantized leaves take its dtypes (float32 otherwise).
+
+  Returns:
+    The parameter tree with every `QuantizedArray` replaced by ``values * scale``.
+  """
+  if like is None:
+    return jax.tree.map(lambda x: dequantize_array(x) if _is_quantized(x) else x, qparams,
+                        is_leaf=_is_quantized)
+  return jax.tree.map(
+      lambda x, ref: dequantize_array(x, ref.dtype) if _is_quantized(x) else x,
+      qparams, like, is_leaf=_is_quantized)
+
+
+def quantization_error(params: PyTree, qparams: PyTree) -> dict[str, float]:
+  """What quantization cost: errors and int8 storage, as logger scalars.
+
+  Args:
+    params: the float parameters that were quantized.
+    qparams: ``quantize(params, ...)``.
+
+  Returns:
+    ``{'quant/max_abs': ..., 'quant/max_rel': ..., 'quant/max_abs/<leaf>': ...,
+    'quant/max_rel/<leaf>': ..., 'bytes/int8_dense': ..., 'bytes/int8_bitmask': ...}``;
+    ``max_rel`` is the largest absolute error over the largest magnitude of the leaf (at most
+    1/254 up to float rounding). Int8 bytes count one byte per kept value (or per entry),
+    ``ceil(n / 8)`` mask bytes, four bytes per scale and the dense bytes of unquantized leaves.
+  """
+  out: dict[str, float] = {}
+  max_abs = max_rel = 0.0
+  dense_bytes = bitmask_bytes = 0
+  flat_q = jax.tree.leaves(qparams, is_leaf=_is_quantized)
+  with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
+  if len(flat_q) != len(with_paths):
+    raise ValueError(f"qparams: expected {len(with_paths)} leaves like params, got "
+                     f"{len(flat_q)}.")
+  for (p, x), q in zip(with_paths, flat_q):
+    x = np.asarray(x)
+    if not _is_quantized(q):
+      dense_bytes += x.nbytes
+      bitmask_bytes += x.nbytes
+      continue
+    err = np.abs(np.asarray(dequantize_array(q), np.float64) - x.astype(np.float64))
+    leaf_abs = float(err.max(initial=0.0))
+    amax = float(np.abs(x).max(initial=0.0))
+    leaf_rel = leaf_abs / amax if amax > 0 else 0.0
+    name = report_lib.log_name(p)
+    out[f"quant/max_abs/{name}"] = leaf_abs
+    out[f"quant/max_rel/{name}"] = leaf_rel
+    max_abs, max_rel = max(max_abs, leaf_abs), max(max_rel, leaf_rel)
+    scale_bytes = 4 * int(q.scale.size)
+    kept = int(np.count_nonzero(np.asarray(q.values)))
+    dense_bytes += x.size + scale_bytes
+    bitmask_bytes += min(x.size, kept + (x.size + 7) // 8) + scale_bytes
+  out["quant/max_abs"] = max_abs
+  out["quant/max_rel"] = max_rel
+  out["bytes/int8_dense"] = float(dense_bytes)
+  out["bytes/int8_bitmask"] = float(bitmask_bytes)
+  return out
