@@ -1,0 +1,195 @@
+"""Scores and masks for whole units (neurons, channels, heads) of dependency groups.
+
+A unit's score sums an entry-wise score over every entry the unit owns in
+every coupled leaf (kernel column, consumer kernel row, ...):
+
+* group norm: ``reduce="l2"`` on magnitudes, ``sqrt(sum w^2)``, or ``"l1"``;
+* Taylor: ``reduce="l1"`` on ``jp.taylor(params, grads)``, the group sum of
+  ``|w * g|`` (Molchanov et al., 2019);
+* Hessian: ``reduce="l1"`` on ``jp.obd(params, h)``, the group sum of OBD
+  saliencies ``h w^2 / 2`` (LeCun et al., 1990).
+
+References:
+  Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017 (filter norms).
+  Molchanov et al., "Importance Estimation for Neural Network Pruning", CVPR 2019.
+  LeCun, Denker, Solla, "Optimal Brain Damage", NeurIPS 1990.
+  Fang et al., "DepGraph: Towards Any Structural Pruning", CVPR 2023 (dependency groups).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune._src import select
+from jaxprune._src import tree as tree_lib
+from jaxprune._src.groups import Group
+
+Array = jax.Array
+Sparsity = Union[float, Array, Sequence[float]]
+
+
+def _check_groups(groups: Sequence[Group], name: str) -> None:
+  if not all(isinstance(g, Group) for g in groups):
+    raise ValueError(f"{name}: expected a sequence of jaxprune Group objects (find_groups / "
+                     f"make_group), got {[type(g).__name__ for g in groups]}")
+
+
+def group_scores(groups: Sequence[Group], scores: Any, *, reduce: str = "l2",
+                 prunable: Callable[[tuple, Any], bool] | None = None) -> list[Array]:
+  """Per-unit scores of every group: higher = more important.
+
+  Args:
+    groups: from :func:`find_groups` or :func:`make_group`.
+    scores: entry-wise scores (``jp.magnitude``, ``jp.taylor``, ``jp.obd`` ...)
+      over a pytree keyed like the variables the groups were found on; leaves
+      the groups mention but ``scores`` lacks are skipped.
+    reduce: ``"l2"`` (square root of the sum of squares) or ``"l1"`` (sum of
+      absolute values) over all entries of a unit.
+    prunable: predicate ``(key_path, leaf) -> bool`` choosing the leaves that
+      contribute; default ``jp.default_prunable`` (floating, ``ndim >= 2``:
+      kernels, not biases, norm scales or running statistics).
+
+  Returns:
+    One float32 array of shape ``(group.size,)`` per group.
+  """
+  _check_groups(groups, "group_scores")
+  if reduce not in ("l1", "l2"):
+    raise ValueError(f"group_scores: reduce must be 'l1' or 'l2', got {reduce!r}")
+  prunable = prunable or tree_lib.default_prunable
+  flat, _ = jax.tree_util.tree_flatten_with_path(scores)
+  leaves = {jax.tree_util.keystr(p): (p, x) for p, x in flat}
+  out = []
+  for g in groups:
+    total = jnp.zeros((g.size,), jnp.float32)
+    used = False
+    for m in g.members:
+      if m.path not in leaves:
+        continue
+      kp, s = leaves[m.path]
+      if not prunable(kp, s):
+        continue
+      s = jnp.asarray(s, jnp.float32)
+      if s.shape[m.axis] != len(m.units):
+        raise ValueError(f"group_scores: leaf {m.path} has length {s.shape[m.axis]} on axis "
+                         f"{m.axis}, the group {g.name} expects {len(m.units)}")
+      e = jnp.abs(s) if reduce == "l1" else jnp.square(s)
+      per_index = jnp.sum(e, axis=tuple(i for i in range(s.ndim) if i != m.axis))
+      covered = np.nonzero(m.units >= 0)[0]
+      total = total + jax.ops.segment_sum(per_index[covered], m.units[covered],
+                                          num_segments=g.size)
+      used = True
+    if not used:
+      raise ValueError(f"group_scores: no leaf of group {g.name} is in scores and prunable; "
+                       f"expected one of {sorted({m.path for m in g.members})}")
+    out.append(jnp.sqrt(total) if reduce == "l2" else total)
+  return out
+
+
+def group_masks(scores: Sequence[Array], sparsity: Sparsity, *,
+                scope: str = "layer") -> list[Array]:
+  """Which units to keep: exactly ``round(s * n)`` lowest-scored units removed.
+
+  Ties: among equal scores the later unit (and, globally, the later group) is
+  removed first, as in ``jp.unstructured_mask``. A concrete selection that
+  would remove every unit of a group raises a ``ValueError``.
+
+  Args:
+    scores: per-unit scores, one array per group (:func:`group_scores`).
+    sparsity: fraction of units to remove, in [0, 1] (may be traced); with
+      ``scope="layer"`` also a sequence with one fraction per group.
+    scope: ``"layer"``: ``round(s * group.size)`` units per group;
+      ``"global"``: ``round(s * N)`` of all ``N`` units together.
+
+  Returns:
+    One bool array per group, True = keep.
+  """
+  scores = [jnp.asarray(s, jnp.float32) for s in scores]
+  if any(s.ndim != 1 for s in scores):
+    raise ValueError(f"group_masks: expected 1-D per-unit scores, got shapes "
+                     f"{[s.shape for s in scores]}")
+  if scope == "layer":
+    if isinstance(sparsity, (list, tuple)):
+      if len(sparsity) != len(scores):
+        raise ValueError(f"group_masks: expected {len(scores)} sparsities (one per group), got "
+                         f"{len(sparsity)}")
+      fracs = list(sparsity)
+    else:
+      fracs = [sparsity] * len(scores)
+    keep = []
+    for i, (s, frac) in enumerate(zip(scores, fracs)):
+      k = select.num_to_prune(frac, s.shape[0], "sparsity", f"group {i}")
+      if isinstance(k, int) and k >= s.shape[0]:
+        raise ValueError(f"group_masks: sparsity {frac} would remove all {s.shape[0]} units of "
+                         f"group {i}; expected to keep at least one")
+      keep.append(~select.prune_lowest([s], k)[0])
+    return keep
+  if scope == "global":
+    total = sum(s.shape[0] for s in scores)
+    k = select.num_to_prune(sparsity, total)
+    keep = [~p for p in select.prune_lowest(scores, k)]
+    if isinstance(k, int):
+      empty = [i for i, m in enumerate(keep) if not bool(jnp.any(m))]
+      if empty:
+        raise ValueError(f"group_masks: global sparsity {sparsity} would remove every unit of "
+                         f"groups {empty}; expected at least one unit kept per group (lower the "
+                         "sparsity or use scope='layer')")
+    return keep
+  raise ValueError(f"group_masks: scope must be 'layer' or 'global', got {scope!r}")
+
+
+def _axis_keep(groups: Sequence[Group], keep: Sequence[Any], xp: Any,
+               ) -> dict[str, dict[int, Any]]:
+  """path -> axis -> bool vector over that axis (AND over every covering group)."""
+  if len(keep) != len(groups):
+    raise ValueError(f"expected one keep mask per group ({len(groups)}), got {len(keep)}")
+  out: dict[str, dict[int, Any]] = {}
+  for g, k in zip(groups, keep):
+    if tuple(np.shape(k)) != (g.size,):
+      raise ValueError(f"keep mask of group {g.name}: expected shape ({g.size},), got "
+                       f"{tuple(np.shape(k))}")
+    k = xp.asarray(k, bool)
+    for m in g.members:
+      units = np.asarray(m.units)
+      idx_keep = xp.where(units >= 0, k[np.maximum(units, 0)], True)
+      axes = out.setdefault(m.path, {})
+      axes[m.axis] = idx_keep if m.axis not in axes else axes[m.axis] & idx_keep
+  return out
+
+
+def apply_group_masks(variables: Any, groups: Sequence[Group], keep: Sequence[Array]) -> Any:
+  """Zeroes every entry of removed units in every coupled leaf (the masked model).
+
+  Works under ``jit`` with traced masks. The result computes what the model
+  shrunk by :func:`jaxprune.shrink` computes.
+
+  Args:
+    variables: the pytree the groups were found on.
+    groups: the groups.
+    keep: one bool array per group (True = keep).
+
+  Returns:
+    ``variables`` with the removed units' entries set to zero (dtypes kept).
+  """
+  _check_groups(groups, "apply_group_masks")
+  axis_keep = _axis_keep(groups, keep, jnp)
+
+  def mask_leaf(path, x):
+    axes = axis_keep.get(jax.tree_util.keystr(path))
+    if not axes:
+      return x
+    m = jnp.ones((), bool)
+    for axis, v in axes.items():
+      if x.shape[axis] != v.shape[0]:
+        raise ValueError(f"apply_group_masks: leaf {jax.tree_util.keystr(path)} has length "
+                         f"{x.shape[axis]} on axis {axis}, the groups expect {v.shape[0]}")
+      shape = [1] * x.ndim
+      shape[axis] = -1
+      m = m & v.reshape(shape)
+    return jnp.where(m, x, jnp.zeros((), x.dtype))
+
+  return jax.tree_util.tree_map_with_path(mask_leaf, variables)

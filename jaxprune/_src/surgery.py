@@ -1,0 +1,172 @@
+"""Physical removal of pruned units: smaller arrays that compute the same function.
+
+Given dependency groups (:func:`jaxprune.find_groups`) and one keep mask per
+group, every coupled axis of every leaf is sliced to the kept units. The result
+equals the model with those units zeroed (:func:`jaxprune.apply_group_masks`)
+because every consumer of a removed unit lost the matching input rows, so a
+removed unit contributed exactly zero before removal.
+
+Linen modules check parameter shapes against their configuration, so a shrunk
+Linen model is rebuilt with :func:`linen_features` giving the new sizes; NNX
+modules are rebuilt directly by :func:`shrink_nnx`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune._src.group_scores import _axis_keep, _check_groups
+from jaxprune._src.groups import Group
+
+
+def _concrete_keep(groups: Sequence[Group], keep: Sequence[Any], name: str) -> list[np.ndarray]:
+  _check_groups(groups, name)
+  if len(keep) != len(groups):
+    raise ValueError(f"{name}: expected one keep mask per group ({len(groups)}), got {len(keep)}")
+  out = []
+  for g, k in zip(groups, keep):
+    if isinstance(k, jax.core.Tracer):
+      raise ValueError(f"{name}: keep masks must be concrete (new shapes are static); the mask "
+                       f"of group {g.name} is traced. Call it outside jit.")
+    k = np.asarray(k, bool)
+    if k.shape != (g.size,):
+      raise ValueError(f"{name}: keep mask of group {g.name}: expected shape ({g.size},), got "
+                       f"{k.shape}")
+    if not k.any():
+      raise ValueError(f"{name}: the keep mask of group {g.name} removes all {g.size} units; "
+                       "expected at least one unit kept (a layer cannot be removed entirely)")
+    out.append(k)
+  return out
+
+
+def shrink(variables: Any, groups: Sequence[Group], keep: Sequence[Any]) -> Any:
+  """Removes the pruned units of every group from every coupled leaf.
+
+  Args:
+    variables: the pytree the groups were found on (e.g. a Linen
+      ``{"params": ..., "batch_stats": ...}`` dict or an NNX state).
+    groups: the groups.
+    keep: one concrete bool array per group, True = keep; at least one unit
+      of every group must be kept.
+
+  Returns:
+    A pytree of the same structure with smaller leaves (dtypes kept).
+  """
+  keep = _concrete_keep(groups, keep, "shrink")
+  axis_keep = _axis_keep(groups, keep, np)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(variables)
+  known = {jax.tree_util.keystr(p) for p, _ in flat}
+  missing = sorted(set(axis_keep) - known)
+  if missing:
+    raise ValueError(f"shrink: the groups name leaves {missing} that variables does not have; "
+                     "expected the pytree the groups were found on")
+  out = []
+  for p, x in flat:
+    for axis, k in axis_keep.get(jax.tree_util.keystr(p), {}).items():
+      if np.shape(x)[axis] != k.shape[0]:
+        raise ValueError(f"shrink: leaf {jax.tree_util.keystr(p)} has length {np.shape(x)[axis]} "
+                         f"on axis {axis}, the groups expect {k.shape[0]}")
+      x = jnp.take(x, np.nonzero(k)[0], axis=axis)
+    out.append(x)
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def linen_features(params: Mapping[str, Any]) -> dict[str, Any]:
+  """Layer sizes to rebuild a Linen model from (shrunk) parameters.
+
+  Example::
+
+    new = jp.shrink(variables, groups, keep)
+    sizes = jp.linen_features(new["params"])   # {"Dense_0": 48, "Conv_0": 8, ...}
+    small = MLP(features=(sizes["Dense_0"], sizes["Dense_1"], 10))
+    small.apply(new, x)                          # == masked model's output
+
+  Args:
+    params: a Linen ``params`` collection (nested dicts).
+
+  Returns:
+    A flat dict keyed by the module path (``"Block_0/Dense_1"``): for modules
+    with a ``kernel`` (Dense, Conv, ...) the number of output features
+    ``kernel.shape[-1]``; for attention modules (children ``query``, ``key``,
+    ``value``, ``out``) a dict with ``num_heads``, ``qkv_features``
+    and ``out_features``.
+  """
+  out: dict[str, Any] = {}
+
+  def walk(node: Mapping[str, Any], prefix: str) -> None:
+    if all(k in node for k in ("query", "key", "value", "out")):
+      q = np.shape(node["query"]["kernel"])
+      out[prefix] = {"num_heads": int(q[-2]), "qkv_features": int(q[-2] * q[-1]),
+                     "out_features": int(np.shape(node["out"]["kernel"])[-1])}
+      return
+    if "kernel" in node and not isinstance(node["kernel"], Mapping):
+      out[prefix] = int(np.shape(node["kernel"])[-1])
+    for k, v in node.items():
+      if isinstance(v, Mapping):
+        walk(v, f"{prefix}/{k}" if prefix else k)
+
+  walk(params, "")
+  return out
+
+
+def _sync_nnx(model: Any) -> None:
+  """Updates size attributes of NNX layers to the shapes of their (shrunk) arrays."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  for _, m in nnx.iter_graph(model):
+    if isinstance(m, nnx.MultiHeadAttention):
+      qk = m.query.kernel[...].shape  # (in, heads, head_dim)
+      m.num_heads = int(qk[1])
+      m.head_dim = int(qk[2])
+      m.qkv_features = int(qk[1] * qk[2])
+      m.in_features = int(qk[0])
+      if hasattr(m, "num_kv_heads"):
+        m.num_kv_heads = int(m.key.kernel[...].shape[1])
+      m.out_features = int(m.out.kernel[...].shape[-1])
+    elif isinstance(m, nnx.LinearGeneral):
+      shape = m.kernel[...].shape
+      n_in = len(m.in_features)
+      m.in_features = tuple(int(d) for d in shape[:n_in])
+      m.out_features = tuple(int(d) for d in shape[n_in:])
+    elif isinstance(m, nnx.Linear):
+      m.in_features, m.out_features = (int(d) for d in m.kernel[...].shape)
+    elif isinstance(m, nnx.Conv):
+      shape = m.kernel[...].shape
+      m.in_features = int(shape[-2] * m.feature_group_count)
+      m.out_features = int(shape[-1])
+    elif isinstance(m, (nnx.BatchNorm, nnx.LayerNorm, nnx.RMSNorm)):
+      for name in ("scale", "bias", "mean", "var"):
+        v = getattr(m, name, None)
+        if v is not None:
+          m.num_features = int(v[...].shape[-1])
+          break
+    elif isinstance(m, nnx.Embed):
+      m.num_embeddings, m.features = (int(d) for d in m.embedding[...].shape)
+
+
+def shrink_nnx(model: Any, groups: Sequence[Group], keep: Sequence[Any]) -> Any:
+  """Returns a new NNX model with the pruned units removed (``model`` is untouched).
+
+  Size attributes of the built-in layers (``Linear``, ``LinearGeneral``,
+  ``Conv``, ``BatchNorm``, ``LayerNorm``, ``RMSNorm``, ``Embed``,
+  ``MultiHeadAttention``) are updated to the new shapes.
+
+  Args:
+    model: an ``nnx.Module``.
+    groups: groups found by :func:`jaxprune.find_groups_nnx` on this model.
+    keep: one concrete bool array per group, True = keep.
+
+  Returns:
+    A smaller ``nnx.Module`` of the same class.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  graphdef, state = nnx.split(model)
+  small = nnx.merge(graphdef, shrink(state, groups, keep))
+  _sync_nnx(small)
+  return small
