@@ -12,6 +12,18 @@ transformations keep pruned weights at exactly zero inside jitted train steps.
 # --- end optax ---
 
 # --- structured pruning and surgery (issue 5) ---
+from jaxprune._src.group_scores import apply_group_masks as apply_group_masks
+from jaxprune._src.group_scores import group_masks as group_masks
+from jaxprune._src.group_scores import group_scores as group_scores
+from jaxprune._src.groups import SUPPORTED_PRIMITIVES as SUPPORTED_PRIMITIVES
+from jaxprune._src.groups import Group as Group
+from jaxprune._src.groups import Member as Member
+from jaxprune._src.groups import find_groups as find_groups
+from jaxprune._src.groups import find_groups_nnx as find_groups_nnx
+from jaxprune._src.groups import make_group as make_group
+from jaxprune._src.surgery import linen_features as linen_features
+from jaxprune._src.surgery import shrink as shrink
+from jaxprune._src.surgery import shrink_nnx as shrink_nnx
 # --- end structured ---
 
 # --- reports, sensitivity, export (issue 6) ---
