@@ -378,13 +378,15 @@ random_bits random_seed random_wrap random_unwrap random_split random_fold_in
 threefry2x32 erf_inv_p""".split())
 _IDENTITY_MULTI = frozenset("optimization_barrier device_put".split())
 _CALL_KEYS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+# Primitives whose sub-jaxpr is called once on the operands, in order.
+_CALLS = frozenset("""pjit jit closed_call core_call custom_jvp_call custom_vjp_call
+custom_vjp_call_jaxpr remat remat2 checkpoint""".split())
 
 SUPPORTED_PRIMITIVES: frozenset[str] = (
     _ELEMENTWISE | _REDUCE | _CUMULATIVE | _PIN_ALL | _IDENTITY_MULTI
-    | frozenset("""dot_general conv_general_dilated broadcast_in_dim reshape squeeze transpose
-    concatenate pad slice dynamic_slice dynamic_update_slice sort top_k split rev cond pjit jit
-    closed_call core_call custom_jvp_call custom_vjp_call custom_vjp_call_jaxpr remat
-    checkpoint""".split()))
+    | _CALLS | frozenset("""dot_general conv_general_dilated broadcast_in_dim reshape squeeze
+    transpose concatenate pad slice dynamic_slice dynamic_update_slice sort top_k split rev
+    cond""".split()))
 
 
 def _shape(v: Any) -> tuple[int, ...]:
@@ -625,10 +627,11 @@ class _Tracer:
           for x, y in zip(a, b):
             g.union(x, y)
       return [[g.resolve(x) for x in labs] for labs in results[0]]
-    for key in _CALL_KEYS:
-      sub = p.get(key)
-      if sub is not None and hasattr(getattr(sub, "jaxpr", sub), "eqns"):
-        return self.call(sub, L, D)
+    if name in _CALLS:
+      for key in _CALL_KEYS:
+        sub = p.get(key)
+        if sub is not None and hasattr(getattr(sub, "jaxpr", sub), "eqns"):
+          return self.call(sub, L, D)
     raise _Unsupported("")
 
 
