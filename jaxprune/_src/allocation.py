@@ -1,0 +1,281 @@
+"""Per-leaf sparsities from a global target: sensitivity-driven, uniform or ERK.
+
+The sensitivity method treats each analysed leaf's degradation curve
+``d_l(s) = baseline - metric_l(s)`` (sign flipped for lower-is-better metrics) as independent and
+additive, makes it monotone (a running maximum: pruning more never predicts less damage),
+interpolates it linearly between grid points and solves
+
+    minimise  sum_l d_l(k_l / n_l)   subject to   sum_l c_l * k_l >= R,   0 <= k_l <= n_l
+
+over integer pruned counts ``k_l``. ``c_l`` is what one pruned entry of leaf ``l`` saves: one
+entry (``budget="sparsity"``), its multiply-adds (``"flops"``: the leaf's matmul/conv FLOPs over
+its size, from `jaxprune.report`), or its bytes in bitmask storage (``"bytes"``: its itemsize).
+The continuous relaxation is solved exactly on the lower convex hulls of the curves (the
+Lagrangian / equal-slope solution: hull segments of all leaves are taken in order of increasing
+damage per unit saved), then rounded to integers, topping up by the cheapest marginal slope so
+that the target is met: exactly for ``"sparsity"`` (``sum k_l = round(target * N)``), and with an
+overshoot below one entry's saving for FLOPs and bytes.
+
+References:
+  Everett, "Generalized Lagrange multiplier method for solving problems of optimum allocation of
+  resources", Operations Research 1963 (convex-hull / equal-slope allocation).
+  Zhu and Gupta, "To prune, or not to prune", 2017; Evci et al., "Rigging the Lottery", ICML
+  2020 (uniform and ERK distributions, see `jaxprune.erk_sparsities`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+
+from jaxprune._src import distribution as distribution_lib
+from jaxprune._src import report as report_lib
+from jaxprune._src import select as select_lib
+from jaxprune._src import tree as tree_lib
+from jaxprune._src.sensitivity import SensitivityResult
+
+PyTree = Any
+
+_BUDGETS = ("sparsity", "flops", "bytes")
+_METHODS = ("sensitivity", "uniform", "erk")
+
+
+def degradation_curves(sensitivity: SensitivityResult,
+                       higher_is_better: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """Monotone per-leaf damage curves on a grid that starts at sparsity 0.
+
+  Args:
+    sensitivity: output of `jaxprune.sensitivity_analysis`.
+    higher_is_better: True for accuracy-like metrics, False for losses.
+
+  Returns:
+    ``(grid, damage)``: the grid (with 0 prepended if missing) and ``damage[l, j] >= 0``,
+    non-decreasing in ``j``, 0 at sparsity 0.
+  """
+  grid = np.asarray(sensitivity.sparsities, np.float64)
+  metrics = np.asarray(sensitivity.metrics, np.float64)
+  sign = 1.0 if higher_is_better else -1.0
+  damage = sign * (sensitivity.baseline - metrics)
+  if grid[0] > 0:
+    grid = np.concatenate([[0.0], grid])
+    damage = np.concatenate([np.zeros((damage.shape[0], 1)), damage], axis=1)
+  damage = np.where(np.isnan(damage), np.inf, damage)  # a NaN metric: never prune that far
+  damage[:, 0] = 0.0
+  return grid, np.maximum.accumulate(np.maximum(damage, 0.0), axis=1)
+
+
+def _lower_hull(x: np.ndarray, y: np.ndarray) -> list[int]:
+  """Indices of the lower convex hull of points sorted by x (monotone chain)."""
+  hull: list[int] = []
+  for i in range(len(x)):
+    while len(hull) >= 2:
+      a, b = hull[-2], hull[-1]
+      # Drop b when it lies on or above the chord a -> i.
+      if (y[b] - y[a]) * (x[i] - x[a]) >= (y[i] - y[a]) * (x[b] - x[a]):
+        hull.pop()
+      else:
+        break
+    hull.append(i)
+  return hull
+
+
+def _solve(curves: list[tuple[np.ndarray, np.ndarray]], sizes: list[int], costs: list[float],
+           required: float) -> list[int]:
+  """Integer counts minimising the interpolated damage with ``sum c_l k_l >= required``.
+
+  With unit costs and an integer ``required`` the sum is met exactly: the floors of the
+  continuous solution fall short by an integer that the top-up adds entry by entry.
+  """
+  num = len(sizes)
+  segments = []  # (slope, leaf, start count, end count) of each hull segment
+  for l, (grid, dmg) in enumerate(curves):
+    if costs[l] <= 0:
+      continue  # pruning this leaf saves nothing for this budget
+    counts = grid * sizes[l]
+    finite = np.isfinite(dmg)
+    counts, dmg = counts[finite], dmg[finite]
+    hull = _lower_hull(counts, dmg)
+    for a, b in zip(hull[:-1], hull[1:]):
+      slope = (dmg[b] - dmg[a]) / ((counts[b] - counts[a]) * costs[l])
+      segments.append((slope, l, counts[a], counts[b]))
+  segments.sort(key=lambda t: (t[0], t[1]))
+  real = [0.0] * num
+  remaining = required
+  for slope, l, a, b in segments:
+    if remaining <= 0:
+      break
+    take = min(b - a, remaining / costs[l])
+    real[l] = a + take
+    remaining -= take * costs[l]
+
+  k = [min(int(math.floor(real[l] + 1e-9)), sizes[l]) for l in range(num)]
+  deficit = required - sum(c * kk for c, kk in zip(costs, k))
+
+  def marginal(l: int) -> float:
+    grid, dmg = curves[l]
+    finite = np.isfinite(dmg)
+    s = (k[l] + 1) / sizes[l]
+    if s > grid[finite][-1] + 1e-12:
+      return math.inf  # beyond the measured (finite) range
+    return float(np.interp(s, grid[finite], dmg[finite]) -
+                 np.interp(k[l] / sizes[l], grid[finite], dmg[finite])) / costs[l]
+
+  order = sorted((l for l in range(num) if costs[l] > 0), key=lambda l: (marginal(l), l))
+  for l in order:
+    if deficit <= 1e-9 * max(1.0, abs(required)):
+      break
+    add = min(sizes[l] - k[l], int(math.ceil(deficit / costs[l] - 1e-9)))
+    k[l] += add
+    deficit -= add * costs[l]
+  if deficit > 1e-9 * max(1.0, abs(required)):
+    raise ValueError("target: the analysed leaves cannot save that much even fully pruned "
+                     f"(short by {deficit:g}).")
+  return k
+
+
+def allocate_sparsities(params: PyTree, target: float, *, method: str = "sensitivity",
+                        sensitivity: Optional[SensitivityResult] = None,
+                        budget: str = "sparsity",
+                        report: Optional[report_lib.Report] = None,
+                        higher_is_better: bool = True,
+                        prunable: tree_lib.Prunable = None,
+                        erk_scale: float = 1.0) -> PyTree:
+  """Per-leaf sparsities that meet a global target.
+
+  Targets (all fractions in [0, 1]):
+
+  * ``budget="sparsity"``: fraction of the prunable entries removed; exactly
+    ``round(target * N)`` entries over the prunable leaves.
+  * ``budget="flops"``: fraction of ``report.flops_dense`` removed; afterwards
+    ``report(...).flops_effective <= (1 - target) * flops_dense``. Needs a `jaxprune.report`
+    made with ``apply_fn``.
+  * ``budget="bytes"``: fraction of ``report.dense_bytes`` removed, storing prunable leaves as
+    bitmask + kept values; afterwards ``report(...).bitmask_bytes <= (1 - target) *
+    dense_bytes``.
+
+  Args:
+    params: parameter pytree.
+    target: the fraction described above.
+    method: ``"sensitivity"`` (needs ``sensitivity``; minimises the predicted damage),
+      ``"uniform"`` or ``"erk"`` (``budget="sparsity"`` only; `jaxprune.uniform_sparsities` /
+      `jaxprune.erk_sparsities`).
+    sensitivity: output of `jaxprune.sensitivity_analysis` on ``params``; only its leaves are
+      pruned.
+    budget: ``"sparsity"``, ``"flops"`` or ``"bytes"``.
+    report: `jaxprune.report` of the dense ``params`` (built here if None and not needed for
+      FLOPs).
+    higher_is_better: whether a larger metric is better (accuracy) or worse (loss).
+    prunable: prunable rule for the uniform / ERK methods and for the sparsity count.
+    erk_scale: ERK's scale factor.
+
+  Returns:
+    A pytree of Python floats with the structure of ``params`` (0.0 on leaves left dense), for
+    ``unstructured_mask(scores, sparsities, scope="layer")`` and `jaxprune.prune`. Each value
+    is ``k / n`` so that ``round(s * n) == k`` recovers the allocated count.
+  """
+  select_lib.check_sparsity(target, "target")
+  target = float(target)
+  if method not in _METHODS:
+    raise ValueError(f"method: expected one of {_METHODS}, got {method!r}.")
+  if budget not in _BUDGETS:
+    raise ValueError(f"budget: expected one of {_BUDGETS}, got {budget!r}.")
+  if method == "uniform" or method == "erk":
+    if budget != "sparsity":
+      raise ValueError(f"budget: method={method!r} allocates a sparsity budget only, got "
+                       f"{budget!r}.")
+    if method == "uniform":
+      return distribution_lib.uniform_sparsities(params, target, prunable=prunable)
+    return distribution_lib.erk_sparsities(params, target, prunable=prunable, scale=erk_scale)
+  if sensitivity is None:
+    raise ValueError("sensitivity: method='sensitivity' needs a SensitivityResult, got None.")
+
+  with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+  paths = [tree_lib.path_str(p) for p, _ in with_paths]
+  index = {p: i for i, p in enumerate(paths)}
+  for p, n in zip(sensitivity.paths, sensitivity.sizes):
+    if p not in index:
+      raise ValueError(f"sensitivity: leaf {p} is not in params.")
+    if int(np.size(with_paths[index[p]][1])) != n:
+      raise ValueError(f"sensitivity: leaf {p} has {n} entries in the analysis and "
+                       f"{np.size(with_paths[index[p]][1])} in params.")
+  if report is None:
+    if budget == "flops":
+      raise ValueError("report: budget='flops' needs jaxprune.report(params, apply_fn=..., "
+                       "inputs=...), got None.")
+    report = report_lib.report(params, prunable=prunable)
+  rows = {r.path: r for r in report.rows}
+  analysed = list(sensitivity.paths)
+  sizes = list(sensitivity.sizes)
+
+  if budget == "sparsity":
+    flags = jax.tree.leaves(tree_lib.prunable_flags(params, prunable))
+    total = sum(int(np.size(x)) for (_, x), f in zip(with_paths, flags) if f)
+    costs = [1.0] * len(analysed)
+    required = float(select_lib.num_to_prune(target, total))
+  elif budget == "flops":
+    if report.flops_dense is None:
+      raise ValueError("report: budget='flops' needs a report made with apply_fn.")
+    costs = [rows[p].flops_dense / n for p, n in zip(analysed, sizes)]
+    required = target * report.flops_dense
+  else:
+    costs = [float(np.dtype(rows[p].dtype).itemsize) for p in analysed]
+    # Bitmask storage of the dense params already pays the mask bits; removals must cover them.
+    required = report.bitmask_bytes - (1.0 - target) * report.dense_bytes
+  required = max(required, 0.0)
+
+  grid, damage = degradation_curves(sensitivity, higher_is_better)
+  curves = [(grid, damage[l]) for l in range(len(analysed))]
+  counts = _solve(curves, sizes, costs, required)
+  out = [0.0] * len(paths)
+  for p, k, n in zip(analysed, counts, sizes):
+    out[index[p]] = k / n
+  return jax.tree.unflatten(treedef, out)
+
+
+def as_overrides(sparsities: PyTree,
+                 schedule_fn: Optional[Callable[[float], Any]] = None) -> dict[str, Any]:
+  """Per-leaf sparsities as ``overrides`` for `jaxprune.prune`.
+
+  Example::
+
+    alloc = jp.allocate_sparsities(params, 0.9, sensitivity=sens)
+    tx = jp.prune(0.0, overrides=jp.as_overrides(
+        alloc, lambda s: jp.polynomial_schedule(0.0, s, 0, 1000, frequency=100)))
+
+  Args:
+    sparsities: pytree of per-leaf fractions (as from `allocate_sparsities`).
+    schedule_fn: optional ``final sparsity -> schedule``; without it each leaf gets its constant
+      sparsity (one-shot pruning at the first update).
+
+  Returns:
+    ``{leaf path: sparsity or schedule}`` for every leaf with a nonzero sparsity.
+  """
+  out = {}
+  for p, s in jax.tree_util.tree_flatten_with_path(sparsities)[0]:
+    s = float(s)
+    if s > 0:
+      out[tree_lib.path_str(p)] = s if schedule_fn is None else schedule_fn(s)
+  return out
+
+
+def predicted_metric(sensitivity: SensitivityResult, sparsities: PyTree,
+                     higher_is_better: bool = True) -> float:
+  """Metric predicted for per-leaf ``sparsities`` by adding the leaves' interpolated damages.
+
+  Args:
+    sensitivity: output of `jaxprune.sensitivity_analysis`.
+    sparsities: pytree of per-leaf fractions (as from `allocate_sparsities`).
+    higher_is_better: as in `allocate_sparsities`.
+
+  Returns:
+    ``baseline - sum_l d_l(s_l)`` (``+`` for lower-is-better metrics).
+  """
+  by_path = {tree_lib.path_str(p): float(s)
+             for p, s in jax.tree_util.tree_flatten_with_path(sparsities)[0]}
+  grid, damage = degradation_curves(sensitivity, higher_is_better)
+  total = sum(float(np.interp(by_path.get(p, 0.0), grid, damage[l]))
+              for l, p in enumerate(sensitivity.paths))
+  return sensitivity.baseline - total if higher_is_better else sensitivity.baseline + total

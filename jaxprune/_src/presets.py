@@ -1,0 +1,141 @@
+"""Hardware presets: the sparsity pattern each kind of accelerator can actually exploit.
+
+=====================  =======================================================================
+preset                 pattern
+=====================  =======================================================================
+``"gpu_2:4"``          2 kept in every 4 consecutive weights along the input (reduction) axis,
+                       ``axis=-2`` (axis 0 of a Flax ``(in, out)`` kernel, ``I`` of an ``HWIO``
+                       filter): the layout of NVIDIA Ampere+ sparse tensor cores (cuSPARSELt),
+                       a fixed 50% sparsity, ~2x matmul throughput.
+``"tpu_8x128"``        whole ``(8, 128)`` blocks of the two trailing dims: one TPU vector
+                       register tile (8 sublanes x 128 lanes), so skipped blocks skip whole
+                       loads; block scores are L2 norms.
+``"tpu_128x128"``      whole ``(128, 128)`` blocks: one MXU systolic-array pass on TPU v2-v5
+                       (v6e's 256x256 MXU also consumes 128-aligned tiles).
+``"cpu_unstructured"``  unstructured layer-wise selection: no speed-up from dense BLAS, but
+                       the best accuracy per byte for compressed storage (bitmask / CSR, see
+                       `jaxprune.save_compressed`) and for sparse CPU kernels.
+=====================  =======================================================================
+
+References:
+  Mishra et al., "Accelerating Sparse Deep Neural Networks", 2021 (arXiv:2104.08378): 2:4
+  structured sparsity on NVIDIA Ampere.
+  Google Cloud TPU documentation, "Performance guide": (8, 128) tiling of arrays and the
+  128x128 MXU.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import numpy as np
+
+from jaxprune._src import masks as masks_lib
+from jaxprune._src import tree as tree_lib
+
+PyTree = Any
+
+
+class HardwarePreset(NamedTuple):
+  """A sparsity pattern matched to hardware.
+
+  Attributes:
+    name: preset key.
+    kind: ``"nm"``, ``"block"`` or ``"unstructured"``.
+    n: kept per group (``"nm"``).
+    m: group size (``"nm"``).
+    axis: grouping axis (``"nm"``).
+    block_shape: block of the trailing dims (``"block"``).
+    description: one line on the target hardware.
+  """
+  name: str
+  kind: str
+  n: int = 0
+  m: int = 0
+  axis: int = -2
+  block_shape: tuple[int, ...] = ()
+  description: str = ""
+
+
+PRESETS: dict[str, HardwarePreset] = {
+    "gpu_2:4": HardwarePreset(
+        "gpu_2:4", "nm", n=2, m=4, axis=-2,
+        description="NVIDIA sparse tensor cores: 2 of 4 along the input axis (50%)."),
+    "tpu_8x128": HardwarePreset(
+        "tpu_8x128", "block", block_shape=(8, 128),
+        description="TPU: whole (8, 128) vector-register tiles."),
+    "tpu_128x128": HardwarePreset(
+        "tpu_128x128", "block", block_shape=(128, 128),
+        description="TPU: whole (128, 128) MXU tiles."),
+    "cpu_unstructured": HardwarePreset(
+        "cpu_unstructured", "unstructured",
+        description="CPU / storage: unstructured, for bitmask or CSR compression."),
+}
+
+
+def _get(preset: str | HardwarePreset) -> HardwarePreset:
+  if isinstance(preset, HardwarePreset):
+    return preset
+  if preset not in PRESETS:
+    raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}.")
+  return PRESETS[preset]
+
+
+def compatible(preset: str | HardwarePreset, shape: tuple[int, ...]) -> bool:
+  """Whether a leaf of ``shape`` can take the preset's pattern without partial groups/blocks."""
+  p = _get(preset)
+  if p.kind == "nm":
+    return len(shape) >= 2 and shape[p.axis] % p.m == 0
+  if p.kind == "block":
+    k = len(p.block_shape)
+    return len(shape) >= k and all(d % b == 0 for d, b in zip(shape[-k:], p.block_shape))
+  return True
+
+
+def hardware_mask(scores: PyTree, preset: str | HardwarePreset, *,
+                  sparsity: Optional[float | PyTree] = None, scope: str = "layer",
+                  prunable: tree_lib.Prunable = None,
+                  incompatible: str = "raise") -> PyTree:
+  """Masks in the pattern of a hardware preset (see the module table).
+
+  Args:
+    scores: score pytree (higher = keep).
+    preset: a key of `PRESETS` or a `HardwarePreset`.
+    sparsity: required for block and unstructured presets (as in `jaxprune.block_mask` /
+      `jaxprune.unstructured_mask`); for ``"gpu_2:4"`` None or exactly ``1 - n/m``.
+    scope: ``"layer"`` or ``"global"`` for block and unstructured presets.
+    prunable: which leaves are pruned (see `jaxprune.prunable_flags`).
+    incompatible: ``"raise"`` (a ValueError naming the leaf whose shape does not fit the
+      pattern) or ``"dense"`` (such leaves are left unpruned).
+
+  Returns:
+    Bool masks with the structure of ``scores``.
+  """
+  p = _get(preset)
+  if incompatible not in ("raise", "dense"):
+    raise ValueError(f"incompatible: expected 'raise' or 'dense', got {incompatible!r}.")
+  flags = tree_lib.prunable_flags(scores, prunable)
+  if p.kind != "unstructured":
+    fixed = []
+    for (path, leaf), flag in zip(jax.tree_util.tree_flatten_with_path(scores)[0],
+                                  jax.tree.leaves(flags)):
+      ok = compatible(p, tuple(np.shape(leaf)))
+      if flag and not ok and incompatible == "raise":
+        what = (f"axis {p.axis} divisible by {p.m}" if p.kind == "nm" else
+                f"trailing dims divisible by {p.block_shape}")
+        raise ValueError(f"preset {p.name!r}: leaf {tree_lib.path_str(path)} has shape "
+                         f"{np.shape(leaf)}; expected {what} (or incompatible='dense').")
+      fixed.append(flag and ok)
+    flags = jax.tree.unflatten(jax.tree.structure(scores), fixed)
+  if p.kind == "nm":
+    if sparsity is not None and not np.isclose(float(sparsity), 1 - p.n / p.m):
+      raise ValueError(f"sparsity: preset {p.name!r} fixes it at {1 - p.n / p.m}, got "
+                       f"{sparsity}.")
+    return masks_lib.nm_mask(scores, p.n, p.m, axis=p.axis, prunable=flags)
+  if sparsity is None:
+    raise ValueError(f"sparsity: preset {p.name!r} needs a sparsity, got None.")
+  if p.kind == "block":
+    return masks_lib.block_mask(scores, sparsity, p.block_shape, reduce="l2", scope=scope,
+                                prunable=flags)
+  return masks_lib.unstructured_mask(scores, sparsity, scope=scope, prunable=flags)

@@ -1,0 +1,210 @@
+"""Sensitivity analysis, per-leaf allocation and hardware presets."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxprune as jp
+from jaxprune._src import allocation
+from jaxprune._src import distribution
+from jaxprune._src import masks as masks_lib
+from jaxprune._src import presets
+from jaxprune._src import report as report_lib
+from jaxprune._src import sensitivity as sens_lib
+
+A, B_ = "['a']['kernel']", "['b']['kernel']"
+
+
+def sum_params():
+  # Distinct positive values: pruning k entries of a leaf lowers the sum by its k smallest.
+  rng = np.random.default_rng(0)
+  vals = rng.permutation(np.arange(1, 36, dtype=np.float32))
+  return {"a": {"kernel": jnp.asarray(vals[:20].reshape(4, 5))},
+          "b": {"kernel": jnp.asarray(vals[20:].reshape(5, 3))},
+          "bias": jnp.asarray([0.5, 0.25, 0.125], jnp.float32)}
+
+
+def test_sensitivity_exact_and_traced_once(tmp_path):
+  params = sum_params()
+  traces = []
+
+  def metric(p):
+    traces.append(1)
+    return sum(jnp.sum(x) for x in jax.tree.leaves(p))
+
+  grid = [0.5, 0.0, 0.25, 1.0]
+  png = tmp_path / "sens.png"
+  res = sens_lib.sensitivity_analysis(params, metric, grid, plot_path=png)
+  assert len(traces) == 1
+  assert res.paths == (A, B_) and res.sizes == (20, 15)
+  np.testing.assert_array_equal(res.sparsities, [0.0, 0.25, 0.5, 1.0])
+  total = float(sum(np.sum(x) for x in jax.tree.leaves(params)))
+  assert res.baseline == pytest.approx(total)
+  for row, leaf in zip(res.metrics, (params["a"]["kernel"], params["b"]["kernel"])):
+    srt = np.sort(np.asarray(leaf).ravel())
+    ks = [round(s * srt.size) for s in res.sparsities]
+    np.testing.assert_allclose(row, [total - srt[:k].sum() for k in ks], rtol=1e-6)
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  d = res.to_dict()
+  assert d["metrics"][A][0] == pytest.approx(total) and d["sparsities"] == [0.0, 0.25, 0.5, 1.0]
+
+
+def test_sensitivity_score_fn_and_pytree_agree():
+  params = sum_params()
+  metric = lambda p: jnp.sum(p["a"]["kernel"]) + jnp.sum(p["b"]["kernel"])  # noqa: E731
+  neg = lambda p: jax.tree.map(lambda x: -x, p)  # noqa: E731  (prunes the largest first)
+  r1 = sens_lib.sensitivity_analysis(params, metric, [0.0, 0.5], scores=neg)
+  r2 = sens_lib.sensitivity_analysis(params, metric, [0.0, 0.5], scores=neg(params))
+  np.testing.assert_array_equal(r1.metrics, r2.metrics)
+  srt = np.sort(np.asarray(params["a"]["kernel"]).ravel())
+  assert r1.metrics[0, 1] == pytest.approx(r1.baseline - srt[-10:].sum())
+
+
+def test_sensitivity_bad_grid():
+  with pytest.raises(ValueError, match="sparsities"):
+    sens_lib.sensitivity_analysis(sum_params(), lambda p: 0.0, [0.1, 1.5])
+
+
+def synthetic(lower_is_better=False):
+  grid = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
+  damage = np.array([[0.0, 0.0, 0.01, 0.02, 0.5],     # 'a' is robust up to 75%
+                     [0.0, 0.1, 0.2, 0.3, 0.4]])       # 'b' degrades linearly
+  metrics = 1.0 + damage if lower_is_better else 1.0 - damage
+  return sens_lib.SensitivityResult((A, B_), (20, 15), grid, metrics, 1.0)
+
+
+@pytest.mark.parametrize("lower", [False, True])
+def test_allocation_sparsity_by_hand(lower):
+  params = sum_params()
+  sens = synthetic(lower)
+  # target 0.4 of 35 prunable entries = 14: all from 'a' (its hull slopes 0 and 0.002 < b's).
+  alloc = allocation.allocate_sparsities(params, 0.4, sensitivity=sens,
+                                         higher_is_better=not lower)
+  assert alloc == {"a": {"kernel": 14 / 20}, "b": {"kernel": 0.0}, "bias": 0.0}
+  # target 0.6 = 21 entries: 'a' to 15 (75%), then 'b' (slope 0.027) before a's last segment.
+  alloc = allocation.allocate_sparsities(params, 0.6, sensitivity=sens,
+                                         higher_is_better=not lower)
+  assert alloc == {"a": {"kernel": 0.75}, "b": {"kernel": 0.4}, "bias": 0.0}
+  pred = allocation.predicted_metric(sens, alloc, higher_is_better=not lower)
+  assert pred == pytest.approx(1.0 + 0.18 if lower else 1.0 - 0.18)
+  # It feeds unstructured_mask directly, with exactly the allocated counts.
+  masks = masks_lib.unstructured_mask(jp.magnitude(params), alloc, scope="layer")
+  assert int((~masks["a"]["kernel"]).sum()) == 15 and int((~masks["b"]["kernel"]).sum()) == 6
+  assert bool(masks["bias"].all())
+
+
+@pytest.mark.parametrize("target", [0.0, 0.13, 0.5, 0.77, 0.9, 1.0])
+def test_allocation_hits_sparsity_exactly(target):
+  params = sum_params()
+  alloc = allocation.allocate_sparsities(params, target, sensitivity=synthetic())
+  pruned = sum(round(s * n) for s, n in zip(jax.tree.leaves(alloc), (20, 15, 3)))
+  assert pruned == round(target * 35)
+
+
+def mlp_setup():
+  rng = np.random.default_rng(1)
+  params = {"a": {"kernel": jnp.asarray(rng.normal(size=(8, 6)), jnp.float32)},
+            "b": {"kernel": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)}}
+  x = jnp.ones((3, 8))
+  apply = lambda p, x: (x @ p["a"]["kernel"]) @ p["b"]["kernel"]  # noqa: E731
+  grid = np.array([0.0, 0.5, 1.0])
+  sens = sens_lib.SensitivityResult((A, B_), (48, 24), grid,
+                                    np.array([[1.0, 0.9, 0.5], [1.0, 0.95, 0.0]]), 1.0)
+  return params, x, apply, sens
+
+
+@pytest.mark.parametrize("target", [0.1, 0.35, 0.6])
+def test_allocation_flops_and_bytes_budgets(target):
+  params, x, apply, sens = mlp_setup()
+  dense = report_lib.report(params, apply_fn=apply, inputs=(x,))
+  assert dense.flops_dense == 2 * 3 * (8 * 6 + 6 * 4)
+  per_entry_flops = 2 * 3  # each weight is used once per row of x
+  alloc = allocation.allocate_sparsities(params, target, sensitivity=sens, budget="flops",
+                                         report=dense)
+  masks = masks_lib.unstructured_mask(jp.magnitude(params), alloc, scope="layer")
+  after = report_lib.report(params, masks=masks, apply_fn=apply, inputs=(x,))
+  limit = (1 - target) * dense.flops_dense
+  assert limit - per_entry_flops < after.flops_effective <= limit + 1e-6
+
+  alloc = allocation.allocate_sparsities(params, target, sensitivity=sens, budget="bytes")
+  masks = masks_lib.unstructured_mask(jp.magnitude(params), alloc, scope="layer")
+  after = report_lib.report(params, masks=masks)
+  limit = (1 - target) * dense.dense_bytes
+  assert limit - 4 < after.bitmask_bytes <= limit
+
+
+def test_allocation_uniform_erk_and_errors():
+  params = sum_params()
+  assert allocation.allocate_sparsities(params, 0.5, method="uniform") == (
+      distribution.uniform_sparsities(params, 0.5))
+  assert allocation.allocate_sparsities(params, 0.5, method="erk") == (
+      distribution.erk_sparsities(params, 0.5))
+  with pytest.raises(ValueError, match="budget"):
+    allocation.allocate_sparsities(params, 0.5, method="erk", budget="flops")
+  with pytest.raises(ValueError, match="method"):
+    allocation.allocate_sparsities(params, 0.5, method="greedy")
+  with pytest.raises(ValueError, match="sensitivity"):
+    allocation.allocate_sparsities(params, 0.5)
+  with pytest.raises(ValueError, match="target"):
+    allocation.allocate_sparsities(params, 1.2, sensitivity=synthetic())
+  # Only 'a' analysed: at most 20 of 35 entries can go.
+  only_a = sens_lib.SensitivityResult((A,), (20,), np.array([0.0, 1.0]), np.array([[1.0, 0.0]]),
+                                      1.0)
+  with pytest.raises(ValueError, match="target"):
+    allocation.allocate_sparsities(params, 0.9, sensitivity=only_a)
+
+
+def test_as_overrides():
+  alloc = {"a": {"kernel": 0.75}, "b": {"kernel": 0.0}, "bias": 0.0}
+  assert allocation.as_overrides(alloc) == {A: 0.75}
+  over = allocation.as_overrides(alloc, lambda s: ("sched", s))
+  assert over == {A: ("sched", 0.75)}
+
+
+# --- hardware presets --------------------------------------------------------------------------
+
+
+def test_gpu_2_4_along_input_axis():
+  rng = np.random.default_rng(3)
+  scores = {"k": jnp.asarray(rng.random((8, 6)), jnp.float32),
+            "conv": jnp.asarray(rng.random((3, 3, 8, 4)), jnp.float32),
+            "bias": jnp.ones(6)}
+  masks = presets.hardware_mask(scores, "gpu_2:4")
+  k = np.asarray(masks["k"]).reshape(2, 4, 6)
+  np.testing.assert_array_equal(k.sum(axis=1), 2)
+  # the kept pair is the top-2 scores of its group of 4 along axis 0
+  s = np.asarray(scores["k"]).reshape(2, 4, 6)
+  top2 = np.argsort(-s, axis=1)[:, :2]
+  np.testing.assert_array_equal(np.take_along_axis(k, top2, axis=1), True)
+  c = np.asarray(masks["conv"]).reshape(3, 3, 2, 4, 4)
+  np.testing.assert_array_equal(c.sum(axis=3), 2)
+  assert bool(masks["bias"].all())
+  with pytest.raises(ValueError, match="sparsity"):
+    presets.hardware_mask(scores, "gpu_2:4", sparsity=0.7)
+
+
+def test_tpu_blocks_and_incompatible_leaves():
+  rng = np.random.default_rng(4)
+  scores = {"big": jnp.asarray(rng.random((16, 256)), jnp.float32),
+            "small": jnp.asarray(rng.random((16, 10)), jnp.float32)}
+  with pytest.raises(ValueError, match=r"\['small'\]"):
+    presets.hardware_mask(scores, "tpu_8x128", sparsity=0.5)
+  masks = presets.hardware_mask(scores, "tpu_8x128", sparsity=0.5, incompatible="dense")
+  blocks = np.asarray(masks["big"]).reshape(2, 8, 2, 128)
+  per_block = blocks.all(axis=(1, 3))
+  np.testing.assert_array_equal(per_block, ~(~blocks).all(axis=(1, 3)))  # constant per block
+  assert int(per_block.sum()) == 2
+  assert bool(masks["small"].all())
+  assert presets.compatible("tpu_128x128", (256, 384)) and not presets.compatible(
+      "tpu_128x128", (256, 100))
+
+
+def test_cpu_preset_is_unstructured_and_unknown_preset():
+  scores = {"k": jnp.arange(40.0).reshape(5, 8)}
+  masks = presets.hardware_mask(scores, "cpu_unstructured", sparsity=0.25)
+  np.testing.assert_array_equal(masks["k"],
+                                masks_lib.unstructured_mask(scores, 0.25)["k"])
+  assert int((~masks["k"]).sum()) == 10
+  with pytest.raises(ValueError, match="preset"):
+    presets.hardware_mask(scores, "fpga")
