@@ -27,7 +27,19 @@ from jaxprune._src.surgery import shrink_nnx as shrink_nnx
 # --- end structured ---
 
 # --- reports, sensitivity, export (issue 6) ---
-from jaxprune._src.report import LeafReport, Report, matmul_flops_by_leaf, report, xla_flops
+from jaxprune._src.distill import distillation_loss as distillation_loss
+from jaxprune._src.quantize import QuantizedArray as QuantizedArray
+from jaxprune._src.quantize import dequantize as dequantize
+from jaxprune._src.quantize import dequantize_array as dequantize_array
+from jaxprune._src.quantize import quantization_error as quantization_error
+from jaxprune._src.quantize import quantize as quantize
+from jaxprune._src.quantize import quantize_array as quantize_array
+from jaxprune._src.report import LeafReport as LeafReport
+from jaxprune._src.report import Report as Report
+from jaxprune._src.report import log_name as log_name
+from jaxprune._src.report import matmul_flops_by_leaf as matmul_flops_by_leaf
+from jaxprune._src.report import report as report
+from jaxprune._src.report import xla_flops as xla_flops
 # --- end reports ---
 
 # --- sharding (issue 7) ---
