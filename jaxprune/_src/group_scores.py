@@ -120,18 +120,18 @@ def group_masks(scores: Sequence[Array], sparsity: Sparsity, *,
       fracs = list(sparsity)
     else:
       fracs = [sparsity] * len(scores)
-    keep = []
+    ks = []
     for i, (s, frac) in enumerate(zip(scores, fracs)):
       k = select.num_to_prune(frac, s.shape[0], "sparsity", f"group {i}")
       if isinstance(k, int) and k >= s.shape[0]:
         raise ValueError(f"group_masks: sparsity {frac} would remove all {s.shape[0]} units of "
                          f"group {i}; expected to keep at least one")
-      keep.append(~select.prune_lowest([s], k)[0])
-    return keep
+      ks.append(k)
+    return list(_keep_per_group(tuple(scores), jnp.asarray(ks, jnp.int32)))
   if scope == "global":
     total = sum(s.shape[0] for s in scores)
     k = select.num_to_prune(sparsity, total)
-    keep = [~p for p in select.prune_lowest(scores, k)]
+    keep = list(_keep_global(tuple(scores), jnp.asarray(k, jnp.int32)))
     if isinstance(k, int):
       empty = [i for i, m in enumerate(keep) if not bool(jnp.any(m))]
       if empty:
@@ -140,6 +140,18 @@ def group_masks(scores: Sequence[Array], sparsity: Sparsity, *,
                          "sparsity or use scope='layer')")
     return keep
   raise ValueError(f"group_masks: scope must be 'layer' or 'global', got {scope!r}")
+
+
+# One compiled selection per call shape: the per-unit vectors are tiny, and
+# op-by-op dispatch of the radix select would dominate.
+@jax.jit
+def _keep_per_group(scores: tuple[Array, ...], ks: Array) -> tuple[Array, ...]:
+  return tuple(~select.prune_lowest([s], ks[i])[0] for i, s in enumerate(scores))
+
+
+@jax.jit
+def _keep_global(scores: tuple[Array, ...], k: Array) -> tuple[Array, ...]:
+  return tuple(~p for p in select.prune_lowest(list(scores), k))
 
 
 def _axis_keep(groups: Sequence[Group], keep: Sequence[Any], xp: Any,
