@@ -1,0 +1,365 @@
+"""`prune`: gradual magnitude / gradient / Hessian pruning as an optax transformation.
+
+Chained last, after the optimizer, `prune` keeps a boolean mask per parameter in its state,
+recomputes the masks inside the jitted step whenever the sparsity schedule's value changes, and
+rewrites the updates so that the parameters after `optax.apply_updates` are exactly zero wherever
+the mask is False:
+
+    updates' = where(mask, updates, -params)      # params + (-params) == +0.0 exactly
+
+This holds on the very step a mask changes and on every step after it, whatever momentum, Adam
+moments or weight decay the inner optimizer carries, so no separate "apply the masks" call is
+needed after the update. Masks are monotone: once pruned, an entry stays pruned.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from jaxprune._src import distribution as distribution_lib
+from jaxprune._src import masks as masks_lib
+from jaxprune._src import scores as scores_lib
+from jaxprune._src import tree as tree_lib
+
+PyTree = Any
+Schedule = Callable[[jax.Array], jax.Array]
+ScheduleLike = Union[float, jax.Array, Schedule]
+ScoreFn = Callable[..., PyTree]
+DistributionFn = Callable[[jax.Array, PyTree], PyTree]
+Overrides = Union[None, Mapping[str, ScheduleLike], Callable[[tuple, Any], Optional[ScheduleLike]]]
+
+SCORES = ("magnitude", "gradient", "taylor", "obd", "hessian", "random")
+_HESSIAN_SCORES = ("obd", "hessian")
+
+
+class PruneState(NamedTuple):
+  """State of `prune`; a plain pytree of arrays (checkpointable with orbax).
+
+  Attributes:
+    count: number of ``update`` calls so far (int32); the schedules are evaluated at it.
+    target: the scheduled overall sparsity the current masks were computed for (float32).
+    override_targets: the same for each per-leaf override schedule, in sorted path order
+      (float32 vector, empty without overrides).
+    masks: bool pytree with the structure of the params; True = keep. Leaves that are not
+      prunable hold an all-True mask.
+    key: PRNG key (``uint32[2]``) for random scores and Hessian probes.
+    hess_sum: running sum of Hessian-diagonal estimates since the last mask update (float32
+      pytree with the params' structure; scalar zeros on unprunable leaves), or ``()`` unless
+      ``average_hessian=True``.
+    hess_steps: number of estimates in ``hess_sum`` (int32).
+  """
+  count: jax.Array
+  target: jax.Array
+  override_targets: jax.Array
+  masks: PyTree
+  key: jax.Array
+  hess_sum: PyTree
+  hess_steps: jax.Array
+
+
+def _as_schedule(value: ScheduleLike, name: str) -> Schedule:
+  """A float / array becomes a constant schedule; a callable is used as is."""
+  if callable(value):
+    return value
+  if isinstance(value, numbers.Real):
+    if not 0.0 <= float(value) <= 1.0:  # False for NaN
+      raise ValueError(f"{name}: expected a sparsity in [0, 1] or a schedule, got {value!r}.")
+  elif not isinstance(value, (jax.Array, np.ndarray)) or np.ndim(value) != 0:
+    raise ValueError(f"{name}: expected a sparsity in [0, 1] or a schedule step -> sparsity, "
+                     f"got {type(value).__name__}.")
+  const = value
+  return lambda count: jnp.asarray(const, jnp.float32)
+
+
+def _eval(schedule: Schedule, count: jax.Array) -> jax.Array:
+  s = jnp.asarray(schedule(count), jnp.float32)
+  if s.shape != ():
+    raise ValueError(f"schedule: expected a scalar sparsity per step, got shape {s.shape}.")
+  # NaN would make every later comparison 'changed'; treat it as 'no pruning' and clip the rest.
+  return jnp.clip(jnp.where(jnp.isnan(s), 0.0, s), 0.0, 1.0)
+
+
+def _resolve_overrides(params: PyTree, flags: PyTree,
+                       overrides: Overrides) -> tuple[list[Optional[int]], list[Schedule]]:
+  """Per leaf (in leaf order): the index of its override schedule, or None."""
+  with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
+  flag_leaves = jax.tree.leaves(flags)
+  paths = [tree_lib.path_str(p) for p, _ in with_paths]
+  per_leaf: list[Optional[ScheduleLike]] = [None] * len(paths)
+  if overrides is None:
+    pass
+  elif callable(overrides):
+    per_leaf = [overrides(p, x) for p, x in with_paths]
+  elif isinstance(overrides, Mapping):
+    unknown = [k for k in overrides if k not in paths]
+    if unknown:
+      raise ValueError(f"overrides: expected keys that are leaf paths of the params such as "
+                       f"{paths[:3]}, got unknown path {unknown[0]!r}.")
+    per_leaf = [overrides.get(p) for p in paths]
+  else:
+    raise ValueError("overrides: expected None, a mapping from leaf path to sparsity/schedule or a "
+                     f"callable (path, leaf) -> sparsity/schedule/None; got "
+                     f"{type(overrides).__name__}.")
+  index: list[Optional[int]] = []
+  schedules: list[Schedule] = []
+  for path, flag, value in zip(paths, flag_leaves, per_leaf):
+    if value is None:
+      index.append(None)
+      continue
+    if not flag:
+      raise ValueError(f"overrides: leaf {path} is not prunable; got a sparsity override for it.")
+    index.append(len(schedules))
+    schedules.append(_as_schedule(value, f"overrides[{path!r}]"))
+  return index, schedules
+
+
+def prune(schedule: ScheduleLike,
+          score: Union[str, ScoreFn] = "magnitude",
+          *,
+          scope: str = "layer",
+          distribution: Union[str, DistributionFn] = "uniform",
+          overrides: Overrides = None,
+          prunable: tree_lib.Prunable = None,
+          num_probes: int = 8,
+          average_hessian: bool = False,
+          seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """Gradual pruning inside the jitted train step; chain it after the optimizer.
+
+  Example::
+
+    tx = optax.chain(optax.adam(1e-3),
+                     jp.prune(jp.polynomial_schedule(0.0, 0.9, 0, 1000, frequency=100)))
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)   # exactly 0 where pruned
+
+  At each ``update`` the schedule is evaluated at the step count. When its value differs from
+  the target of the current masks (for a staircase schedule such as `polynomial_schedule`:
+  exactly on its update steps), new masks are computed under `jax.lax.cond` — no retrace and no
+  host sync — from the scores of the current params; entries already pruned rank below every
+  score, and the new masks are intersected with the old ones, so pruning is monotone. The
+  emitted updates are ``where(mask, updates, -params)`` on prunable leaves and the inner
+  optimizer's updates unchanged elsewhere.
+
+  Scores (``score``):
+    * ``"magnitude"``: ``|w|`` (default).
+    * ``"gradient"``: ``|g|``; ``"taylor"``: ``|w * g|``. Pass ``grads=`` to ``update``.
+    * ``"obd"``: ``0.5 * h * w**2``; ``"hessian"``: ``|h|``, with ``h`` a Hutchinson estimate
+      of the Hessian diagonal of ``loss_fn(params, batch)``. Pass ``loss_fn=`` and ``batch=`` to
+      ``update``. With ``average_hessian=True`` ``h`` is estimated at every step and averaged
+      over the steps since the last mask update (one Hessian-vector product per probe per step);
+      otherwise it is estimated only on mask-update steps.
+    * ``"random"``: uniform random scores from the state's key (random pruning baseline).
+    * a callable ``fn(params, **extra_args) -> scores`` (same structure as the params, higher
+      is more important); it receives every extra argument given to ``update``.
+
+  Args:
+    schedule: ``step -> sparsity`` (e.g. `polynomial_schedule`), or a constant sparsity. Under
+      ``optax.inject_hyperparams`` the injected value is used as a constant per step.
+    score: one of ``"magnitude"``, ``"gradient"``, ``"taylor"``, ``"obd"``, ``"hessian"``,
+      ``"random"``, or a callable (see above).
+    scope: ``"layer"`` (each leaf pruned to its own sparsity) or ``"global"`` (one threshold
+      over all prunable leaves not overridden).
+    distribution: for ``scope="layer"``, how the overall target is split across leaves:
+      ``"uniform"``, ``"erk"`` (Erdős–Rényi-Kernel: density ∝ sum(shape) / prod(shape)), or a
+      callable ``(target, params) -> per-leaf sparsities`` (a pytree prefix of the params; may
+      be traced). Must be ``"uniform"`` with ``scope="global"``.
+    overrides: per-leaf sparsities that replace the distribution for some leaves: a mapping from
+      leaf path (as `jax.tree_util.keystr` renders it, e.g. ``"['dense1']['kernel']"``) to a
+      constant sparsity or a schedule, or a callable ``(path, leaf) -> sparsity | schedule |
+      None``. Overridden leaves are pruned per leaf in either scope.
+    prunable: which leaves are pruned: ``None`` (floating arrays with ``ndim >= 2``), a predicate
+      ``(path, leaf) -> bool`` or a pytree of bools.
+    num_probes: Hutchinson probes per Hessian estimate.
+    average_hessian: average the Hessian diagonal over the steps between mask updates.
+    seed: seed of the state's PRNG key (random scores, Hessian probes).
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose ``update(updates, state, params, *,
+    grads=None, loss_fn=None, batch=None, **ignored)`` requires ``params``; state `PruneState`.
+
+  References:
+    Zhu & Gupta, "To prune, or not to prune", 2017 (gradual magnitude pruning);
+    Han et al., "Learning both Weights and Connections for Efficient Neural Networks", 2015;
+    LeCun, Denker & Solla, "Optimal Brain Damage", NeurIPS 1989 (OBD saliency);
+    Molchanov et al., "Importance Estimation for Neural Network Pruning", CVPR 2019 (Taylor);
+    Evci et al., "Rigging the Lottery", ICML 2020 (ERK distribution).
+  """
+  target_schedule = _as_schedule(schedule, "schedule")
+  if isinstance(score, str):
+    if score not in SCORES:
+      raise ValueError(f"score: expected one of {SCORES} or a callable, got {score!r}.")
+  elif not callable(score):
+    raise ValueError(f"score: expected one of {SCORES} or a callable, got "
+                     f"{type(score).__name__}.")
+  if scope not in ("layer", "global"):
+    raise ValueError(f"scope: expected 'layer' or 'global', got {scope!r}.")
+  if isinstance(distribution, str):
+    if distribution not in ("uniform", "erk"):
+      raise ValueError(
+          f"distribution: expected 'uniform', 'erk' or a callable, got {distribution!r}.")
+  elif not callable(distribution):
+    raise ValueError(f"distribution: expected 'uniform', 'erk' or a callable, got "
+                     f"{type(distribution).__name__}.")
+  if scope == "global" and distribution != "uniform":
+    raise ValueError(f"distribution: a global threshold has no per-leaf distribution; expected "
+                     f"'uniform' with scope='global', got {distribution!r}.")
+  if not isinstance(num_probes, numbers.Integral) or num_probes < 1:
+    raise ValueError(f"num_probes: expected a positive integer, got {num_probes!r}.")
+  accumulate = bool(average_hessian) and score in _HESSIAN_SCORES
+
+  def init_fn(params: PyTree) -> PruneState:
+    flags = tree_lib.prunable_flags(params, prunable)
+    for (path, leaf), flag in zip(tree_lib.leaves_with_paths(params), jax.tree.leaves(flags)):
+      if flag and not tree_lib.is_floating(leaf):
+        raise ValueError(f"prune: expected floating-point prunable leaves, got dtype "
+                         f"{getattr(leaf, 'dtype', type(leaf).__name__)} at leaf {path}.")
+    _, override_schedules = _resolve_overrides(params, flags, overrides)
+    masks = jax.tree.map(lambda p: jnp.ones(np.shape(p), jnp.bool_), params)
+    hess_sum = (jax.tree.map(
+        lambda p, f: jnp.zeros(np.shape(p) if f else (), jnp.float32), params, flags)
+                if accumulate else ())
+    return PruneState(
+        count=jnp.zeros((), jnp.int32),
+        target=jnp.zeros((), jnp.float32),
+        override_targets=jnp.zeros((len(override_schedules),), jnp.float32),
+        masks=masks,
+        key=jax.random.PRNGKey(seed),
+        hess_sum=hess_sum,
+        hess_steps=jnp.zeros((), jnp.int32))
+
+  def hessian_estimate(params, key, extra_args):
+    loss_fn = extra_args.get("loss_fn")
+    if loss_fn is None or "batch" not in extra_args:
+      raise ValueError(f"prune(score={score!r}): expected loss_fn= and batch= extra arguments to "
+                       f"update (Hessian estimated of loss_fn(params, batch)); got "
+                       f"{sorted(extra_args)}.")
+    return scores_lib.hessian_diag(loss_fn, params, extra_args["batch"], key=key,
+                                   num_probes=num_probes)
+
+  def compute_scores(params, key, hess, extra_args):
+    if callable(score):
+      return score(params, **extra_args)
+    if score == "magnitude":
+      return scores_lib.magnitude(params)
+    if score == "random":
+      return scores_lib.random_scores(params, key)
+    if score in ("gradient", "taylor"):
+      grads = extra_args.get("grads")
+      if grads is None:
+        raise ValueError(f"prune(score={score!r}): expected grads= extra argument to update "
+                         f"(the raw gradients); got {sorted(extra_args)}.")
+      tree_lib.check_same_structure(params, grads, "params", "grads")
+      return (scores_lib.gradient(grads) if score == "gradient" else
+              scores_lib.taylor(params, grads))
+    if hess is None:
+      hess = hessian_estimate(params, key, extra_args)
+    return scores_lib.obd(params, hess) if score == "obd" else scores_lib.curvature(hess)
+
+  def leaf_sparsities(params, flags, override_index, target, override_targets):
+    """Per-leaf sparsity pytree (traced float32 scalars; 0 on unprunable leaves)."""
+    leaves, treedef = jax.tree.flatten(params)
+    flag_leaves = jax.tree.leaves(flags)
+    free = [i for i, f in enumerate(flag_leaves) if f and override_index[i] is None]
+    per_leaf = [jnp.zeros((), jnp.float32)] * len(leaves)
+    if distribution == "uniform":
+      for i in free:
+        per_leaf[i] = target
+    elif distribution == "erk":
+      if free:
+        fr = distribution_lib.erk_fractions([np.shape(leaves[i]) for i in free], target)
+        for j, i in enumerate(free):
+          per_leaf[i] = fr[j]
+    else:
+      user = jax.tree.broadcast(distribution(target, params), params)
+      user_leaves = jax.tree.leaves(user)
+      for i in free:
+        per_leaf[i] = jnp.clip(jnp.asarray(user_leaves[i], jnp.float32), 0.0, 1.0)
+    for i, o in enumerate(override_index):
+      if o is not None:
+        per_leaf[i] = override_targets[o]
+    return jax.tree.unflatten(treedef, per_leaf)
+
+  def new_masks(params, old_masks, flags, override_index, target, override_targets, key, hess,
+                extra_args):
+    raw = compute_scores(params, key, hess, extra_args)
+    tree_lib.check_same_structure(params, raw, "params", "scores")
+
+    def rank(s, m, f):
+      if not f:
+        return s
+      s = jnp.asarray(s, jnp.float32)
+      # Live NaN scores become -inf so that already-pruned entries (NaN, lowest of all) are
+      # always selected first: the k lowest then include every pruned entry whenever k allows.
+      s = jnp.where(jnp.isnan(s), -jnp.inf, s)
+      return jnp.where(m, s, jnp.nan)
+
+    ranked = jax.tree.map(rank, raw, old_masks, flags)
+    per_leaf = leaf_sparsities(params, flags, override_index, target, override_targets)
+    if scope == "layer":
+      masks = masks_lib.unstructured_mask(ranked, per_leaf, scope="layer", prunable=flags)
+    else:
+      in_global = jax.tree.unflatten(
+          jax.tree.structure(params),
+          [f and o is None for f, o in zip(jax.tree.leaves(flags), override_index)])
+      masks = masks_lib.unstructured_mask(ranked, target, scope="global", prunable=in_global)
+      if any(o is not None for o in override_index):
+        overridden = jax.tree.unflatten(
+            jax.tree.structure(params), [o is not None for o in override_index])
+        masks = jax.tree.map(
+            jnp.logical_and, masks,
+            masks_lib.unstructured_mask(ranked, per_leaf, scope="layer", prunable=overridden))
+    return jax.tree.map(jnp.logical_and, masks, old_masks)
+
+  def update_fn(updates, state: PruneState, params=None, **extra_args):
+    if params is None:
+      raise ValueError("prune: expected the current params as the third argument of update(), "
+                       "got None.")
+    tree_lib.check_same_structure(params, state.masks, "params", "state.masks")
+    flags = tree_lib.prunable_flags(params, prunable)
+    override_index, override_schedules = _resolve_overrides(params, flags, overrides)
+    target = _eval(target_schedule, state.count)
+    override_targets = (jnp.stack([_eval(s, state.count) for s in override_schedules])
+                        if override_schedules else jnp.zeros((0,), jnp.float32))
+    changed = jnp.logical_or(target != state.target,
+                             jnp.any(override_targets != state.override_targets))
+    key, sub = jax.random.split(state.key)
+
+    hess_sum, hess_steps, hess_mean = state.hess_sum, state.hess_steps, None
+    if accumulate:
+      h = hessian_estimate(params, sub, extra_args)
+      hess_sum = jax.tree.map(
+          lambda a, x, f: a + jnp.asarray(x, jnp.float32) if f else a, hess_sum, h, flags)
+      hess_steps = state.hess_steps + 1
+      hess_mean = jax.tree.map(lambda a: a / hess_steps.astype(jnp.float32), hess_sum)
+
+    masks = lax.cond(
+        changed,
+        lambda: new_masks(params, state.masks, flags, override_index, target, override_targets,
+                          sub, hess_mean, extra_args),
+        lambda: state.masks)
+    if accumulate:
+      # Start a fresh average after each mask update.
+      hess_sum = jax.tree.map(lambda a: jnp.where(changed, jnp.zeros_like(a), a), hess_sum)
+      hess_steps = jnp.where(changed, 0, hess_steps)
+
+    # -p (not 0) so that p + update is exactly +0.0, whatever the inner optimizer proposed.
+    new_updates = jax.tree.map(lambda u, p, m, f: jnp.where(m, u, -p) if f else u,
+                               updates, params, masks, flags)
+    new_state = PruneState(
+        count=optax.safe_increment(state.count),
+        target=jnp.where(changed, target, state.target),
+        override_targets=jnp.where(changed, override_targets, state.override_targets),
+        masks=masks,
+        key=key,
+        hess_sum=hess_sum,
+        hess_steps=hess_steps)
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

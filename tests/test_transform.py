@@ -1,0 +1,319 @@
+"""Tests for jp.prune: exact sparsity, exact zeros, monotone masks, scores, scopes, distributions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxprune._src import distribution, masks as masks_lib, schedules
+from jaxprune._src.transform import PruneState, prune
+
+
+def _params(seed=0):
+  rng = np.random.default_rng(seed)
+  return {
+      "dense1": {"kernel": jnp.asarray(rng.normal(size=(20, 30)), jnp.float32),
+                 "bias": jnp.asarray(rng.normal(size=(30,)), jnp.float32)},
+      "dense2": {"kernel": jnp.asarray(rng.normal(size=(30, 7)), jnp.float32),
+                 "bias": jnp.zeros((7,), jnp.float32)},
+  }
+
+
+def _grads(params, step):
+  # Deterministic, non-zero, sign-varying pseudo-gradients: every weight keeps being pushed.
+  return jax.tree.map(lambda x: jnp.cos(x * 3.0 + step) + 0.1, params)
+
+
+def _prune_state(state):
+  found = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, PruneState))
+           if isinstance(s, PruneState)]
+  assert len(found) == 1
+  return found[0]
+
+
+def _make_step(tx, extra=None):
+  extra = extra or (lambda p, g: {})
+
+  def step(params, state, t):
+    g = _grads(params, t)
+    updates, state = tx.update(g, state, params, **extra(params, g))
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
+def _run(tx, params, steps, *, jit=True, extra=None, record=False):
+  step = _make_step(tx, extra)
+  step = jax.jit(step) if jit else step
+  state = tx.init(params)
+  history = []
+  for t in range(steps):
+    params, state = step(params, state, jnp.float32(t))
+    if record:
+      history.append((params, _prune_state(state).masks))
+  return params, state, history
+
+
+def _ref_mask(scores, sparsity):
+  return jax.jit(masks_lib.unstructured_mask)(scores, sparsity)
+
+
+SCHED = schedules.polynomial_schedule(0.0, 0.9, begin_step=0, end_step=12, frequency=5)
+
+
+@pytest.fixture(scope="module")
+def adamw_run():
+  """chain(adamw, prune) for 12 steps + 100 more: history of params and masks."""
+  tx = optax.chain(optax.adamw(0.05, weight_decay=0.1), prune(SCHED))
+  params, state, history = _run(tx, _params(), 13 + 100, record=True)
+  return tx, params, state, history
+
+
+def test_exact_layer_sparsity_at_end_step(adamw_run):
+  _, _, _, history = adamw_run
+  params, masks = history[12]  # the update at count == end_step has been applied
+  for name in ("dense1", "dense2"):
+    k = params[name]["kernel"]
+    want = round(0.9 * k.size)
+    assert int(jnp.sum(~masks[name]["kernel"])) == want
+    assert int(jnp.sum(k == 0)) == want
+    assert bool(jnp.all(masks[name]["bias"]))
+  # Before the end step it was not yet at the target (the schedule is gradual).
+  params10, _ = history[10]
+  assert int(jnp.sum(params10["dense1"]["kernel"] == 0)) < round(0.9 * 600)
+
+
+def test_zeros_exact_on_every_step_and_forever_with_adamw(adamw_run):
+  _, final, state, history = adamw_run
+  previous = None
+  for params, masks in history:
+    for name in ("dense1", "dense2"):
+      k, m = np.asarray(params[name]["kernel"]), np.asarray(masks[name]["kernel"])
+      assert np.all(k[~m] == 0.0)  # including the step the mask changed
+      assert not np.any(np.signbit(k[~m]))  # +0.0, not -0.0
+      if previous is not None:
+        assert not np.any(m & ~previous[name]["kernel"])  # monotone: never regrows
+    previous = jax.tree.map(np.asarray, masks)
+  # 100 adamw steps after the end step, with non-zero gradients and weight decay: still zero.
+  m = _prune_state(state).masks
+  for name in ("dense1", "dense2"):
+    assert int(jnp.sum(final[name]["kernel"] == 0)) == round(0.9 * final[name]["kernel"].size)
+    assert bool(jnp.all(jnp.where(m[name]["kernel"], True, final[name]["kernel"] == 0)))
+  assert float(_prune_state(state).target) == np.float32(0.9)
+  assert int(_prune_state(state).count) == 113
+
+
+def test_unprunable_leaves_follow_inner_optimizer_exactly(adamw_run):
+  _, final, _, _ = adamw_run
+  inner = optax.adamw(0.05, weight_decay=0.1)
+  ref, _, _ = _run(inner, _params(), 113)
+  for name in ("dense1", "dense2"):
+    np.testing.assert_array_equal(final[name]["bias"], ref[name]["bias"])
+
+
+def test_jit_equals_no_jit():
+  # prune alone, fed the same updates; apply_updates outside so only the transform is compared.
+  tx = prune(schedules.polynomial_schedule(0.2, 0.7, 1, 3, 2), "taylor")
+  results = []
+  for update in (jax.jit(tx.update), tx.update):
+    params, state, outs = _params(), tx.init(_params()), []
+    for t in range(4):
+      g = jax.tree.map(lambda x: jnp.asarray(np.cos(np.asarray(x) * 3 + t), jnp.float32), params)
+      u, state = update(g, state, params, grads=g)
+      params = jax.tree.map(lambda p, d: np.asarray(p) + np.asarray(d), params, u)
+      outs.append((u, state))
+    results.append(outs)
+  for (ua, sa), (ub, sb) in zip(*results):
+    jax.tree.map(np.testing.assert_array_equal, ua, ub)
+    jax.tree.map(np.testing.assert_array_equal, sa, sb)
+  assert int(jnp.sum(~results[0][-1][1].masks["dense1"]["kernel"])) == 420  # 0.7 * 600
+
+
+def test_no_retrace_across_mask_updates():
+  tx = optax.chain(optax.sgd(0.1), prune(SCHED))
+  traces = []
+
+  def step(params, state, t):
+    traces.append(1)
+    updates, state = tx.update(_grads(params, t), state, params)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(step)
+  params, state = _params(), tx.init(_params())
+  for t in range(14):
+    params, state = step(params, state, jnp.float32(t))
+  assert len(traces) == 1
+  assert int(jnp.sum(params["dense1"]["kernel"] == 0)) == 540
+
+
+def test_global_scope_exact_total():
+  tx = optax.chain(optax.sgd(0.01), prune(0.75, scope="global"))
+  params, state, _ = _run(tx, _params(), 2)
+  n = 600 + 210
+  zeros = sum(int(jnp.sum(params[k]["kernel"] == 0)) for k in ("dense1", "dense2"))
+  assert zeros == round(0.75 * n)
+  # Global by magnitude: every pruned weight of the first step's params is below every kept one.
+  m = _prune_state(state).masks
+  p0 = _params()
+  pruned = np.concatenate([np.abs(p0[k]["kernel"])[~m[k]["kernel"]] for k in ("dense1", "dense2")])
+  kept = np.concatenate([np.abs(p0[k]["kernel"])[m[k]["kernel"]] for k in ("dense1", "dense2")])
+  assert pruned.max() <= kept.min()
+
+
+def test_magnitude_mask_equals_core_mask_and_constant_schedule():
+  p0 = _params()
+  tx = prune(0.5)  # constant: prunes at the first step
+  updates, state = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, p0), tx.init(p0), p0)
+  want = _ref_mask(jax.tree.map(jnp.abs, p0), 0.5)
+  jax.tree.map(np.testing.assert_array_equal, state.masks, want)
+  new = optax.apply_updates(p0, updates)
+  np.testing.assert_array_equal(new["dense1"]["kernel"],
+                                jnp.where(want["dense1"]["kernel"], p0["dense1"]["kernel"], 0))
+
+
+def test_taylor_and_gradient_scores_use_grads_extra_arg():
+  p0 = _params()
+  g = _grads(p0, 0.0)
+  for name, fn in [("taylor", lambda: jax.tree.map(lambda w, x: jnp.abs(w * x), p0, g)),
+                   ("gradient", lambda: jax.tree.map(jnp.abs, g))]:
+    tx = prune(0.6, name)
+    _, state = jax.jit(tx.update)(g, tx.init(p0), p0, grads=g)
+    want = _ref_mask(fn(), 0.6)
+    jax.tree.map(np.testing.assert_array_equal, state.masks, want)
+    with pytest.raises(ValueError, match="grads"):
+      tx.update(g, tx.init(p0), p0)
+
+
+def _quadratic(params, batch):
+  # Hessian is diagonal with entries `batch`: Hutchinson with Rademacher probes is then exact.
+  return 0.5 * sum(jnp.sum(c * w**2) for c, w in zip(jax.tree.leaves(batch),
+                                                      jax.tree.leaves(params)))
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_obd_score_from_loss_fn_and_batch(average):
+  p0 = _params()
+  curv = jax.tree.map(lambda x: jnp.abs(jnp.sin(7 * x)) + 0.01, p0)
+  tx = prune(schedules.one_shot_schedule(0.5, step=2), "obd", average_hessian=average,
+             num_probes=2)
+  step = jax.jit(lambda p, s: tx.update(jax.tree.map(jnp.zeros_like, p), s, p,
+                                        loss_fn=_quadratic, batch=curv))
+  state = tx.init(p0)
+  for _ in range(3):
+    _, state = step(p0, state)
+  want = _ref_mask(
+      jax.tree.map(lambda w, c: 0.5 * c * w**2, p0, curv), 0.5)
+  jax.tree.map(np.testing.assert_array_equal, state.masks, want)
+  if average:
+    assert int(state.hess_steps) == 0  # reset at the update (count 2)
+  with pytest.raises(ValueError, match="loss_fn"):
+    tx.update(p0, tx.init(p0), p0)
+
+
+def test_random_score_exact_count_and_seeded():
+  p0 = _params()
+  masks = []
+  for seed in (0, 0, 1):
+    tx = prune(0.3, "random", seed=seed)
+    _, state = jax.jit(tx.update)(p0, tx.init(p0), p0)
+    assert int(jnp.sum(~state.masks["dense1"]["kernel"])) == 180
+    masks.append(np.asarray(state.masks["dense1"]["kernel"]))
+  np.testing.assert_array_equal(masks[0], masks[1])
+  assert not np.array_equal(masks[0], masks[2])
+
+
+def test_callable_score_receives_extra_args():
+  p0 = _params()
+  seen = {}
+
+  def largest_first(params, **extra):
+    seen.update(extra)
+    return jax.tree.map(lambda x: -jnp.abs(x), params)
+
+  tx = prune(0.5, largest_first)
+  _, state = jax.jit(tx.update)(p0, tx.init(p0), p0, foo=3)
+  assert set(seen) == {"foo"}
+  k, m = np.abs(p0["dense2"]["kernel"]), np.asarray(state.masks["dense2"]["kernel"])
+  assert k[~m].min() >= k[m].max()
+
+
+def test_erk_distribution_counts():
+  p0 = _params()
+  tx = optax.chain(optax.sgd(0.0), prune(0.8, distribution="erk"))
+  params, _, _ = _run(tx, p0, 1)
+  want = distribution.erk_sparsities(p0, 0.8)
+  for name in ("dense1", "dense2"):
+    k = params[name]["kernel"]
+    assert abs(int(jnp.sum(k == 0)) - want[name]["kernel"] * k.size) <= 1.0
+  assert want["dense2"]["kernel"] < want["dense1"]["kernel"]  # the smaller layer stays denser
+
+
+def test_callable_distribution_and_overrides():
+  p0 = _params()
+  half = lambda target, params: jax.tree.map(lambda _: target / 2, params)
+  tx = prune(0.8, distribution=half)
+  _, state = jax.jit(tx.update)(p0, tx.init(p0), p0)
+  assert int(jnp.sum(~state.masks["dense1"]["kernel"])) == 240
+  over = {"['dense2']['kernel']": schedules.one_shot_schedule(0.5, step=1)}
+  for scope in ("layer", "global"):
+    tx = prune(0.9, scope=scope, overrides=over)
+    state = tx.init(p0)
+    _, state = jax.jit(tx.update)(p0, state, p0)
+    assert int(jnp.sum(~state.masks["dense1"]["kernel"])) == 540
+    assert int(jnp.sum(~state.masks["dense2"]["kernel"])) == 0
+    _, state = jax.jit(tx.update)(p0, state, p0)  # the override's own schedule changes at count 1
+    assert int(jnp.sum(~state.masks["dense1"]["kernel"])) == 540
+    assert int(jnp.sum(~state.masks["dense2"]["kernel"])) == 105
+  with pytest.raises(ValueError, match="unknown path"):
+    prune(0.5, overrides={"['nope']": 0.1}).init(p0)
+  with pytest.raises(ValueError, match="not prunable"):
+    prune(0.5, overrides={"['dense1']['bias']": 0.1}).init(p0)
+
+
+def test_iterative_and_decreasing_schedule_stay_monotone():
+  p0 = _params()
+  sched = schedules.iterative_schedule(0.5, every=2, rounds=3)
+  tx = optax.chain(optax.sgd(0.05), prune(sched))
+  params, _, history = _run(tx, p0, 6, record=True)
+  counts = [int(jnp.sum(~m["dense1"]["kernel"])) for _, m in history]
+  assert counts == [300, 300, 450, 450, 525, 525]  # 1 - 0.5**r of 600
+  down = prune(lambda t: jnp.where(t < 1, 0.6, 0.2))
+  state = down.init(p0)
+  update = jax.jit(down.update)
+  _, state = update(p0, state, p0)
+  _, state2 = update(p0, state, p0)
+  jax.tree.map(np.testing.assert_array_equal, state2.masks, state.masks)
+
+
+def test_live_nan_scores_never_resurrect_pruned_entries():
+  p0 = {"w": jnp.arange(1.0, 11.0).reshape(2, 5)}
+  sched = lambda t: jnp.where(t < 1, 0.3, 0.5)
+  nan_first = lambda params: jax.tree.map(lambda x: jnp.where(x > 8, jnp.nan, x), params)
+  tx = prune(sched, lambda params, **_: nan_first(params))
+  state = tx.init(p0)
+  _, state = jax.jit(tx.update)(p0, state, p0)
+  # NaN (9, 10) rank lowest: pruned with 1 at 30%.
+  np.testing.assert_array_equal(~state.masks["w"].reshape(-1),
+                                [1, 0, 0, 0, 0, 0, 0, 0, 1, 1])
+  _, state = jax.jit(tx.update)(p0, state, p0)
+  np.testing.assert_array_equal(~state.masks["w"].reshape(-1),
+                                [1, 1, 1, 0, 0, 0, 0, 0, 1, 1])
+
+
+def test_validation_errors():
+  p0 = _params()
+  with pytest.raises(ValueError, match="score"):
+    prune(0.5, "l0")
+  with pytest.raises(ValueError, match="scope"):
+    prune(0.5, scope="net")
+  with pytest.raises(ValueError, match="distribution"):
+    prune(0.5, scope="global", distribution="erk")
+  with pytest.raises(ValueError, match="schedule"):
+    prune(1.5)
+  tx = prune(0.5)
+  with pytest.raises(ValueError, match="params"):
+    tx.update(p0, tx.init(p0))
+  with pytest.raises(ValueError, match=r"\['dense1'\]\['kernel'\]"):
+    prune(0.5, prunable=lambda path, x: True).init(
+        {"dense1": {"kernel": jnp.ones((2, 2), jnp.int32)}})
