@@ -6,6 +6,26 @@ transformations keep pruned weights at exactly zero inside jitted train steps.
 """
 
 # --- core: scores, masks, selection (issue 2) ---
+from jaxprune._src.masks import LeafSummary
+from jaxprune._src.masks import apply_masks
+from jaxprune._src.masks import block_mask
+from jaxprune._src.masks import format_summary
+from jaxprune._src.masks import nm_mask
+from jaxprune._src.masks import sparsity
+from jaxprune._src.masks import structured_mask
+from jaxprune._src.masks import summarize
+from jaxprune._src.masks import unstructured_mask
+from jaxprune._src.scores import curvature
+from jaxprune._src.scores import gradient
+from jaxprune._src.scores import hessian_diag
+from jaxprune._src.scores import magnitude
+from jaxprune._src.scores import obd
+from jaxprune._src.scores import random_scores
+from jaxprune._src.scores import taylor
+from jaxprune._src.select import prune_lowest
+from jaxprune._src.select import score_keys
+from jaxprune._src.tree import default_prunable
+from jaxprune._src.tree import prunable_flags
 # --- end core ---
 
 # --- optax integration: prune, schedules, penalties (issue 3) ---
