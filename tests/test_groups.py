@@ -163,6 +163,21 @@ def test_sub_jaxprs_jit_and_custom_jvp():
   (g,) = jp.find_groups(f, p, jnp.ones((2, 3)))
   assert members(g) == [("['b1']", 0), ("['w1']", 1), ("['w2']", 0)]
 
+  @jax.custom_vjp
+  def act(h):
+    return jnp.sin(h)
+
+  act.defvjp(lambda h: (jnp.sin(h), h), lambda h, ct: (ct * jnp.cos(h),))
+
+  def f2(p, x):
+    h = act(x @ p["w1"] + p["b1"])
+    h = jax.checkpoint(jnp.tanh)(h)
+    h = jax.lax.cond(jnp.sum(x) > 0, lambda h: 2 * h, lambda h: h + 1, h)
+    return h @ p["w2"]
+
+  (g,) = jp.find_groups(f2, p, jnp.ones((2, 3)))
+  assert members(g) == [("['b1']", 0), ("['w1']", 1), ("['w2']", 0)]
+
 
 def test_reductions_and_layernorm_pin():
   def f(p, x):
@@ -177,13 +192,48 @@ def test_reductions_and_layernorm_pin():
 def test_unsupported_primitive_raises_and_skip():
   def f(p, x):
     h = x @ p["w1"]
-    h = jax.lax.fori_loop(0, 2, lambda i, h: jnp.tanh(h), h)
+    h = jnp.fft.fft(h).real  # mixes units: not a supported coupling
     return jax.nn.relu(h) @ p["w2"]
 
   p = {"w1": jnp.ones((3, 5)), "w2": jnp.ones((5, 2))}
-  with pytest.raises(ValueError, match=r"unsupported primitive 'scan'.*\['w1'\]"):
+  with pytest.raises(ValueError, match=r"unsupported primitive 'fft'.*\['w1'\]"):
     jp.find_groups(f, p, jnp.ones((2, 3)))
   assert jp.find_groups(f, p, jnp.ones((2, 3)), on_unsupported="skip") == ()
+
+
+def test_loops_couple_carries():
+  def f(p, x):
+    h = x @ p["w1"]
+    h = jax.lax.fori_loop(0, 2, lambda i, h: jnp.tanh(h @ p["w_rec"]), h)  # scan
+    _, h = jax.lax.while_loop(lambda c: c[0] < 2, lambda c: (c[0] + 1, c[1] * 0.5), (0, h))
+    return h @ p["w2"]
+
+  p = {"w1": jnp.ones((3, 5)), "w_rec": jnp.ones((5, 5)), "w2": jnp.ones((5, 2))}
+  (g,) = jp.find_groups(f, p, jnp.ones((2, 3)))
+  assert members(g) == [("['w1']", 1), ("['w2']", 0), ("['w_rec']", 0), ("['w_rec']", 1)]
+
+  def g2(p, x):  # a loop condition that reads the units pins them
+    h = x @ p["w1"]
+    h = jax.lax.while_loop(lambda h: jnp.sum(h) > 1e9, lambda h: h * 0.5, h)
+    return h @ p["w2"]
+
+  assert jp.find_groups(g2, p, jnp.ones((2, 3))) == ()
+
+
+def test_max_pool_passes_channels():
+  class Pool(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.max_pool(nn.relu(nn.Conv(4, (3, 3))(x)), (2, 2), (2, 2))
+      x = nn.avg_pool(x, (2, 2), (2, 2))
+      return nn.Dense(2)(x.reshape((x.shape[0], -1)))
+
+  x = jnp.ones((1, 8, 8, 3))
+  v = jax.eval_shape(Pool().init, jax.random.key(0), x)
+  (g,) = jp.find_groups(Pool().apply, v, x)
+  assert g.size == 4
+  dense = [m for m in g.members if "Dense_0" in m.path][0]
+  np.testing.assert_array_equal(dense.units, np.tile(np.arange(4), 4))
 
 
 def test_grouped_conv_raises():

@@ -38,10 +38,20 @@ arithmetic / comparison / transcendental primitives, ``select_n``, ``clamp``,
 ``transpose``, ``concatenate``, ``reduce_*``, ``argmax``/``argmin``,
 ``cum*``, ``pad``, ``slice``, ``dynamic_slice``, ``dynamic_update_slice``,
 ``gather``/``scatter*`` (pinned), ``sort``, ``top_k``, ``split``, ``rev``,
-``iota`` and random-number primitives (pinned), and sub-jaxprs of ``pjit``/
-``jit``, ``closed_call``, ``custom_jvp_call``, ``custom_vjp_call``,
-``remat``/``checkpoint`` and ``cond``. ``scan`` and ``while`` are not
-supported (poison).
+``iota`` and random-number primitives (pinned), ``reduce_window_*`` (pooling:
+pooled axes pinned, channels pass through), and sub-jaxprs of ``pjit``/``jit``,
+``closed_call``, ``custom_jvp_call``, ``custom_vjp_call``, ``remat``/
+``checkpoint``, ``cond``, ``while`` and ``scan`` (carries coupled with
+themselves across iterations; the scanned-over axis is pinned, so layers
+stacked for ``nn.scan`` are pruned alike). Anything else (``fft``, grouped
+convolutions, ``custom_linear_solve`` ...) is unsupported.
+
+Traced in inference mode: BatchNorm reading its running statistics, no
+dropout (random masks pin their axes), no mutable collections returned.
+Scalar constants that user code derives from a layer's width (``x /
+x.shape[-1]``) are invisible in a jaxpr: the shrunk model recomputes them from
+its new width, so such layers are only safe if those constants do not
+depend on the pruned axis.
 """
 
 from __future__ import annotations
@@ -386,7 +396,8 @@ SUPPORTED_PRIMITIVES: frozenset[str] = (
     _ELEMENTWISE | _REDUCE | _CUMULATIVE | _PIN_ALL | _IDENTITY_MULTI
     | _CALLS | frozenset("""dot_general conv_general_dilated broadcast_in_dim reshape squeeze
     transpose concatenate pad slice dynamic_slice dynamic_update_slice sort top_k split rev
-    cond""".split()))
+    cond scan while reduce_window_sum reduce_window_max reduce_window_min
+    reduce_window""".split()))
 
 
 def _shape(v: Any) -> tuple[int, ...]:
@@ -619,6 +630,56 @@ class _Tracer:
           g.mark(lab, "pin", f"result of {name}")
         outs.append(labs)
       return outs
+    if name in ("reduce_window_sum", "reduce_window_max", "reduce_window_min", "reduce_window",
+                "cumsum_window"):
+      n_op = len(L) // 2 if name == "reduce_window" else 1
+      wd, ws = p["window_dimensions"], p["window_strides"]
+      pad = p["padding"]
+      bd, wdl = p.get("base_dilation"), p.get("window_dilation")
+      outs = []
+      for o in range(n_op):
+        labs = list(L[o])
+        for i in range(len(labs)):
+          untouched = (wd[i] == 1 and ws[i] == 1 and tuple(pad[i]) == (0, 0)
+                       and (bd is None or bd[i] == 1) and (wdl is None or wdl[i] == 1))
+          if not untouched:  # pooled (spatial) axis: a new, unprunable identity
+            g.mark(labs[i], "pin", f"window axis of {name}")
+            labs[i] = g.new(out_shapes[o][i])
+            g.mark(labs[i], "pin", f"window axis of {name}")
+        outs.append(labs)
+      for labs in outs[1:]:
+        for a, b in zip(outs[0], labs):
+          g.union(a, b)
+      return [[g.resolve(x) for x in labs] for labs in outs]
+    if name == "scan":
+      nc, ncar = p["num_consts"], p["num_carry"]
+      body = p["jaxpr"]
+      xs = []
+      for labs in L[nc + ncar:]:
+        g.mark(labs[0], "pin", "scanned-over axis")
+        xs.append(labs[1:])
+      res = self.call(body, L[:nc] + L[nc:nc + ncar] + xs, D[:nc] + [any(D)] * (len(L) - nc))
+      # the body runs on its own output carry: couple carry in and out (one
+      # pass suffices, the body's couplings are the same every iteration)
+      for a, b in zip(L[nc:nc + ncar], res[:ncar]):
+        for x, y in zip(a, b):
+          g.union(x, y)
+      outs = [[g.resolve(x) for x in labs] for labs in res[:ncar]]
+      for labs, s in zip(res[ncar:], out_shapes[ncar:]):
+        lead = g.new(s[0])
+        g.mark(lead, "pin", "scanned-over axis")
+        outs.append([lead] + list(labs))
+      return outs
+    if name == "while":
+      cn, bn = p["cond_nconsts"], p["body_nconsts"]
+      carry = L[cn + bn:]
+      d = [any(D)] * len(carry)
+      res = self.call(p["body_jaxpr"], L[cn:cn + bn] + carry, D[cn:cn + bn] + d)
+      for a, b in zip(carry, res):
+        for x, y in zip(a, b):
+          g.union(x, y)
+      self.call(p["cond_jaxpr"], L[:cn] + carry, D[:cn] + d)
+      return [[g.resolve(x) for x in labs] for labs in carry]
     if name == "cond":
       branches = p["branches"]
       results = [self.call(b, L[1:], D[1:]) for b in branches]
