@@ -47,7 +47,20 @@ from jaxprune._src.surgery import shrink_nnx as shrink_nnx
 # --- end structured ---
 
 # --- reports, sensitivity, export (issue 6) ---
+from jaxprune._src.allocation import allocate_sparsities as allocate_sparsities
+from jaxprune._src.allocation import as_overrides as as_overrides
+from jaxprune._src.allocation import predicted_metric as predicted_metric
 from jaxprune._src.distill import distillation_loss as distillation_loss
+from jaxprune._src.export import compact as compact
+from jaxprune._src.export import compact_bytes as compact_bytes
+from jaxprune._src.export import densify as densify
+from jaxprune._src.export import find_masks as find_masks
+from jaxprune._src.export import load_compressed as load_compressed
+from jaxprune._src.export import save_compressed as save_compressed
+from jaxprune._src.export import sparse_matmul as sparse_matmul
+from jaxprune._src.export import strip as strip
+from jaxprune._src.presets import HardwarePreset as HardwarePreset
+from jaxprune._src.presets import hardware_mask as hardware_mask
 from jaxprune._src.quantize import QuantizedArray as QuantizedArray
 from jaxprune._src.quantize import dequantize as dequantize
 from jaxprune._src.quantize import dequantize_array as dequantize_array
@@ -60,6 +73,10 @@ from jaxprune._src.report import log_name as log_name
 from jaxprune._src.report import matmul_flops_by_leaf as matmul_flops_by_leaf
 from jaxprune._src.report import report as report
 from jaxprune._src.report import xla_flops as xla_flops
+from jaxprune._src.sensitivity import SensitivityResult as SensitivityResult
+from jaxprune._src.sensitivity import plot_sensitivity as plot_sensitivity
+from jaxprune._src.sensitivity import sensitivity_analysis as sensitivity_analysis
+from jaxprune._src.presets import PRESETS as HARDWARE_PRESETS
 # --- end reports ---
 
 # --- sharding (issue 7) ---

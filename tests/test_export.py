@@ -54,11 +54,10 @@ def test_strip_with_masks_and_from_optax_state():
 
 
 def test_strip_from_prune_transform_state():
-  import jaxprune as jp
-  if not hasattr(jp, "prune"):
-    pytest.skip("jp.prune not available yet")
+  from jaxprune._src import schedules, transform
   params = make_params(0.0)
-  tx = optax.chain(optax.sgd(0.1), jp.prune(jp.polynomial_schedule(0.0, 0.5, 0, 1)))
+  tx = optax.chain(optax.sgd(0.1),
+                   transform.prune(schedules.polynomial_schedule(0.0, 0.5, 0, 1)))
   state = tx.init(params)
   grads = jax.tree.map(jnp.ones_like, params)
   for _ in range(2):
@@ -68,6 +67,8 @@ def test_strip_from_prune_transform_state():
   masks = export.find_masks(state, params)
   jax.tree.map(lambda s, m: np.testing.assert_array_equal(np.asarray(s)[~np.asarray(m)], 0),
                stripped, masks)
+  assert int((~masks["dense"]["kernel"]).sum()) == 256 and int((~masks["conv"]).sum()) == 144
+  assert bool(masks["dense"]["bias"].all())
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -10,8 +10,8 @@ preset                 pattern
 ``"tpu_8x128"``        whole ``(8, 128)`` blocks of the two trailing dims: one TPU vector
                        register tile (8 sublanes x 128 lanes), so skipped blocks skip whole
                        loads; block scores are L2 norms.
-``"tpu_128x128"``      whole ``(128, 128)`` blocks: one MXU systolic-array pass on TPU v2-v5
-                       (v6e's 256x256 MXU also consumes 128-aligned tiles).
+``"tpu_128x128"``      whole ``(128, 128)`` blocks: one pass of the 128x128 MXU systolic
+                       array; a zero block is a matmul tile that can be skipped.
 ``"cpu_unstructured"``  unstructured layer-wise selection: no speed-up from dense BLAS, but
                        the best accuracy per byte for compressed storage (bitmask / CSR, see
                        `jaxprune.save_compressed`) and for sparse CPU kernels.
