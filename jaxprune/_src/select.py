@@ -37,7 +37,8 @@ def score_keys(x: Array) -> Array:
   """Maps float scores to ``uint32`` keys whose unsigned order is the scores' numeric order.
 
   NaN maps to key 0, below every number (NaN scores are pruned first); ``-0.0`` and ``+0.0`` map
-  to the same key; ``±inf`` order as numbers. Scores of any float dtype are compared as float32
+  to the same key; ``±inf`` order as numbers. XLA flushes denormals to zero, so denormal scores
+  tie with zero. Scores of any float dtype are compared as float32
   (exact for bf16/f16).
 
   Args:
