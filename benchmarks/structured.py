@@ -105,7 +105,7 @@ def run_case(name: str, model: nn.Module, rebuild: Callable[[dict], nn.Module], 
              sparsity: float, reps: int) -> dict[str, Any]:
   v = _random_variables(model, x, 0)
   groups = jp.find_groups(model.apply, v, x)
-  scores = jp.group_scores(groups, jax.tree.map(jnp.abs, v))
+  scores = jp.group_scores(groups, jp.magnitude(v))  # group L2 norm of the kernels
   keep = jp.group_masks(scores, sparsity)
   small_vars = jp.shrink(v, groups, keep)
   small = rebuild(jp.linen_features(small_vars["params"]))

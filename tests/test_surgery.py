@@ -76,7 +76,7 @@ def test_mlp_linen():
   assert [int(k.sum()) for k in keep] == [8, 6]
   sizes = jp.linen_features(small["params"])
   assert sizes == {"Dense_0": 8, "Dense_1": 6, "Dense_2": 3}
-  out = MLP(features=(sizes["Dense_0"], sizes["Dense_1"], 3)).apply(small, x)
+  out = jax.jit(MLP(features=(sizes["Dense_0"], sizes["Dense_1"], 3)).apply)(small, x)
   assert float(jnp.max(jnp.abs(out - masked))) <= ATOL
   assert float(jnp.max(jnp.abs(dense - masked))) > 1e-2  # pruning did change the model
   assert n_params(small) == (8 * 8 + 8) + (8 * 6 + 6) + (6 * 3 + 3)
@@ -94,7 +94,7 @@ def test_cnn_batchnorm_residual_linen():
   assert small["batch_stats"]["BatchNorm_0"]["var"].shape == (3,)
   assert small["params"]["Dense_0"]["kernel"].shape == (75, 3)
   assert jp.linen_features(small["params"])["Conv_0"] == 3
-  out = ResCNN(c=3).apply(small, x)
+  out = jax.jit(ResCNN(c=3).apply)(small, x)
   assert float(jnp.max(jnp.abs(out - masked))) <= ATOL
 
 
@@ -104,7 +104,7 @@ def test_transformer_block_linen():
   assert sorted(int(k.sum()) for k in keep) == [2, 6]
   att = jp.linen_features(small["params"])["MultiHeadDotProductAttention_0"]
   assert att == {"num_heads": 2, "qkv_features": 8, "out_features": 8}
-  out = Block(heads=2, qkv=8, hidden=6).apply(small, x)
+  out = jax.jit(Block(heads=2, qkv=8, hidden=6).apply)(small, x)
   assert float(jnp.max(jnp.abs(out - masked))) <= ATOL
 
 
@@ -137,17 +137,18 @@ class NnxBlock(nnx.Module):
 
 @pytest.mark.parametrize("cls,shape", [(NnxCNN, (2, 4, 4, 3)), (NnxBlock, (2, 3, 8))])
 def test_nnx_shrink(cls, shape):
-  model = cls(nnx.Rngs(0))
+  model = nnx.eval_shape(lambda: cls(nnx.Rngs(0)))  # shapes only: random values below
   graphdef, state = nnx.split(model)
   model = nnx.merge(graphdef, randomize(state, 3))
   model.eval()
   x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
   gs = jp.find_groups_nnx(model, x)
   graphdef, state = nnx.split(model)  # after eval(): inference-mode BatchNorm
-  keep = jp.group_masks(jp.group_scores(gs, jax.tree.map(jnp.abs, state)), 0.5)
-  masked = nnx.merge(graphdef, jp.apply_group_masks(state, gs, keep))
+  keep = jp.group_masks(jp.group_scores(gs, jp.magnitude(state)), 0.5)
   small = jp.shrink_nnx(model, gs, keep)
-  assert float(jnp.max(jnp.abs(small(x) - masked(x)))) <= ATOL
+  run = jax.jit(lambda gd, st, x: nnx.merge(gd, st)(x), static_argnums=0)
+  masked = run(graphdef, jp.apply_group_masks(state, gs, keep), x)
+  assert float(jnp.max(jnp.abs(run(*nnx.split(small), x) - masked))) <= ATOL
   assert n_params(nnx.state(small)) < n_params(nnx.state(model))
   if cls is NnxCNN:
     assert (small.conv.out_features, small.res.in_features, small.bn.num_features) == (3, 3, 3)
@@ -252,3 +253,24 @@ def test_shrink_keeps_dtype_and_unrelated_leaves(cnn_groups):
   np.testing.assert_array_equal(
       small["params"]["Dense_0"]["kernel"],
       np.asarray(vb["params"]["Dense_0"]["kernel"]).reshape(25, 6, 3)[:, keep[0]].reshape(-1, 3))
+
+
+def test_taylor_and_obd_group_sums():
+  rng = np.random.default_rng(5)
+  p = {"l1": {"w": rng.standard_normal((4, 6)).astype(np.float32),
+              "b": rng.standard_normal(6).astype(np.float32)},
+       "l2": {"w": rng.standard_normal((6, 2)).astype(np.float32)}}
+  x = rng.standard_normal((8, 4)).astype(np.float32)
+
+  def f(p, x):
+    return jnp.tanh(x @ p["l1"]["w"] + p["l1"]["b"]) @ p["l2"]["w"]
+
+  (g,) = jp.find_groups(f, p, x)
+  grads = jax.grad(lambda p: jnp.sum(f(p, x) ** 2))(p)
+  (taylor,) = jp.group_scores([g], jp.taylor(p, grads), reduce="l1")
+  wg = lambda k: np.abs(np.asarray(p[k]["w"]) * np.asarray(grads[k]["w"]))
+  np.testing.assert_allclose(taylor, wg("l1").sum(0) + wg("l2").sum(1), rtol=1e-5)
+  h = jax.tree.map(lambda a: jnp.asarray(rng.uniform(0, 2, a.shape), jnp.float32), p)
+  (obd,) = jp.group_scores([g], jp.obd(p, h), reduce="l1")
+  o = lambda k: 0.5 * np.asarray(h[k]["w"]) * np.asarray(p[k]["w"]) ** 2
+  np.testing.assert_allclose(obd, o("l1").sum(0) + o("l2").sum(1), rtol=1e-5)

@@ -18,6 +18,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
@@ -60,7 +61,13 @@ def group_scores(groups: Sequence[Group], scores: Any, *, reduce: str = "l2",
   _check_groups(groups, "group_scores")
   if reduce not in ("l1", "l2"):
     raise ValueError(f"group_scores: reduce must be 'l1' or 'l2', got {reduce!r}")
-  prunable = prunable or tree_lib.default_prunable
+  return _group_scores(tuple(groups), scores, reduce, prunable or tree_lib.default_prunable)
+
+
+# Groups hash by identity, so reusing the same groups reuses the compiled program.
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _group_scores(groups: tuple[Group, ...], scores: Any, reduce: str,
+                  prunable: Callable[[tuple, Any], bool]) -> list[Array]:
   flat, _ = jax.tree_util.tree_flatten_with_path(scores)
   leaves = {jax.tree_util.keystr(p): (p, x) for p, x in flat}
   out = []
@@ -188,6 +195,14 @@ def apply_group_masks(variables: Any, groups: Sequence[Group], keep: Sequence[Ar
     ``variables`` with the removed units' entries set to zero (dtypes kept).
   """
   _check_groups(groups, "apply_group_masks")
+  if len(keep) != len(groups):
+    raise ValueError(f"apply_group_masks: expected one keep mask per group ({len(groups)}), got "
+                     f"{len(keep)}")
+  return _apply_group_masks(tuple(groups), variables, tuple(keep))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply_group_masks(groups: tuple[Group, ...], variables: Any, keep: tuple[Array, ...]) -> Any:
   axis_keep = _axis_keep(groups, keep, jnp)
 
   def mask_leaf(path, x):

@@ -756,6 +756,15 @@ def find_groups(apply_fn: Callable[..., Any], variables: Any, *args: Any,
       it; ``"skip"``: such groups are left out.
     **kwargs: passed to ``apply_fn``.
 
+  Example::
+
+    variables = model.init(key, x)                      # Linen, BatchNorm in eval mode
+    groups = jp.find_groups(model.apply, variables, x)  # shapes suffice: eval_shape works too
+    scores = jp.group_scores(groups, jp.magnitude(variables))
+    keep = jp.group_masks(scores, 0.5)                  # True = keep, per group
+    small = jp.shrink(variables, groups, keep)
+    sizes = jp.linen_features(small["params"])          # rebuild the module with these
+
   Returns:
     Groups in order of their first member's leaf (order of
     ``jax.tree.leaves(variables)``); groups touching the model's inputs or
