@@ -29,6 +29,18 @@ from jaxprune._src.tree import prunable_flags
 # --- end core ---
 
 # --- optax integration: prune, schedules, penalties (issue 3) ---
+from jaxprune._src.distribution import erk_sparsities
+from jaxprune._src.distribution import uniform_sparsities
+from jaxprune._src.penalties import PenaltyState
+from jaxprune._src.penalties import add_l1
+from jaxprune._src.penalties import proximal_group_lasso
+from jaxprune._src.penalties import proximal_l1
+from jaxprune._src.schedules import constant_schedule
+from jaxprune._src.schedules import iterative_schedule
+from jaxprune._src.schedules import one_shot_schedule
+from jaxprune._src.schedules import polynomial_schedule
+from jaxprune._src.transform import PruneState
+from jaxprune._src.transform import prune
 # --- end optax ---
 
 # --- structured pruning and surgery (issue 5) ---

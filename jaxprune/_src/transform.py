@@ -45,8 +45,8 @@ class PruneState(NamedTuple):
   Attributes:
     count: number of ``update`` calls so far (int32); the schedules are evaluated at it.
     target: the scheduled overall sparsity the current masks were computed for (float32).
-    override_targets: the same for each per-leaf override schedule, in sorted path order
-      (float32 vector, empty without overrides).
+    override_targets: the same for each per-leaf override schedule, in leaf order (a tuple of
+      float32 scalars, empty without overrides; a tuple because orbax refuses empty arrays).
     masks: bool pytree with the structure of the params; True = keep. Leaves that are not
       prunable hold an all-True mask.
     key: PRNG key (``uint32[2]``) for random scores and Hessian probes.
@@ -57,7 +57,7 @@ class PruneState(NamedTuple):
   """
   count: jax.Array
   target: jax.Array
-  override_targets: jax.Array
+  override_targets: tuple
   masks: PyTree
   key: jax.Array
   hess_sum: PyTree
@@ -149,10 +149,12 @@ def prune(schedule: ScheduleLike,
 
   Scores (``score``):
     * ``"magnitude"``: ``|w|`` (default).
-    * ``"gradient"``: ``|g|``; ``"taylor"``: ``|w * g|``. Pass ``grads=`` to ``update``.
+    * ``"gradient"``: ``|g|``; ``"taylor"``: ``|w * g|``. Pass the raw gradients as ``grad=``
+      to ``update`` (optax's extra-argument name, as in its line searches; it does not clash
+      with ``nnx.Optimizer.update(model, grads, **kwargs)``); ``grads=`` is accepted too.
     * ``"obd"``: ``0.5 * h * w**2``; ``"hessian"``: ``|h|``, with ``h`` a Hutchinson estimate
       of the Hessian diagonal of ``loss_fn(params, batch)``. Pass ``loss_fn=`` and ``batch=`` to
-      ``update``. With ``average_hessian=True`` ``h`` is estimated at every step and averaged
+      ``update`` (without ``batch=``, ``loss_fn(params)`` is used). With ``average_hessian=True`` ``h`` is estimated at every step and averaged
       over the steps since the last mask update (one Hessian-vector product per probe per step);
       otherwise it is estimated only on mask-update steps.
     * ``"random"``: uniform random scores from the state's key (random pruning baseline).
@@ -182,7 +184,9 @@ def prune(schedule: ScheduleLike,
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose ``update(updates, state, params, *,
-    grads=None, loss_fn=None, batch=None, **ignored)`` requires ``params``; state `PruneState`.
+    grad=None, loss_fn=None, batch=None, **ignored)`` requires ``params``; state `PruneState`.
+    Under ``optax.inject_hyperparams`` list the integer/boolean options that must stay static:
+    ``static_args=("num_probes", "seed", "average_hessian")``.
 
   References:
     Zhu & Gupta, "To prune, or not to prune", 2017 (gradual magnitude pruning);
@@ -228,7 +232,7 @@ def prune(schedule: ScheduleLike,
     return PruneState(
         count=jnp.zeros((), jnp.int32),
         target=jnp.zeros((), jnp.float32),
-        override_targets=jnp.zeros((len(override_schedules),), jnp.float32),
+        override_targets=tuple(jnp.zeros((), jnp.float32) for _ in override_schedules),
         masks=masks,
         key=jax.random.PRNGKey(seed),
         hess_sum=hess_sum,
@@ -236,12 +240,11 @@ def prune(schedule: ScheduleLike,
 
   def hessian_estimate(params, key, extra_args):
     loss_fn = extra_args.get("loss_fn")
-    if loss_fn is None or "batch" not in extra_args:
-      raise ValueError(f"prune(score={score!r}): expected loss_fn= and batch= extra arguments to "
-                       f"update (Hessian estimated of loss_fn(params, batch)); got "
-                       f"{sorted(extra_args)}.")
-    return scores_lib.hessian_diag(loss_fn, params, extra_args["batch"], key=key,
-                                   num_probes=num_probes)
+    if loss_fn is None:
+      raise ValueError(f"prune(score={score!r}): expected loss_fn= (and batch=) extra arguments "
+                       f"to update (Hessian of loss_fn(params, batch)); got {sorted(extra_args)}.")
+    args = (extra_args["batch"],) if "batch" in extra_args else ()
+    return scores_lib.hessian_diag(loss_fn, params, *args, key=key, num_probes=num_probes)
 
   def compute_scores(params, key, hess, extra_args):
     if callable(score):
@@ -251,11 +254,11 @@ def prune(schedule: ScheduleLike,
     if score == "random":
       return scores_lib.random_scores(params, key)
     if score in ("gradient", "taylor"):
-      grads = extra_args.get("grads")
+      grads = extra_args.get("grad", extra_args.get("grads"))
       if grads is None:
-        raise ValueError(f"prune(score={score!r}): expected grads= extra argument to update "
+        raise ValueError(f"prune(score={score!r}): expected grad= extra argument to update "
                          f"(the raw gradients); got {sorted(extra_args)}.")
-      tree_lib.check_same_structure(params, grads, "params", "grads")
+      tree_lib.check_same_structure(params, grads, "params", "grad")
       return (scores_lib.gradient(grads) if score == "gradient" else
               scores_lib.taylor(params, grads))
     if hess is None:
@@ -325,10 +328,10 @@ def prune(schedule: ScheduleLike,
     flags = tree_lib.prunable_flags(params, prunable)
     override_index, override_schedules = _resolve_overrides(params, flags, overrides)
     target = _eval(target_schedule, state.count)
-    override_targets = (jnp.stack([_eval(s, state.count) for s in override_schedules])
-                        if override_schedules else jnp.zeros((0,), jnp.float32))
-    changed = jnp.logical_or(target != state.target,
-                             jnp.any(override_targets != state.override_targets))
+    override_targets = tuple(_eval(s, state.count) for s in override_schedules)
+    changed = target != state.target
+    for new, old in zip(override_targets, state.override_targets):
+      changed = changed | (new != old)
     key, sub = jax.random.split(state.key)
 
     hess_sum, hess_steps, hess_mean = state.hess_sum, state.hess_steps, None
@@ -337,7 +340,10 @@ def prune(schedule: ScheduleLike,
       hess_sum = jax.tree.map(
           lambda a, x, f: a + jnp.asarray(x, jnp.float32) if f else a, hess_sum, h, flags)
       hess_steps = state.hess_steps + 1
-      hess_mean = jax.tree.map(lambda a: a / hess_steps.astype(jnp.float32), hess_sum)
+      # Unprunable leaves carry a scalar placeholder in the sum; their scores are never used.
+      hess_mean = jax.tree.map(
+          lambda a, p, f: a / hess_steps.astype(jnp.float32) if f else jnp.zeros(np.shape(p)),
+          hess_sum, params, flags)
 
     masks = lax.cond(
         changed,
@@ -354,8 +360,8 @@ def prune(schedule: ScheduleLike,
                                updates, params, masks, flags)
     new_state = PruneState(
         count=optax.safe_increment(state.count),
-        target=jnp.where(changed, target, state.target),
-        override_targets=jnp.where(changed, override_targets, state.override_targets),
+        target=target,  # equal to state.target unless the masks were just recomputed
+        override_targets=override_targets,
         masks=masks,
         key=key,
         hess_sum=hess_sum,
