@@ -80,6 +80,14 @@ def test_mlp_linen():
   assert float(jnp.max(jnp.abs(out - masked))) <= ATOL
   assert float(jnp.max(jnp.abs(dense - masked))) > 1e-2  # pruning did change the model
   assert n_params(small) == (8 * 8 + 8) + (8 * 6 + 6) + (6 * 3 + 3)
+  # global selection: round(0.5 * 28) = 14 units over both layers, fewer where norms are low
+  keep_g = jp.group_masks(jp.group_scores(gs, jp.magnitude(v)), 0.5, scope="global")
+  assert sum(int(k.sum()) for k in keep_g) == 14
+  small_g = jp.shrink(v, gs, keep_g)
+  f = jp.linen_features(small_g["params"])
+  out_g = jax.jit(MLP(features=(f["Dense_0"], f["Dense_1"], 3)).apply)(small_g, x)
+  masked_g = jax.jit(MLP().apply)(jp.apply_group_masks(v, gs, keep_g), x)
+  assert float(jnp.max(jnp.abs(out_g - masked_g))) <= ATOL
   # the kept units are the highest-norm ones, in their original order
   col_norms = np.linalg.norm(
       np.concatenate([v["params"]["Dense_0"]["kernel"], v["params"]["Dense_1"]["kernel"].T]),

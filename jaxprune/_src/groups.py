@@ -409,7 +409,6 @@ class _Tracer:
 
   def __init__(self, graph: _Graph) -> None:
     self.g = graph
-    self.used: set[Any] = set()
 
   def fresh(self, shape: Sequence[int]) -> list[Label]:
     return [self.g.new(n) for n in shape]
@@ -466,13 +465,11 @@ class _Tracer:
       for lab in labs:
         self.g.mark(lab, "pin", "constant array")
       const_labels.append(labs)
-    n_const = len(jaxpr.constvars) - len(const_labels)
-    if n_const:  # open jaxpr with constvars (should not happen): treat as constants
-      for v in jaxpr.constvars[len(const_labels):]:
-        labs = self.fresh(_shape(v))
-        for lab in labs:
-          self.g.mark(lab, "pin", "constant array")
-        const_labels.append(labs)
+    for v in jaxpr.constvars[len(const_labels):]:  # an open jaxpr's constvars: constants too
+      labs = self.fresh(_shape(v))
+      for lab in labs:
+        self.g.mark(lab, "pin", "constant array")
+      const_labels.append(labs)
     if len(jaxpr.invars) != len(labs_in):
       raise _Unsupported("sub-jaxpr with a different number of operands")
     outs, _ = self.run(jaxpr, const_labels, labs_in, d_in)
