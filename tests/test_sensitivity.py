@@ -16,6 +16,13 @@ from jaxprune._src import sensitivity as sens_lib
 A, B_ = "['a']['kernel']", "['b']['kernel']"
 
 
+def layer_masks(params, alloc):
+  # Jitted with the fractions closed over as Python floats (exact counts); eager selection
+  # dispatches many small ops and is far slower on a loaded CPU.
+  return jax.jit(lambda p: masks_lib.unstructured_mask(jp.magnitude(p), alloc, scope="layer"))(
+      params)
+
+
 def sum_params():
   # Distinct positive values: pruning k entries of a leaf lowers the sum by its k smallest.
   rng = np.random.default_rng(0)
@@ -89,7 +96,7 @@ def test_allocation_sparsity_by_hand(lower):
   pred = allocation.predicted_metric(sens, alloc, higher_is_better=not lower)
   assert pred == pytest.approx(1.0 + 0.18 if lower else 1.0 - 0.18)
   # It feeds unstructured_mask directly, with exactly the allocated counts.
-  masks = masks_lib.unstructured_mask(jp.magnitude(params), alloc, scope="layer")
+  masks = layer_masks(params, alloc)
   assert int((~masks["a"]["kernel"]).sum()) == 15 and int((~masks["b"]["kernel"]).sum()) == 6
   assert bool(masks["bias"].all())
 
@@ -122,13 +129,13 @@ def test_allocation_flops_and_bytes_budgets(target):
   per_entry_flops = 2 * 3  # each weight is used once per row of x
   alloc = allocation.allocate_sparsities(params, target, sensitivity=sens, budget="flops",
                                          report=dense)
-  masks = masks_lib.unstructured_mask(jp.magnitude(params), alloc, scope="layer")
+  masks = layer_masks(params, alloc)
   after = report_lib.report(params, masks=masks, apply_fn=apply, inputs=(x,))
   limit = (1 - target) * dense.flops_dense
   assert limit - per_entry_flops < after.flops_effective <= limit + 1e-6
 
   alloc = allocation.allocate_sparsities(params, target, sensitivity=sens, budget="bytes")
-  masks = masks_lib.unstructured_mask(jp.magnitude(params), alloc, scope="layer")
+  masks = layer_masks(params, alloc)
   after = report_lib.report(params, masks=masks)
   limit = (1 - target) * dense.dense_bytes
   assert limit - 4 < after.bitmask_bytes <= limit
@@ -170,7 +177,7 @@ def test_gpu_2_4_along_input_axis():
   scores = {"k": jnp.asarray(rng.random((8, 6)), jnp.float32),
             "conv": jnp.asarray(rng.random((3, 3, 8, 4)), jnp.float32),
             "bias": jnp.ones(6)}
-  masks = presets.hardware_mask(scores, "gpu_2:4")
+  masks = jax.jit(lambda s: presets.hardware_mask(s, "gpu_2:4"))(scores)
   k = np.asarray(masks["k"]).reshape(2, 4, 6)
   np.testing.assert_array_equal(k.sum(axis=1), 2)
   # the kept pair is the top-2 scores of its group of 4 along axis 0
@@ -190,7 +197,8 @@ def test_tpu_blocks_and_incompatible_leaves():
             "small": jnp.asarray(rng.random((16, 10)), jnp.float32)}
   with pytest.raises(ValueError, match=r"\['small'\]"):
     presets.hardware_mask(scores, "tpu_8x128", sparsity=0.5)
-  masks = presets.hardware_mask(scores, "tpu_8x128", sparsity=0.5, incompatible="dense")
+  masks = jax.jit(lambda s: presets.hardware_mask(s, "tpu_8x128", sparsity=0.5,
+                                                  incompatible="dense"))(scores)
   blocks = np.asarray(masks["big"]).reshape(2, 8, 2, 128)
   per_block = blocks.all(axis=(1, 3))
   np.testing.assert_array_equal(per_block, ~(~blocks).all(axis=(1, 3)))  # constant per block
@@ -202,9 +210,9 @@ def test_tpu_blocks_and_incompatible_leaves():
 
 def test_cpu_preset_is_unstructured_and_unknown_preset():
   scores = {"k": jnp.arange(40.0).reshape(5, 8)}
-  masks = presets.hardware_mask(scores, "cpu_unstructured", sparsity=0.25)
-  np.testing.assert_array_equal(masks["k"],
-                                masks_lib.unstructured_mask(scores, 0.25)["k"])
+  masks = jax.jit(lambda s: presets.hardware_mask(s, "cpu_unstructured", sparsity=0.25))(scores)
+  np.testing.assert_array_equal(
+      masks["k"], jax.jit(lambda s: masks_lib.unstructured_mask(s, 0.25))(scores)["k"])
   assert int((~masks["k"]).sum()) == 10
   with pytest.raises(ValueError, match="preset"):
     presets.hardware_mask(scores, "fpga")

@@ -32,6 +32,14 @@ SparseArray = Union[sparse.BCSR, sparse.BCOO]
 _FORMAT_VERSION = 1
 
 
+# Jitted once per shape: eager BCSR/BCOO conversion dispatches dozens of small ops.
+_FROMDENSE = {
+    cls: jax.jit(cls.fromdense, static_argnames=("nse", "index_dtype"))
+    for cls in (sparse.BCSR, sparse.BCOO)
+}
+_TODENSE = jax.jit(lambda x: x.todense())
+
+
 def _is_sparse(x: Any) -> bool:
   return isinstance(x, (sparse.BCSR, sparse.BCOO))
 
@@ -118,14 +126,14 @@ def compact(params: PyTree, masks: Optional[PyTree] = None, *,
                  nse * (itemsize + 4 * np.ndim(leaf)))
     if predicted >= (1.0 - min_saving) * leaf.size * itemsize:
       return leaf
-    return cls.fromdense(leaf, nse=nse, index_dtype=jnp.int32)
+    return _FROMDENSE[cls](leaf, nse=nse, index_dtype=jnp.int32)
 
   return jax.tree.map(convert, params, flags)
 
 
 def densify(tree: PyTree) -> PyTree:
   """Inverse of `compact`: every sparse leaf back to a dense array."""
-  return jax.tree.map(lambda x: x.todense() if _is_sparse(x) else x, tree, is_leaf=_is_sparse)
+  return jax.tree.map(lambda x: _TODENSE(x) if _is_sparse(x) else x, tree, is_leaf=_is_sparse)
 
 
 def compact_bytes(tree: PyTree) -> int:
