@@ -1,0 +1,141 @@
+"""Cost of `jp.prune` in a jitted train step, next to the plain optax step on the same MLP.
+
+Three jitted train steps (forward, backward, Adam, apply_updates; params and optimizer state
+donated) are timed side by side, interleaved so machine noise hits all of them alike:
+
+* ``plain``: ``optax.adam``.
+* ``pruned, no mask update``: ``chain(adam, jp.prune(0.9))`` after its masks were computed —
+  every timed step only rewrites the updates with the masks (target <= 1.05x plain).
+* ``pruned, update every 100``: ``chain(adam, jp.prune(polynomial_schedule(..., frequency=100)))``
+  timed over windows of 100 steps that each contain exactly one mask recomputation
+  (target <= 1.10x plain, amortized).
+
+The optimizer part alone (``tx.update`` + ``apply_updates`` on fixed gradients) is timed too,
+since with a small batch the forward/backward pass dominates the train step.
+
+Usage: ``python benchmarks/step.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxprune as jp
+
+
+def init_mlp(sizes: list[int], seed: int = 0) -> dict:
+  """He-initialised MLP parameters as a dict of {'kernel', 'bias'} layers."""
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(sizes) - 1)
+  return {f"dense{i}": {"kernel": jax.random.normal(k, (a, b)) * jnp.sqrt(2.0 / a),
+                        "bias": jnp.zeros((b,))}
+          for i, (k, a, b) in enumerate(zip(keys, sizes[:-1], sizes[1:]))}
+
+
+def loss_fn(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+  h = x
+  layers = [params[f"dense{i}"] for i in range(len(params))]
+  for layer in layers[:-1]:
+    h = jax.nn.relu(h @ layer["kernel"] + layer["bias"])
+  logits = h @ layers[-1]["kernel"] + layers[-1]["bias"]
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def make_train_step(tx: optax.GradientTransformation):
+  def step(params, state, x, y):
+    loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_opt_step(tx: optax.GradientTransformation):
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def copy_tree(tree):
+  return jax.tree.map(jnp.copy, tree)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="small model, few steps (smoke run)")
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--reps", type=int, default=None, help="interleaved repetitions")
+  args = parser.parse_args()
+
+  sizes = [256, 512, 256, 10] if args.quick else [784, 2048, 1024, 10]
+  window = 100  # steps per timed window; the scheduled variant updates once per window
+  reps = args.reps or (2 if args.quick else 5)
+  params0 = init_mlp(sizes)
+  n_params = sum(x.size for x in jax.tree.leaves(params0))
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(args.batch, sizes[0])), jnp.float32)
+  y = jnp.asarray(rng.integers(0, sizes[-1], size=args.batch), jnp.int32)
+
+  txs = {
+      "plain": optax.adam(1e-3),
+      "pruned, no mask update": optax.chain(optax.adam(1e-3), jp.prune(0.9)),
+      f"pruned, update every {window}": optax.chain(
+          optax.adam(1e-3),
+          jp.prune(jp.polynomial_schedule(0.0, 0.9, 0, 1000 * window, frequency=window))),
+  }
+
+  print(f"machine: {platform.processor() or platform.machine()}; jax {jax.__version__}; "
+        f"devices: {jax.devices()}")
+  print(f"MLP {sizes}: {n_params / 1e6:.2f}M params, batch {args.batch}; "
+        f"{reps} interleaved reps of {window} steps each")
+
+  for kind in ("train step", "optimizer only"):
+    runners = {}
+    for name, tx in txs.items():
+      if kind == "train step":
+        fn = make_train_step(tx)
+        call = lambda fn, p, s: fn(p, s, x, y)[:2]
+      else:
+        fn = make_opt_step(tx)
+        grads = jax.grad(loss_fn)(params0, x, y)
+        call = lambda fn, p, s, g=grads: fn(p, s, g)
+      params = copy_tree(params0)
+      state = tx.init(params)
+      # Warm-up: compiles, and for the constant target computes the masks at count 0.
+      params, state = call(fn, params, state)
+      for _ in range(window - 1):  # align the count to a multiple of the window
+        params, state = call(fn, params, state)
+      jax.block_until_ready(params)
+      runners[name] = [fn, call, params, state, []]
+
+    for _ in range(reps):
+      for name, r in runners.items():
+        fn, call, params, state, times = r
+        start = time.perf_counter()
+        for _ in range(window):
+          params, state = call(fn, params, state)
+        jax.block_until_ready((params, state))
+        times.append((time.perf_counter() - start) / window)
+        r[2], r[3] = params, state
+
+    base = statistics.median(runners["plain"][4])
+    print(f"\n{kind}:")
+    for name, r in runners.items():
+      t = statistics.median(r[4])
+      print(f"  {name:28s} {t * 1e3:9.3f} ms/step   ratio {t / base:5.3f}x")
+    pruned_state = [s for s in jax.tree.leaves(
+        runners[f"pruned, update every {window}"][3],
+        is_leaf=lambda s: isinstance(s, jp.PruneState)) if isinstance(s, jp.PruneState)][0]
+    print(f"  (scheduled variant: count {int(pruned_state.count)}, "
+          f"target {float(pruned_state.target):.6f})")
+
+
+if __name__ == "__main__":
+  main()
