@@ -81,7 +81,7 @@ def test_cnn_batchnorm_residual_flatten():
       (f"{p}['Conv_1']['bias']", 0), (f"{p}['Conv_1']['kernel']", 2),
       (f"{p}['Conv_1']['kernel']", 3),
       (f"{p}['Dense_0']['kernel']", 0)])
-  dense = [m for m in g.members if m.path.endswith("['Dense_0']['kernel']")][0]
+  dense = next(m for m in g.members if m.path.endswith("['Dense_0']['kernel']"))
   # flatten of (5, 5, C): channel is the fastest-varying factor
   np.testing.assert_array_equal(dense.units, np.tile(np.arange(4), 25))
 
@@ -91,7 +91,7 @@ def test_transformer_block_heads():
   v = jax.eval_shape(Block().init, jax.random.key(0), x)
   gs = jp.find_groups(Block().apply, v, x)
   assert sorted(g.size for g in gs) == [2, 12]  # heads, MLP hidden; d_model and head_dim pinned
-  heads = [g for g in gs if g.size == 2][0]
+  heads = next(g for g in gs if g.size == 2)
   a = "['params']['MultiHeadDotProductAttention_0']"
   assert members(heads) == sorted(
       [(f"{a}['{n}']['kernel']", 1) for n in ("query", "key", "value")]
@@ -115,8 +115,8 @@ def test_concatenate_segments():
   params = _concat_params(0)
   gs = jp.find_groups(_concat_model, params, jnp.ones((2, 4)))
   assert [g.size for g in gs] == [3, 5]
-  out_a = [m for m in gs[0].members if m.path == "['out']['w']"][0]
-  out_b = [m for m in gs[1].members if m.path == "['out']['w']"][0]
+  out_a = next(m for m in gs[0].members if m.path == "['out']['w']")
+  out_b = next(m for m in gs[1].members if m.path == "['out']['w']")
   np.testing.assert_array_equal(out_a.units, [0, 1, 2, -1, -1, -1, -1, -1])
   np.testing.assert_array_equal(out_b.units, [-1, -1, -1, 0, 1, 2, 3, 4])
 
@@ -232,7 +232,7 @@ def test_max_pool_passes_channels():
   v = jax.eval_shape(Pool().init, jax.random.key(0), x)
   (g,) = jp.find_groups(Pool().apply, v, x)
   assert g.size == 4
-  dense = [m for m in g.members if "Dense_0" in m.path][0]
+  dense = next(m for m in g.members if "Dense_0" in m.path)
   np.testing.assert_array_equal(dense.units, np.tile(np.arange(4), 4))
 
 

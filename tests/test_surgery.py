@@ -97,7 +97,7 @@ def test_mlp_linen():
 
 def test_cnn_batchnorm_residual_linen():
   x = np.random.default_rng(1).standard_normal((2, 5, 5, 3)).astype(np.float32)
-  v, gs, keep, small, masked, _ = prune_and_shrink(ResCNN(), x, 1)
+  _v, gs, keep, small, masked, _ = prune_and_shrink(ResCNN(), x, 1)
   assert len(gs) == 1 and int(keep[0].sum()) == 3
   assert small["batch_stats"]["BatchNorm_0"]["var"].shape == (3,)
   assert small["params"]["Dense_0"]["kernel"].shape == (75, 3)
@@ -108,7 +108,7 @@ def test_cnn_batchnorm_residual_linen():
 
 def test_transformer_block_linen():
   x = np.random.default_rng(1).standard_normal((2, 3, 8)).astype(np.float32)
-  v, gs, keep, small, masked, _ = prune_and_shrink(Block(), x, 2)
+  _v, _gs, keep, small, masked, _ = prune_and_shrink(Block(), x, 2)
   assert sorted(int(k.sum()) for k in keep) == [2, 6]
   att = jp.linen_features(small["params"])["MultiHeadDotProductAttention_0"]
   assert att == {"num_heads": 2, "qkv_features": 8, "out_features": 8}

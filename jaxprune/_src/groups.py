@@ -65,7 +65,9 @@ import jax
 import jax.extend
 import numpy as np
 
-__all__ = ["Member", "Group", "find_groups", "find_groups_nnx", "make_group", "SUPPORTED_PRIMITIVES"]
+__all__ = [
+    "SUPPORTED_PRIMITIVES", "Group", "Member", "find_groups", "find_groups_nnx", "make_group",
+]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -385,7 +387,7 @@ _CUMULATIVE = frozenset("cumsum cumprod cummax cummin cumlogsumexp".split())
 _PIN_ALL = frozenset("""gather scatter scatter-add scatter_add scatter-mul scatter_mul
 scatter-min scatter_min scatter-max scatter_max iota rng_bit_generator rng_uniform
 random_bits random_seed random_wrap random_unwrap random_split random_fold_in
-threefry2x32 erf_inv_p""".split())
+threefry2x32""".split())
 _IDENTITY_MULTI = frozenset("optimization_barrier device_put".split())
 _CALL_KEYS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 # Primitives whose sub-jaxpr is called once on the operands, in order.
