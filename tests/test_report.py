@@ -128,7 +128,7 @@ def test_conv_flops_match_xla(kw):
 
 
 def test_valid_conv_flops_formula():
-  f = lambda w, x: jax.lax.conv_general_dilated(  # noqa: E731
+  f = lambda w, x: jax.lax.conv_general_dilated(
       x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
   w, x = jnp.ones((3, 3, 2, 5)), jnp.ones((1, 8, 8, 2))
   assert report_lib.matmul_flops_by_leaf(f, w, x) == [2 * 6 * 6 * 5 * (3 * 3 * 2)]

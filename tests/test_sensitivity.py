@@ -4,12 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jaxprune as jp
-from jaxprune._src import allocation
-from jaxprune._src import distribution
+from jaxprune._src import allocation, distribution, presets
 from jaxprune._src import masks as masks_lib
-from jaxprune._src import presets
 from jaxprune._src import report as report_lib
 from jaxprune._src import sensitivity as sens_lib
 
@@ -59,8 +59,8 @@ def test_sensitivity_exact_and_traced_once(tmp_path):
 
 def test_sensitivity_score_fn_and_pytree_agree():
   params = sum_params()
-  metric = lambda p: jnp.sum(p["a"]["kernel"]) + jnp.sum(p["b"]["kernel"])  # noqa: E731
-  neg = lambda p: jax.tree.map(lambda x: -x, p)  # noqa: E731  (prunes the largest first)
+  metric = lambda p: jnp.sum(p["a"]["kernel"]) + jnp.sum(p["b"]["kernel"])
+  neg = lambda p: jax.tree.map(lambda x: -x, p)
   r1 = sens_lib.sensitivity_analysis(params, metric, [0.0, 0.5], scores=neg)
   r2 = sens_lib.sensitivity_analysis(params, metric, [0.0, 0.5], scores=neg(params))
   np.testing.assert_array_equal(r1.metrics, r2.metrics)
@@ -114,7 +114,7 @@ def mlp_setup():
   params = {"a": {"kernel": jnp.asarray(rng.normal(size=(8, 6)), jnp.float32)},
             "b": {"kernel": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)}}
   x = jnp.ones((3, 8))
-  apply = lambda p, x: (x @ p["a"]["kernel"]) @ p["b"]["kernel"]  # noqa: E731
+  apply = lambda p, x: (x @ p["a"]["kernel"]) @ p["b"]["kernel"]
   grid = np.array([0.0, 0.5, 1.0])
   sens = sens_lib.SensitivityResult((A, B_), (48, 24), grid,
                                     np.array([[1.0, 0.9, 0.5], [1.0, 0.95, 0.0]]), 1.0)
@@ -216,3 +216,29 @@ def test_cpu_preset_is_unstructured_and_unknown_preset():
   assert int((~masks["k"]).sum()) == 10
   with pytest.raises(ValueError, match="preset"):
     presets.hardware_mask(scores, "fpga")
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(1, 60), min_size=1, max_size=4), st.integers(0, 2**31 - 1),
+       st.floats(0.0, 1.0))
+def test_allocation_exact_property(sizes, seed, target):
+  rng = np.random.default_rng(seed)
+  params = {f"l{i}": jnp.zeros((n, 1)) for i, n in enumerate(sizes)}
+  grid = np.linspace(0.0, 1.0, 5)
+  damage = np.cumsum(rng.random((len(sizes), 5)), axis=1) * (grid > 0)  # any monotone shape
+  paths = tuple(f"['l{i}']" for i in range(len(sizes)))
+  sens = sens_lib.SensitivityResult(paths, tuple(sizes), grid, 1.0 - damage, 1.0)
+  alloc = allocation.allocate_sparsities(params, target, sensitivity=sens)
+  counts = [round(alloc[f"l{i}"] * n) for i, n in enumerate(sizes)]
+  assert all(0 <= k <= n for k, n in zip(counts, sizes))
+  assert sum(counts) == round(target * sum(sizes))
+  # flops-like budget with unequal per-entry costs: met, overshoot below one entry's cost
+  costs = rng.integers(1, 5, size=len(sizes)).astype(float)
+  rep = report_lib.Report(rows=tuple(
+      report_lib.LeafReport(p, (n, 1), "float32", True, n, n, 0.0, 4 * n, 0, 0, c * n, c * n)
+      for p, n, c in zip(paths, sizes, costs)), flops_dense=float(costs @ sizes),
+      flops_effective=float(costs @ sizes))
+  alloc = allocation.allocate_sparsities(params, target, sensitivity=sens, budget="flops",
+                                         report=rep)
+  saved = sum(round(alloc[f"l{i}"] * n) * c for i, (n, c) in enumerate(zip(sizes, costs)))
+  assert target * rep.flops_dense - 1e-6 <= saved < target * rep.flops_dense + costs.max()

@@ -25,6 +25,7 @@ References:
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Callable, Optional
 
@@ -98,7 +99,7 @@ def _solve(curves: list[tuple[np.ndarray, np.ndarray]], sizes: list[int], costs:
     finite = np.isfinite(dmg)
     counts, dmg = counts[finite], dmg[finite]
     hull = _lower_hull(counts, dmg)
-    for a, b in zip(hull[:-1], hull[1:]):
+    for a, b in itertools.pairwise(hull):
       slope = (dmg[b] - dmg[a]) / ((counts[b] - counts[a]) * costs[l])
       segments.append((slope, l, counts[a], counts[b]))
   segments.sort(key=lambda t: (t[0], t[1]))

@@ -26,7 +26,6 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.extend.core as jex_core
-import jax.numpy as jnp
 import numpy as np
 
 from jaxprune._src import tree as tree_lib
@@ -155,7 +154,7 @@ class Report(NamedTuple):
              "" if self.flops_dense is None else f"{self.flops_dense / 1e6:.4g}",
              "" if self.flops_effective is None else f"{self.flops_effective / 1e6:.4g}")
     widths = [max(len(row[i]) for row in [header, total, *lines]) for i in range(len(header))]
-    fmt = lambda row: "  ".join(  # noqa: E731
+    fmt = lambda row: "  ".join(
         c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
     rule = "-" * len(fmt(header))
     parts = [fmt(header), rule, *map(fmt, lines), rule, fmt(total)]
