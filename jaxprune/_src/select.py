@@ -16,6 +16,7 @@ pruned is exactly k, jitted or not, on one device or sharded.
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Callable, Optional, Sequence, Union
 
@@ -210,7 +211,14 @@ def prune_lowest(scores: Sequence[Array], k: Union[int, Array], *,
   k = jnp.asarray(k, jnp.int32)
   if reduce_counts is None:
     k = jnp.clip(k, 0, total)
+  # One compiled program per structure: eager callers (one-shot pruning outside jit) would
+  # otherwise re-trace the tie-break `cond` on every call. Inside an outer jit this inlines.
+  return _prune_lowest_compiled(keys, k, list(positions), reduce_counts)
 
+
+@functools.partial(jax.jit, static_argnums=3)
+def _prune_lowest_compiled(keys: list[Array], k: Array, positions: list[Array],
+                           reduce_counts: Optional[CountReducer]) -> list[Array]:
   t, less, equal = kth_smallest(keys, jnp.maximum(k, 1), reduce_counts=reduce_counts)
   ties_pruned = k - less  # in [1, equal] when k >= 1
 
