@@ -260,3 +260,26 @@ def test_make_group_manual_override():
     jp.make_group(params, [("['nope']", 0)])
   with pytest.raises(ValueError, match="on_unsupported"):
     jp.find_groups(_concat_model, params, jnp.ones((2, 4)), on_unsupported="ignore")
+
+
+def test_scanned_layers_pruned_alike():
+  # residual MLP blocks stacked along a leading layer axis and applied with lax.scan
+  rng = np.random.default_rng(0)
+  p = {"w1": rng.standard_normal((3, 4, 6)).astype(np.float32),
+       "b1": rng.standard_normal((3, 6)).astype(np.float32),
+       "w2": rng.standard_normal((3, 6, 4)).astype(np.float32)}
+
+  def f(p, x):
+    def layer(h, w):
+      return h + jax.nn.relu(h @ w["w1"] + w["b1"]) @ w["w2"], None
+    return jax.lax.scan(layer, x, p)[0]
+
+  x = rng.standard_normal((2, 4)).astype(np.float32)
+  (g,) = jp.find_groups(f, p, x)
+  assert g.size == 6 and members(g) == [("['b1']", 1), ("['w1']", 2), ("['w2']", 1)]
+  keep = [np.array([True, False, True, True, False, False])]
+  small = jp.shrink(p, [g], keep)
+  assert small["w1"].shape == (3, 4, 3) and small["w2"].shape == (3, 3, 4)
+  fj = jax.jit(f)
+  np.testing.assert_allclose(fj(small, x), fj(jp.apply_group_masks(p, [g], keep), x),
+                             atol=1e-5, rtol=0)

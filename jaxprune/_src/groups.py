@@ -657,7 +657,9 @@ class _Tracer:
       for labs in L[nc + ncar:]:
         g.mark(labs[0], "pin", "scanned-over axis")
         xs.append(labs[1:])
-      res = self.call(body, L[:nc] + L[nc:nc + ncar] + xs, D[:nc] + [any(D)] * (len(L) - nc))
+      # a carry may become data-dependent in a later iteration: assume it is
+      res = self.call(body, L[:nc] + L[nc:nc + ncar] + xs,
+                      D[:nc] + [any(D)] * ncar + D[nc + ncar:])
       # the body runs on its own output carry: couple carry in and out (one
       # pass suffices, the body's couplings are the same every iteration)
       for a, b in zip(L[nc:nc + ncar], res[:ncar]):
