@@ -242,3 +242,15 @@ def test_allocation_exact_property(sizes, seed, target):
                                          report=rep)
   saved = sum(round(alloc[f"l{i}"] * n) * c for i, (n, c) in enumerate(zip(sizes, costs)))
   assert target * rep.flops_dense - 1e-6 <= saved < target * rep.flops_dense + costs.max()
+
+
+def test_allocation_feeds_prune_transform():
+  import optax
+  params = sum_params()
+  alloc = allocation.allocate_sparsities(params, 0.6, sensitivity=synthetic())
+  tx = optax.chain(optax.sgd(0.0), jp.prune(0.6, distribution=lambda target, p: alloc))
+  state = tx.init(params)
+  updates, state = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), state, params)
+  new = optax.apply_updates(params, updates)
+  assert int((new["a"]["kernel"] == 0).sum()) == 15 and int((new["b"]["kernel"] == 0).sum()) == 6
+  assert allocation.as_overrides(alloc) == {A: 0.75, B_: 0.4}
