@@ -66,7 +66,6 @@ from jaxprune._src.distill import distillation_loss as distillation_loss
 from jaxprune._src.export import compact as compact
 from jaxprune._src.export import compact_bytes as compact_bytes
 from jaxprune._src.export import densify as densify
-from jaxprune._src.export import find_masks as find_masks
 from jaxprune._src.export import load_compressed as load_compressed
 from jaxprune._src.export import save_compressed as save_compressed
 from jaxprune._src.export import sparse_matmul as sparse_matmul
@@ -82,6 +81,7 @@ from jaxprune._src.quantize import quantize_array as quantize_array
 from jaxprune._src.report import LeafReport as LeafReport
 from jaxprune._src.report import Report as Report
 from jaxprune._src.report import log_name as log_name
+from jaxprune._src.report import find_masks as find_masks
 from jaxprune._src.report import matmul_flops_by_leaf as matmul_flops_by_leaf
 from jaxprune._src.report import report as report
 from jaxprune._src.report import xla_flops as xla_flops

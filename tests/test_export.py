@@ -65,7 +65,9 @@ def test_strip_from_prune_transform_state():
     updates, state = update(grads, state, params)
     params = optax.apply_updates(params, updates)
   stripped = export.strip(params, state)
-  masks = export.find_masks(state, params)
+  masks = report_lib.find_masks(state, params)
+  r = report_lib.report(params, masks=state)  # the report reads the masks from the state too
+  assert r.sparsity == pytest.approx(400 / (512 + 288))
   jax.tree.map(lambda s, m: np.testing.assert_array_equal(np.asarray(s)[~np.asarray(m)], 0),
                stripped, masks)
   assert int((~masks["dense"]["kernel"]).sum()) == 256 and int((~masks["conv"]).sum()) == 144

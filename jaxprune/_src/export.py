@@ -44,38 +44,13 @@ def _is_sparse(x: Any) -> bool:
   return isinstance(x, (sparse.BCSR, sparse.BCOO))
 
 
-def find_masks(state: Any, params: PyTree) -> PyTree:
-  """Finds the mask pytree held in an optimizer state.
-
-  Any node of ``state`` (a chain tuple, a ``NamedTuple`` state, an ``inject_hyperparams`` or
-  ``MultiSteps`` wrapper, ...) with a ``masks`` attribute whose tree structure is that of
-  ``params`` qualifies; the first one in traversal order is returned.
-
-  Args:
-    state: an optax state (or any pytree) that contains a state with a ``masks`` field.
-    params: the parameters the masks belong to.
-
-  Returns:
-    The bool mask pytree.
-  """
-  target = jax.tree.structure(params)
-  nodes = jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "masks"))
-  found = [n.masks for n in nodes if hasattr(n, "masks")]
-  for m in found:
-    if jax.tree.structure(m) == target:
-      return m
-  raise ValueError(
-      "state: expected an optimizer state containing a `masks` field with the structure of "
-      f"params ({target.num_leaves} leaves); found {len(found)} `masks` field(s), none matching.")
-
-
 def strip(params: PyTree, masks_or_state: Optional[Any] = None) -> PyTree:
   """Dense parameters with exact zeros where pruned, same tree, masks gone.
 
   Args:
     params: parameter pytree.
     masks_or_state: bool masks with the structure of ``params``, or an optax state holding them
-      (see `find_masks`), or None when ``params`` already hold their zeros.
+      (see `jaxprune.find_masks`), or None when ``params`` already hold their zeros.
 
   Returns:
     A pytree with the structure, shapes and dtypes of ``params``.
@@ -85,7 +60,7 @@ def strip(params: PyTree, masks_or_state: Optional[Any] = None) -> PyTree:
   if jax.tree.structure(masks_or_state) == jax.tree.structure(params):
     masks = masks_or_state
   else:
-    masks = find_masks(masks_or_state, params)
+    masks = report_lib.find_masks(masks_or_state, params)
   return masks_lib.apply_masks(params, masks)
 
 

@@ -306,6 +306,38 @@ def leaf_bytes(shape: Sequence[int], itemsize: int, kept: int) -> tuple[int, int
   return dense, bitmask, csr
 
 
+def _holds_masks(tree: Any) -> bool:
+  return any(hasattr(n, "masks") for n in jax.tree.leaves(tree, is_leaf=_has_masks))
+
+
+def _has_masks(x: Any) -> bool:
+  return hasattr(x, "masks")
+
+
+def find_masks(state: Any, params: PyTree) -> PyTree:
+  """Finds the mask pytree held in an optimizer state.
+
+  Any node of ``state`` (a chain tuple, a ``NamedTuple`` state, an ``inject_hyperparams`` or
+  ``MultiSteps`` wrapper, ...) with a ``masks`` attribute whose tree structure is that of
+  ``params`` qualifies; the first one in traversal order is returned.
+
+  Args:
+    state: an optax state (or any pytree) that contains a state with a ``masks`` field.
+    params: the parameters the masks belong to.
+
+  Returns:
+    The bool mask pytree.
+  """
+  target = jax.tree.structure(params)
+  found = [n.masks for n in jax.tree.leaves(state, is_leaf=_has_masks) if _has_masks(n)]
+  for m in found:
+    if jax.tree.structure(m) == target:
+      return m
+  raise ValueError(
+      "state: expected an optimizer state containing a `masks` field with the structure of "
+      f"params ({target.num_leaves} leaves); found {len(found)} `masks` field(s), none matching.")
+
+
 def report(params: PyTree, *, masks: Optional[PyTree] = None,
            prunable: tree_lib.Prunable = None,
            apply_fn: Optional[Callable[..., Any]] = None,
@@ -314,8 +346,9 @@ def report(params: PyTree, *, masks: Optional[PyTree] = None,
 
   Args:
     params: parameter pytree (concrete arrays).
-    masks: optional bool masks with the structure of ``params`` (True = keep). When given, a
-      prunable leaf's ``kept`` is its mask count; otherwise its number of nonzero entries.
+    masks: optional bool masks with the structure of ``params`` (True = keep), or an optax
+      state holding them (see `find_masks`). When given, a prunable leaf's ``kept`` is its mask
+      count; otherwise its number of nonzero entries.
     prunable: which leaves are prunable (None: floating, ``ndim >= 2``; a predicate
       ``(path, leaf) -> bool``; or a pytree of bools). Non-prunable leaves count as fully kept
       and stored dense.
@@ -326,6 +359,8 @@ def report(params: PyTree, *, masks: Optional[PyTree] = None,
     A `Report`; see the module docstring for the byte and FLOP formulas.
   """
   if masks is not None:
+    if jax.tree.structure(masks) != jax.tree.structure(params) and _holds_masks(masks):
+      masks = find_masks(masks, params)
     tree_lib.check_same_structure(params, masks, "params", "masks")
   flags = jax.tree.leaves(tree_lib.prunable_flags(params, prunable))
   with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
