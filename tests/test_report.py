@@ -111,6 +111,24 @@ def test_flops_attributed_through_casts_scan_and_jit():
   assert flops == [2 * (2 * 3 * 6 * 6)]
 
 
+def test_flops_attributed_through_while_and_cond():
+  p = {"lim": jnp.ones(3), "w": jnp.ones((6, 6))}
+  x = jnp.ones((2, 6))
+
+  def loop(p, x):
+    def body(c):
+      return c[0] + 1, jnp.tanh(c[1] @ p["w"])
+    # the cond reads a param too, so cond consts shift the body's operands
+    return jax.lax.while_loop(lambda c: c[0] < jnp.sum(p["lim"]), body, (0.0, x))[1]
+
+  assert report_lib.matmul_flops_by_leaf(loop, p, x) == [0.0, 2 * 2 * 6 * 6]  # body once
+
+  def branch(p, x):
+    return jax.lax.cond(x[0, 0] > 0, lambda: x @ p["w"], lambda: jnp.tanh(x) @ p["w"])
+
+  assert report_lib.matmul_flops_by_leaf(branch, p, x) == [0.0, 2 * 2 * 6 * 6]  # one branch
+
+
 @pytest.mark.parametrize("kw", [
     dict(window_strides=(1, 1), padding="SAME"),
     dict(window_strides=(2, 1), padding=[(1, 2), (0, 1)], lhs_dilation=(1, 2),

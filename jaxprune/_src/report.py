@@ -12,7 +12,8 @@ them):
 FLOPs. ``flops/dense`` is XLA's own count (``jax.jit(apply_fn).lower(...).compile()
 .cost_analysis()['flops']``). The effective count is derived from the jaxpr of ``apply_fn``: each
 ``dot_general`` / ``conv_general_dilated`` whose weight operand is a parameter leaf (possibly cast,
-reshaped or transposed, possibly inside ``pjit`` / ``scan`` / ``remat`` / custom-derivative calls)
+reshaped or transposed, possibly inside ``pjit`` / ``scan`` / ``while`` / ``cond`` / ``remat`` /
+custom-derivative calls; ``scan`` bodies count ``length`` times, ``while`` bodies once, like XLA)
 is counted analytically (``2 * out_size * contraction_size``) and scaled by that leaf's density
 ``kept / count``; ``flops/effective = flops/dense - sum(leaf_flops * (1 - density))``. A sparse
 kernel skips the multiply-adds of its zero weights, which is what this models; it is an upper
@@ -189,7 +190,7 @@ def xla_flops(apply_fn: Callable[..., Any], *args: Any) -> float:
 # Primitives that move or cast elements without changing which ones are zero: a weight that
 # passes through them is still "the same weight" for density purposes.
 _PASS_THROUGH = frozenset({
-    "convert_element_type", "reshape", "transpose", "copy", "copy_p", "squeeze", "expand_dims",
+    "convert_element_type", "reshape", "transpose", "copy", "squeeze", "expand_dims",
     "sharding_constraint", "reduce_precision", "optimization_barrier",
 })
 
@@ -231,19 +232,30 @@ def _conv_flops(eqn) -> float:
 
 
 def _sub_jaxprs(eqn) -> list[tuple[Any, Optional[list[Any]], float]]:
-  """(jaxpr, outer vars bound to its invars or None, trip multiplier) for higher-order eqns."""
+  """(jaxpr, outer vars bound to its invars or None, trip multiplier) for higher-order eqns.
+
+  ``scan`` bodies count ``length`` times; ``while`` bodies once (the trip count is unknown at
+  trace time, and XLA's cost analysis counts them once as well).
+  """
+  name = eqn.primitive.name
+  invars = list(eqn.invars)
+  if name == "while":
+    nc, nb = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
+    carry = invars[nc + nb:]
+    return [(eqn.params["cond_jaxpr"].jaxpr, invars[:nc] + carry, 1.0),
+            (eqn.params["body_jaxpr"].jaxpr, invars[nc:], 1.0)]
   out = []
-  mult = float(eqn.params.get("length", 1)) if eqn.primitive.name == "scan" else 1.0
+  mult = float(eqn.params.get("length", 1)) if name == "scan" else 1.0
   for value in eqn.params.values():
     candidates = value if isinstance(value, (tuple, list)) else (value,)
     for c in candidates:
       jaxpr = getattr(c, "jaxpr", c)  # ClosedJaxpr -> Jaxpr
       if not isinstance(jaxpr, jex_core.Jaxpr):
         continue
-      if len(jaxpr.invars) == len(eqn.invars):
-        binding = list(eqn.invars)
-      elif eqn.primitive.name == "cond" and len(jaxpr.invars) == len(eqn.invars) - 1:
-        binding = list(eqn.invars[1:])  # the branch index is not passed to branches
+      if len(jaxpr.invars) == len(invars):
+        binding = invars
+      elif name == "cond" and len(jaxpr.invars) == len(invars) - 1:
+        binding = invars[1:]  # the branch index is not passed to branches
       else:
         binding = None
       out.append((jaxpr, binding, mult))
@@ -264,13 +276,20 @@ def _walk(jaxpr, origin: dict, mult: float, acc: dict[int, float]) -> None:
         flops = _dot_flops(eqn) if name == "dot_general" else _conv_flops(eqn)
         acc[leaf] = acc.get(leaf, 0.0) + mult * flops
     else:
+      per_sub = []
       for sub, binding, m in _sub_jaxprs(eqn):
         inner = {}
         if binding is not None:
           for outer, inner_var in zip(binding, sub.invars):
             if isinstance(outer, jex_core.Var) and outer in origin:
               inner[inner_var] = origin[outer]
-        _walk(sub, inner, mult * m, acc)
+        sub_acc: dict[int, float] = {}
+        _walk(sub, inner, mult * m, sub_acc)
+        per_sub.append(sub_acc)
+      # Only one branch of a cond runs: take the costliest per leaf instead of the sum.
+      merge = max if name == "cond" else sum
+      for leaf in {k for d in per_sub for k in d}:
+        acc[leaf] = acc.get(leaf, 0.0) + merge(d.get(leaf, 0.0) for d in per_sub)
 
 
 def matmul_flops_by_leaf(apply_fn: Callable[..., Any], params: PyTree,
