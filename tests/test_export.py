@@ -156,3 +156,22 @@ def test_checkpoint_like_mismatch(tmp_path):
   bad = {**params, "conv": jnp.zeros((3, 3, 4, 9))}
   with pytest.raises(ValueError, match=r"\['conv'\]"):
     export.load_compressed(tmp_path / "c.npz", like=bad)
+
+
+def test_quantized_checkpoint_roundtrip_and_size(tmp_path):
+  from jaxprune._src import quantize as q_lib
+  rng = np.random.default_rng(5)
+  w = rng.normal(size=(128, 64)) * (rng.random((128, 64)) > 0.8)
+  params = {"conv": make_params(0.8)["conv"], "dense": {"kernel": jnp.asarray(w, jnp.float32)}}
+  qparams = q_lib.quantize(params)
+  f32_size = export.save_compressed(tmp_path / "f.npz", params)
+  q_size = export.save_compressed(tmp_path / "q.npz", qparams)
+  kept = int(np.count_nonzero(w)) + int(np.count_nonzero(np.asarray(params["conv"])))
+  # 4-byte values became 1-byte ones; scales and two more npz entries per leaf cost < 1 KiB.
+  assert 3 * kept - 1024 < f32_size - q_size <= 3 * kept
+  loaded = export.load_compressed(tmp_path / "q.npz", like=qparams)
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(qparams)):
+    np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+  assert isinstance(loaded["dense"]["kernel"], q_lib.QuantizedArray)
+  flat = export.load_compressed(tmp_path / "q.npz")
+  assert isinstance(flat["['conv']"], q_lib.QuantizedArray)

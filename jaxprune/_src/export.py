@@ -23,6 +23,7 @@ import numpy as np
 from jax.experimental import sparse
 
 from jaxprune._src import masks as masks_lib
+from jaxprune._src import quantize as quantize_lib
 from jaxprune._src import report as report_lib
 from jaxprune._src import tree as tree_lib
 
@@ -38,6 +39,10 @@ _FROMDENSE = {
     for cls in (sparse.BCSR, sparse.BCOO)
 }
 _TODENSE = jax.jit(lambda x: x.todense())
+
+
+def _is_quantized(x: Any) -> bool:
+  return isinstance(x, quantize_lib.QuantizedArray)
 
 
 def _is_sparse(x: Any) -> bool:
@@ -153,30 +158,41 @@ def save_compressed(path: Union[str, os.PathLike], params: PyTree,
 
   Each prunable leaf whose bitmask form is smaller than its dense form is stored as the kept
   values (row-major) plus ``np.packbits`` of its mask (True = kept; from ``masks`` or, without
-  masks, its nonzero entries); every other leaf is stored dense. The archive is not
-  zip-compressed, so its size tracks the bitmask byte count of `jaxprune.report` plus a fixed
-  per-entry overhead.
+  masks, its nonzero entries); every other leaf is stored dense. `jaxprune.quantize`d leaves
+  (`QuantizedArray`) are stored the same way with int8 values, plus their float32 scales, so
+  pruning and quantization compound. The archive is not zip-compressed, so its size tracks the
+  bitmask byte count of `jaxprune.report` plus a fixed per-entry overhead.
 
   Args:
     path: file path (``.npz`` is appended by numpy when missing).
-    params: parameter pytree (concrete arrays).
-    masks: optional bool masks (True = keep); pruned entries are not stored.
-    prunable: which leaves may be stored sparse.
+    params: parameter pytree (concrete arrays), possibly with `QuantizedArray` leaves.
+    masks: optional bool masks (True = keep; one per array or per `QuantizedArray`); pruned
+      entries are not stored.
+    prunable: which float leaves may be stored sparse (quantized leaves always may).
 
   Returns:
     Bytes of the written file.
   """
+  with_paths = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_quantized)[0]
+  # The same tree with each quantized leaf replaced by its int8 values: masks and the prunable
+  # rule refer to it.
+  plain = jax.tree.map(lambda x: x.values if _is_quantized(x) else x, params,
+                       is_leaf=_is_quantized)
   if masks is not None:
-    tree_lib.check_same_structure(params, masks, "params", "masks")
-  flags = jax.tree.leaves(tree_lib.prunable_flags(params, prunable))
-  with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
+    tree_lib.check_same_structure(plain, masks, "params", "masks")
+  flags = jax.tree.leaves(tree_lib.prunable_flags(plain, prunable))
   mask_leaves = jax.tree.leaves(masks) if masks is not None else [None] * len(with_paths)
   arrays: dict[str, np.ndarray] = {}
   meta = []
   for i, ((p, leaf), flag, mask) in enumerate(zip(with_paths, flags, mask_leaves)):
-    x = np.asarray(leaf)
+    quantized = _is_quantized(leaf)
+    x = np.asarray(leaf.values if quantized else leaf)
     entry = {"path": tree_lib.path_str(p), "shape": list(x.shape), "dtype": x.dtype.name}
-    keep = (np.asarray(mask, bool) if mask is not None else x != 0) if flag else None
+    if quantized:
+      scale = np.asarray(leaf.scale, np.float32)
+      entry["scale_shape"] = list(scale.shape)
+      arrays[f"{i}.scale"] = _raw(scale)
+    keep = (np.asarray(mask, bool) if mask is not None else x != 0) if flag or quantized else None
     if keep is not None:
       kept = int(np.count_nonzero(keep))
       _, bitmask, _ = report_lib.leaf_bytes(x.shape, x.dtype.itemsize, kept)
@@ -206,7 +222,8 @@ def load_compressed(path: Union[str, os.PathLike], like: Optional[PyTree] = None
       read. Without it, a ``{path string: array}`` dict is returned.
 
   Returns:
-    The parameters, pruned entries as (+0) zeros, kept entries bitwise as saved.
+    The parameters, pruned entries as (+0) zeros, kept entries bitwise as saved; quantized
+    leaves come back as `QuantizedArray`.
   """
   with np.load(os.fspath(path), allow_pickle=False) as f:
     header = json.loads(f["__meta__"].tobytes().decode())
@@ -225,10 +242,14 @@ def load_compressed(path: Union[str, os.PathLike], like: Optional[PyTree] = None
         x = x.reshape(shape)
       else:
         x = f[f"{i}.dense"].view(dtype).reshape(shape)
-      out[entry["path"]] = jnp.asarray(x)
+      x = jnp.asarray(x)
+      if "scale_shape" in entry:
+        scale = f[f"{i}.scale"].view(np.float32).reshape(entry["scale_shape"])
+        x = quantize_lib.QuantizedArray(values=x, scale=jnp.asarray(scale))
+      out[entry["path"]] = x
   if like is None:
     return out
-  with_paths, treedef = jax.tree_util.tree_flatten_with_path(like)
+  with_paths, treedef = jax.tree_util.tree_flatten_with_path(like, is_leaf=_is_quantized)
   paths = [tree_lib.path_str(p) for p, _ in with_paths]
   missing = [p for p in paths if p not in out]
   if missing or len(paths) != len(out):
@@ -238,7 +259,9 @@ def load_compressed(path: Union[str, os.PathLike], like: Optional[PyTree] = None
         + (f"leaf {missing[0]} is not in the checkpoint" if missing
            else f"checkpoint leaf {extra[0]} is not in like") + ".")
   for p, (_, leaf) in zip(paths, with_paths):
-    if tuple(np.shape(leaf)) != tuple(out[p].shape):
-      raise ValueError(f"like: leaf {p} has shape {np.shape(leaf)}, the checkpoint has "
-                       f"{tuple(out[p].shape)}.")
+    got = out[p].values.shape if _is_quantized(out[p]) else out[p].shape
+    want = leaf.values.shape if _is_quantized(leaf) else np.shape(leaf)
+    if tuple(want) != tuple(got):
+      raise ValueError(f"like: leaf {p} has shape {tuple(want)}, the checkpoint has "
+                       f"{tuple(got)}.")
   return jax.tree.unflatten(treedef, [out[p] for p in paths])
