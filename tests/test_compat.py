@@ -195,7 +195,7 @@ def test_plain_and_dataclass_pytrees():
   params = {"list": [w, b, {"x": w2}], "tuple": (w, (b, w2)), "chex": _ChexParams(w=w, b=b),
             "dataclass": _DataclassParams(w=w, extra=[b, w2])}
   tx = optax.chain(optax.sgd(0.1), prune(0.5))
-  new, state = _run(tx, params, 3)
+  new, _ = _run(tx, params, 3)
   assert jax.tree.structure(new) == jax.tree.structure(params)
   for kind in params:
     assert jax.tree.structure(new[kind]) == jax.tree.structure(params[kind])

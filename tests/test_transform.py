@@ -133,7 +133,8 @@ def test_jit_equals_no_jit():
   for update in (jax.jit(tx.update), tx.update):
     params, state, outs = _params(), tx.init(_params()), []
     for t in range(3):  # mask updates at counts 1 and 2
-      g = jax.tree.map(lambda x: jnp.asarray(np.cos(np.asarray(x) * 3 + t), jnp.float32), params)
+      g = jax.tree.map(lambda x, t=t: jnp.asarray(np.cos(np.asarray(x) * 3 + t), jnp.float32),
+                       params)
       u, state = update(g, state, params, grads=g)  # the alias of grad=
       params = jax.tree.map(lambda p, d: np.asarray(p) + np.asarray(d), params, u)
       outs.append((u, state))
@@ -281,7 +282,7 @@ def test_iterative_and_decreasing_schedule_stay_monotone():
   p0 = _params()
   sched = schedules.iterative_schedule(0.5, every=2, rounds=3)
   tx = optax.chain(optax.sgd(0.05), prune(sched))
-  params, _, history = _run(tx, p0, 6, record=True)
+  _, _, history = _run(tx, p0, 6, record=True)
   counts = [int(jnp.sum(~m["dense1"]["kernel"])) for _, m in history]
   assert counts == [300, 300, 450, 450, 525, 525]  # 1 - 0.5**r of 600
   down = prune(lambda t: jnp.where(t < 1, 0.6, 0.2))

@@ -332,7 +332,10 @@ def prune(schedule: ScheduleLike,
     changed = target != state.target
     for new, old in zip(override_targets, state.override_targets):
       changed = changed | (new != old)
-    key, sub = jax.random.split(state.key)
+    if score in ("random",) + _HESSIAN_SCORES:
+      key, sub = jax.random.split(state.key)
+    else:  # deterministic scores: skip the per-step split (a few µs on small models)
+      key, sub = state.key, state.key
 
     hess_sum, hess_steps, hess_mean = state.hess_sum, state.hess_steps, None
     if accumulate:
