@@ -94,7 +94,8 @@ def hessian_diag(loss_fn: Callable[..., Array], params: PyTree, *args: Any, key:
   ``Σ_{j≠i} H_ij²``, lower than with Gaussian probes. ``Hv`` is a forward-over-reverse product.
   The gradient is linearized once (`jax.linearize`) and the probes run through the linear map in
   a `lax.scan`, so each probe costs one tangent pass rather than a full HVP and the compiled
-  program does not grow with ``num_probes``. Products accumulate in float32 (bf16 params work).
+  program does not grow with ``num_probes``; each random uint32 supplies the signs of 32 probes.
+  Products accumulate in float32 (bf16 params work).
 
   Args:
     loss_fn: scalar function ``loss_fn(params, *args)``.
@@ -118,16 +119,27 @@ def hessian_diag(loss_fn: Callable[..., Array], params: PyTree, *args: Any, key:
   _, hvp = jax.linearize(grad_fn, params)
   leaves, treedef = jax.tree.flatten(params)
 
-  def one_probe(acc, probe_key):
-    keys = jax.random.split(probe_key, len(leaves))
-    v = [jax.random.rademacher(k, jnp.shape(x), jnp.float32).astype(jnp.asarray(x).dtype)
-         for k, x in zip(keys, leaves)]
-    hv = jax.tree.leaves(hvp(jax.tree.unflatten(treedef, v)))
-    return [a + vi.astype(jnp.float32) * h.astype(jnp.float32)
-            for a, vi, h in zip(acc, v, hv)], None
+  def word_probes(acc, word_key, num_bits):
+    # One uint32 per entry yields 32 independent Rademacher probes (one per bit): drawing each
+    # probe with `jax.random.rademacher` cost 1.5 gradients per probe on a 1.9M-param MLP.
+    bits = [jax.random.bits(jax.random.fold_in(word_key, i), jnp.shape(x), jnp.uint32)
+            for i, x in enumerate(leaves)]
 
-  acc0 = [jnp.zeros(jnp.shape(x), jnp.float32) for x in leaves]
-  acc, _ = lax.scan(one_probe, acc0, jax.random.split(key, num_probes))
+    def one_probe(acc, bit):
+      signs = [1.0 - 2.0 * ((b >> bit) & 1).astype(jnp.float32) for b in bits]
+      v = [sg.astype(jnp.asarray(x).dtype) for sg, x in zip(signs, leaves)]
+      hv = jax.tree.leaves(hvp(jax.tree.unflatten(treedef, v)))
+      return [a + sg * h.astype(jnp.float32) for a, sg, h in zip(acc, signs, hv)], None
+
+    return lax.scan(one_probe, acc, jnp.arange(num_bits, dtype=jnp.uint32))[0]
+
+  full_words, rest = divmod(num_probes, 32)
+  word_keys = jax.random.split(key, full_words + 1)
+  acc = [jnp.zeros(jnp.shape(x), jnp.float32) for x in leaves]
+  if full_words:
+    acc = lax.scan(lambda a, k: (word_probes(a, k, 32), None), acc, word_keys[:full_words])[0]
+  if rest:
+    acc = word_probes(acc, word_keys[full_words], rest)
   return jax.tree.unflatten(treedef, [a / num_probes for a in acc])
 
 
