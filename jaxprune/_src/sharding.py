@@ -1,0 +1,387 @@
+"""Masks and Hessian estimates for parameters sharded over a device mesh, without gathering them.
+
+`sharded_unstructured_mask` is `unstructured_mask` for parameters laid out by `NamedSharding`
+on a `Mesh`. It runs the same sort-free radix select (`jaxprune._src.select`) inside
+`jax.shard_map`: every device builds the 2¹⁶-bin histograms of its own block, the histograms are
+combined with a `psum` (2¹⁶ int32 per pass, whatever the parameter size), and every device derives
+the same threshold from the combined counts. Each block carries the *global* row-major positions
+of its entries, so the tie rule (later leaf, then later row-major index, pruned first) is
+the unsharded one and the masks are bit-identical to `unstructured_mask` on the gathered
+arrays, NaN and ties included. No parameter or score vector is ever all-gathered; the masks
+come back with the scores' sharding.
+
+Under plain `jax.jit` with GSPMD (``Auto`` mesh axes), `unstructured_mask` on sharded inputs is
+correct but XLA all-gathers full-size key and mask arrays around the histogram scatter; with
+``Explicit`` mesh axes (the default of `jax.make_mesh` in recent JAX) its flattening reshape is
+rejected. Use the sharded variant for sharded parameters.
+
+`data_parallel_hessian_diag` averages the Hutchinson estimate over the batch shards of a
+data-parallel mesh (a `pmean` of the per-shard ``v ⊙ Hv``), so every replica prunes with the same
+global curvature.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from jaxprune._src import masks as masks_lib
+from jaxprune._src import scores as scores_lib
+from jaxprune._src import select
+from jaxprune._src import tree as tree_lib
+
+Array = jax.Array
+PyTree = Any
+AnyMesh = Union[Mesh, jax.sharding.AbstractMesh]
+Specs = Union[None, PartitionSpec, NamedSharding, PyTree]
+
+_MAX_COUNT = 2**31 - 1  # histogram counts are int32
+
+
+def _is_spec_leaf(x: Any) -> bool:
+  return x is None or isinstance(x, (PartitionSpec, NamedSharding))
+
+
+def _axis_names(entry: Any) -> tuple[str, ...]:
+  """Mesh axis names of one PartitionSpec entry (None, a name, or a tuple of names)."""
+  if entry is None:
+    return ()
+  if isinstance(entry, (tuple, list)):
+    return tuple(entry)
+  return (entry,)
+
+
+def _mesh_of(leaves: Sequence[Any], specs: Sequence[Any]) -> Optional[AnyMesh]:
+  """The mesh named by a NamedSharding among the specs or the concrete leaves, if any."""
+  for s in specs:
+    if isinstance(s, NamedSharding):
+      return s.mesh
+  for x in leaves:
+    sharding = getattr(x, "sharding", None) if not isinstance(x, jax.core.Tracer) else None
+    if isinstance(sharding, NamedSharding):
+      return sharding.mesh
+  current = jax.sharding.get_abstract_mesh()
+  return None if current.empty else current
+
+
+def _all_explicit(mesh: AnyMesh) -> bool:
+  return all(t == AxisType.Explicit for t in mesh.axis_types)
+
+
+def _leaf_spec(x: Any, path: str, mesh: AnyMesh) -> PartitionSpec:
+  """Infers the PartitionSpec of one leaf from its sharding (concrete) or its type (traced)."""
+  if isinstance(x, jax.core.Tracer):
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    # Under Auto axes a tracer's type says nothing about its layout (it reads as replicated);
+    # guessing would make shard_map all-gather the leaf, the very thing this module avoids.
+    if not _all_explicit(mesh) or not isinstance(sharding, NamedSharding):
+      raise ValueError(
+          f"specs: the sharding of leaf {path} cannot be read from a traced value under jit with "
+          f"{tuple(str(t) for t in mesh.axis_types)} mesh axes; expected specs= (a PartitionSpec "
+          "or NamedSharding per leaf, or a prefix pytree of them), got None.")
+    return sharding.spec
+  sharding = getattr(x, "sharding", None)
+  if isinstance(sharding, NamedSharding):
+    if tuple(sharding.mesh.axis_names) != tuple(mesh.axis_names) or (
+        dict(sharding.mesh.shape) != dict(mesh.shape)):
+      raise ValueError(f"mesh: leaf {path} is sharded on a mesh with axes "
+                       f"{dict(sharding.mesh.shape)}, expected the mesh {dict(mesh.shape)}.")
+    return sharding.spec
+  return PartitionSpec()  # numpy / single-device arrays: every device holds the whole leaf
+
+
+def resolve_specs(tree: PyTree, mesh: Optional[AnyMesh] = None,
+                  specs: Specs = None) -> tuple[AnyMesh, PyTree]:
+  """The mesh and one `PartitionSpec` per leaf of ``tree``, checked against the mesh.
+
+  Args:
+    tree: pytree of arrays (concrete or traced).
+    mesh: the device mesh; None takes it from a `NamedSharding` in ``specs`` or on a concrete
+      leaf, else from the mesh set by `jax.set_mesh`.
+    specs: None to read each leaf's sharding (concrete arrays; traced ones only with ``Explicit``
+      mesh axes), or a `PartitionSpec` / `NamedSharding` for every leaf, or a pytree prefix of
+      ``tree`` with those as leaves.
+
+  Returns:
+    ``(mesh, spec_tree)`` with a `PartitionSpec` per leaf of ``tree``.
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  paths = [tree_lib.path_str(p) for p, _ in flat]
+  leaves = [x for _, x in flat]
+  if specs is None:
+    given = [None] * len(leaves)
+  elif _is_spec_leaf(specs):
+    given = [specs] * len(leaves)
+  else:
+    try:
+      given = jax.tree.leaves(jax.tree.broadcast(specs, tree, is_leaf=_is_spec_leaf),
+                              is_leaf=_is_spec_leaf)
+    except (ValueError, TypeError) as e:
+      raise ValueError("specs: expected a PartitionSpec or NamedSharding, or a pytree of them "
+                       f"that is a prefix of the scores' structure; got a tree that does not "
+                       f"match: {e}") from None
+  if mesh is None:
+    mesh = _mesh_of(leaves, given)
+    if mesh is None:
+      raise ValueError("mesh: expected a jax.sharding.Mesh (or NamedSharding specs, sharded "
+                       "arrays, or a mesh set with jax.set_mesh), got None.")
+  out = []
+  for x, path, s in zip(leaves, paths, given):
+    spec = s.spec if isinstance(s, NamedSharding) else s
+    if spec is None:
+      spec = _leaf_spec(x, path, mesh)
+    shape = np.shape(x)
+    if len(spec) > len(shape):
+      raise ValueError(f"specs: leaf {path} has shape {shape}, got the longer spec {spec}.")
+    seen: set = set()
+    for d, entry in enumerate(spec):
+      names = _axis_names(entry)
+      for a in names:
+        if a not in mesh.shape:
+          raise ValueError(f"specs: leaf {path} is sharded over {a!r}, expected one of the mesh "
+                           f"axes {tuple(mesh.axis_names)}.")
+        if a in seen:
+          raise ValueError(f"specs: leaf {path} uses mesh axis {a!r} twice in {spec}.")
+        seen.add(a)
+      parts = math.prod(mesh.shape[a] for a in names)
+      if shape[d] % parts:
+        raise ValueError(f"specs: leaf {path} has size {shape[d]} along dimension {d}, expected "
+                         f"a multiple of the {parts} shards of {spec[d]!r}.")
+    out.append(PartitionSpec(*spec))
+  return mesh, jax.tree.unflatten(treedef, out)
+
+
+def _local_shape(shape: tuple[int, ...], spec: PartitionSpec, mesh: AnyMesh) -> tuple[int, ...]:
+  entries = tuple(spec) + (None,) * (len(shape) - len(spec))
+  return tuple(d // math.prod(mesh.shape[a] for a in _axis_names(e))
+               for d, e in zip(shape, entries))
+
+
+def _block_positions(shape: tuple[int, ...], spec: PartitionSpec, mesh: AnyMesh,
+                     offset: int) -> Array:
+  """Inside shard_map: the global positions (offset + row-major index) of this block's entries."""
+  local = _local_shape(shape, spec, mesh)
+  entries = tuple(spec) + (None,) * (len(shape) - len(spec))
+  strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+  pos = jnp.full(local, offset, jnp.uint32)
+  for d, entry in enumerate(entries):
+    block = jnp.uint32(0)
+    # A dimension split over several axes is split major-to-minor in the order they are named.
+    for a in _axis_names(entry):
+      block = block * jnp.uint32(mesh.shape[a]) + lax.axis_index(a).astype(jnp.uint32)
+    index = block * jnp.uint32(local[d]) + lax.broadcasted_iota(jnp.uint32, local, d)
+    pos = pos + index * jnp.uint32(strides[d])
+  return pos
+
+
+def _is_primary(spec: PartitionSpec, mesh: AnyMesh) -> Array:
+  """True on exactly one device per distinct block: index 0 along the axes it is replicated on."""
+  used = {a for e in spec for a in _axis_names(e)}
+  primary = jnp.bool_(True)
+  for a in mesh.axis_names:
+    if a not in used:
+      primary = primary & (lax.axis_index(a) == 0)
+  return primary
+
+
+def _prune_lowest_blocks(keys: list[Array], positions: list[Array], counted: list[Array],
+                         k: Array, axes: tuple[str, ...]) -> list[Array]:
+  """`select.prune_lowest` over blocks of sharded arrays, True = prune.
+
+  A block replicated over some mesh axes sits on several devices; only its primary copy is
+  counted (``counted``), so the psum over all axes counts every global entry exactly once. Every
+  device then derives the same threshold and tie cut, and replicas compute identical masks.
+  """
+  def reduce(h):
+    return lax.psum(h, axes)
+
+  t, less, equal = select.kth_smallest(keys, jnp.maximum(k, 1), valid=counted,
+                                       reduce_counts=reduce)
+  ties_pruned = k - less
+
+  def tie_cut():
+    cut, _, _ = select.kth_smallest(positions, equal - ties_pruned + 1,
+                                    valid=[c & (key == t) for c, key in zip(counted, keys)],
+                                    reduce_counts=reduce)
+    return cut
+
+  cut = lax.cond(ties_pruned < equal, tie_cut, lambda: jnp.uint32(0))
+  return [(k > 0) & ((key < t) | ((key == t) & (pos >= cut))) for key, pos in zip(keys, positions)]
+
+
+def sharded_unstructured_mask(scores: PyTree, sparsity: masks_lib.Sparsity,
+                              mesh: Optional[AnyMesh] = None, *, scope: str = "layer",
+                              prunable: tree_lib.Prunable = None, specs: Specs = None) -> PyTree:
+  """`unstructured_mask` for scores sharded over a mesh: per-shard histograms, one psum per pass.
+
+  Bit-identical to ``unstructured_mask(scores, sparsity, scope=scope, prunable=prunable)`` on the
+  same (gathered) values: exactly ``round(s·n)`` per leaf or ``round(s·N)`` overall, lower scores
+  first, NaN below every number, ties broken towards the later leaf and later row-major index.
+  Inside `jax.shard_map` each device histograms its own block and tags it with the block's
+  *global* row-major positions; only 2¹⁶-bin histograms (256 KiB) cross devices, two or four
+  times per selection, never a parameter-sized array. Works eagerly and under `jax.jit`, with
+  ``Auto`` or ``Explicit`` mesh axes, and across processes (`jax.distributed`).
+
+  Args:
+    scores: pytree of float arrays, higher = more important.
+    sparsity: fraction in [0, 1], possibly traced; for ``scope="layer"`` also a pytree prefix of
+      per-leaf fractions.
+    mesh: the device mesh; None takes it from ``specs``, the arrays' shardings, or `jax.set_mesh`.
+    scope: ``"layer"`` or ``"global"``, as in `unstructured_mask`.
+    prunable: None (floating, ndim >= 2), a predicate ``(path, leaf) -> bool`` or a bool pytree.
+    specs: the scores' layout: None reads it from the arrays (concrete arrays with a
+      `NamedSharding`, or traced ones under ``Explicit`` mesh axes); under `jax.jit` with
+      ``Auto`` axes pass the params' PartitionSpecs / NamedShardings (a pytree prefix is fine).
+      Sharded dimensions must divide evenly.
+
+  Returns:
+    Pytree of bool masks shaped and sharded like ``scores`` (``NamedSharding(mesh, spec)``);
+    True = keep. Unprunable leaves get all-True masks.
+
+  References:
+    The selection is a two-pass radix select; see `jaxprune._src.select`.
+  """
+  masks_lib._check_scope(scope)
+  leaves, paths, flags, treedef = masks_lib._prepare(scores, prunable)
+  mesh, spec_tree = resolve_specs(scores, mesh, specs)
+  spec_list = jax.tree.leaves(spec_tree, is_leaf=_is_spec_leaf)
+  idx = [i for i, f in enumerate(flags) if f]
+  total = sum(leaves[i].size for i in idx)
+  if total > _MAX_COUNT:
+    raise ValueError(f"sharded_unstructured_mask: selection counts are int32; got {total} "
+                     f"prunable entries, more than {_MAX_COUNT}.")
+
+  if scope == "layer":
+    sps = masks_lib._per_leaf_sparsity(sparsity, scores, treedef)
+    ks = [select.num_to_prune(sps[i], leaves[i].size, "sparsity", paths[i]) for i in idx]
+  else:
+    s = masks_lib._global_sparsity(sparsity)
+    ks = [select.num_to_prune(s, total, "sparsity")] if idx else []
+  # Counts enter shard_map as one replicated vector: concrete or traced alike.
+  k_vec = jnp.stack([jnp.asarray(k, jnp.int32) for k in ks]) if ks else jnp.zeros((0,), jnp.int32)
+  shapes = [tuple(x.shape) for x in leaves]
+  axes = tuple(mesh.axis_names)
+
+  def body(k_vec, *blocks):
+    keys = [select.score_keys(b) for b in blocks]
+    counted = [jnp.broadcast_to(_is_primary(spec_list[i], mesh), b.shape)
+               for i, b in zip(idx, blocks)]
+    if scope == "layer":
+      positions = [_block_positions(shapes[i], spec_list[i], mesh, 0) for i in idx]
+      pruned = [_prune_lowest_blocks([kk], [p], [c], k_vec[j], axes)[0]
+                for j, (kk, p, c) in enumerate(zip(keys, positions, counted))]
+    else:
+      offsets = np.cumsum([0] + [leaves[i].size for i in idx[:-1]]).tolist()
+      positions = [_block_positions(shapes[i], spec_list[i], mesh, o)
+                   for i, o in zip(idx, offsets)]
+      pruned = (_prune_lowest_blocks(keys, positions, counted, k_vec[0], axes) if idx else [])
+    keep = dict(zip(idx, [~p for p in pruned]))
+    return [keep[i] if i in keep else jnp.ones(_local_shape(shapes[i], spec_list[i], mesh), bool)
+            for i in range(len(leaves))]
+
+  mapped = jax.shard_map(body, mesh=mesh,
+                         in_specs=(PartitionSpec(),) + tuple(spec_list[i] for i in idx),
+                         out_specs=list(spec_list))
+  # jit: an eager shard_map would dispatch every primitive of the body separately.
+  out = jax.jit(mapped)(k_vec, *[leaves[i] for i in idx])
+  return jax.tree.unflatten(treedef, out)
+
+
+def state_shardings(tx: optax.GradientTransformation, params: PyTree,
+                    param_shardings: PyTree, mesh: Optional[AnyMesh] = None) -> PyTree:
+  """Shardings for ``tx.init(params)``: parameter-shaped state (moments, masks) like the params.
+
+  Pass the result as ``out_shardings`` of ``jax.jit(tx.init)`` (and of the train step) so that
+  Adam moments, `prune` masks and Hessian accumulators are sharded exactly like the parameters
+  they belong to; every other state leaf (counts, keys, targets) is replicated.
+
+  Args:
+    tx: the optimizer (e.g. ``optax.chain(optax.adam(1e-3), jp.prune(...))``).
+    params: the parameters, or `jax.ShapeDtypeStruct`s of them.
+    param_shardings: a `NamedSharding` per parameter (pytree with the params' structure).
+    mesh: mesh for the replicated leaves; defaults to the mesh of the first parameter sharding.
+
+  Returns:
+    A pytree of `NamedSharding` with the structure of ``tx.init(params)``.
+  """
+  shardings = jax.tree.leaves(param_shardings, is_leaf=_is_spec_leaf)
+  if mesh is None:
+    named = [s for s in shardings if isinstance(s, NamedSharding)]
+    if not named:
+      raise ValueError("param_shardings: expected NamedSharding leaves (or pass mesh=), got "
+                       f"{type(shardings[0]).__name__ if shardings else 'an empty tree'}.")
+    mesh = named[0].mesh
+  replicated = NamedSharding(mesh, PartitionSpec())
+  state_shapes = jax.eval_shape(tx.init, params)
+
+  def pick(leaf, p, s):
+    # Some param-structured state holds scalar placeholders on unprunable leaves (e.g. `prune`'s
+    # Hessian sums): only a leaf shaped like its parameter takes the parameter's sharding.
+    return s if np.shape(leaf) == np.shape(p) else replicated
+
+  return optax.tree_map_params(tx, pick, state_shapes, params, param_shardings,
+                               transform_non_params=lambda _: replicated)
+
+
+def data_parallel_hessian_diag(loss_fn: Callable[..., Array], params: PyTree, *args: Any,
+                               key: Array, mesh: AnyMesh,
+                               batch_axis: Union[str, tuple[str, ...]] = "data",
+                               num_probes: int = 8) -> PyTree:
+  """`hessian_diag` with the batch split over ``batch_axis``: per-shard HVPs averaged by ``pmean``.
+
+  For a ``loss_fn`` that is a mean over examples and equal-sized batch shards, the mean of the
+  per-shard Hessians is the Hessian of the global mean loss, so this is the estimate
+  `hessian_diag` gives on the whole batch (same probes: the key is shared by all shards), up to
+  float summation order. Each device only differentiates its local batch; the result is
+  replicated over ``batch_axis``, so masks computed from it agree on every replica.
+
+  The parameters may also be sharded over other mesh axes (model parallelism): only
+  ``batch_axis`` is manual here, the rest stays under the compiler's automatic partitioning.
+
+  Args:
+    loss_fn: scalar ``loss_fn(params, *args)``, a mean over the examples of its batch.
+    params: pytree of float arrays (replicated over ``batch_axis``).
+    *args: batch arrays whose leading dimension is split over ``batch_axis`` (must divide).
+    key: PRNG key for the Rademacher probes, the same on every shard.
+    mesh: the device mesh.
+    batch_axis: mesh axis name (or tuple of names) the batch is split over.
+    num_probes: Hutchinson probes.
+
+  Returns:
+    float32 pytree with ``params``' structure: the averaged Hessian-diagonal estimate.
+
+  References:
+    Bekas, Kokiopoulou & Saad, "An estimator for the diagonal of a matrix", 2007.
+  """
+  names = _axis_names(batch_axis)
+  for a in names:
+    if a not in mesh.shape:
+      raise ValueError(f"batch_axis: expected mesh axes among {tuple(mesh.axis_names)}, "
+                       f"got {a!r}.")
+  shards = math.prod(mesh.shape[a] for a in names)
+  for path, x in tree_lib.leaves_with_paths(args):
+    if np.ndim(x) == 0 or np.shape(x)[0] % shards:
+      raise ValueError(f"args: batch leaf {path} with shape {np.shape(x)} must have a leading "
+                       f"dimension divisible by the {shards} shards of {batch_axis!r}.")
+
+  def body(params, key, *local_args):
+    h = scores_lib.hessian_diag(loss_fn, params, *local_args, key=key, num_probes=num_probes)
+    return lax.pmean(h, names)
+
+  batch_spec = PartitionSpec(names if len(names) > 1 else names[0])
+  mapped = jax.shard_map(body, mesh=mesh, axis_names=set(names),
+                         in_specs=(PartitionSpec(), PartitionSpec()) + (batch_spec,) * len(args),
+                         out_specs=PartitionSpec(),
+                         # Without replication typing, the gradient of the local loss w.r.t. the
+                         # replicated params stays local; with it, autodiff would psum the
+                         # cotangents over the shards (the transpose of the implicit broadcast)
+                         # and the pmean would double count. pmean makes the output replicated.
+                         check_vma=False)
+  return jax.jit(mapped)(params, key, *args)

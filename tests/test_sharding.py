@@ -1,0 +1,196 @@
+"""Sharded masks, data x model parallel training, data-parallel Hessians, two processes.
+
+The multi-device checks need 8 CPU devices, which must be configured before JAX starts, while
+the rest of the suite runs with one device in this process: they live in
+`tests/_sharding_checks.py`, run once in a subprocess (one compile-heavy script), and each named
+check is a test here. The two-process check launches `tests/_sharding_multiprocess.py` twice.
+Argument validation runs in-process on a one-device mesh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import jaxprune as jp
+import reference
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+CHECK_NAMES = [
+    "global_bit_identical_ties_nan",
+    "global_random_trials",
+    "masks_keep_sharding",
+    "layer_scope_per_leaf_sparsity_traced",
+    "eager_concrete_sparsity_and_prunable",
+    "hlo_histograms_only",
+    "plain_unstructured_mask_gathers_under_gspmd",
+    "explicit_axes",
+    "uneven_sharding_error",
+    "train_step_data_model_parallel",
+    "hessian_data_parallel",
+]
+
+
+def _env() -> dict:
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+  env.pop("JAX_NUM_CPU_DEVICES", None)
+  return env
+
+
+@pytest.fixture(scope="module")
+def device_checks() -> dict:
+  proc = subprocess.run([sys.executable, os.path.join(HERE, "_sharding_checks.py")],
+                        capture_output=True, text=True, timeout=900, env=_env(), cwd=ROOT)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")]
+  if proc.returncode or not lines:
+    pytest.fail(f"_sharding_checks.py failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+  return json.loads(lines[-1][len("RESULTS "):])
+
+
+def test_every_check_ran(device_checks):
+  assert sorted(device_checks) == sorted(CHECK_NAMES)
+
+
+@pytest.mark.parametrize("name", CHECK_NAMES)
+def test_eight_devices(device_checks, name):
+  result = device_checks.get(name, "missing from the subprocess results")
+  assert result == "ok", result
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_agree(tmp_path):
+  port = _free_port()
+  script = os.path.join(HERE, "_sharding_multiprocess.py")
+  outs = [tmp_path / f"p{i}.npz" for i in range(2)]
+  procs = [subprocess.Popen([sys.executable, script, str(i), "2", str(port), str(outs[i])],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=_env(), cwd=ROOT) for i in range(2)]
+  logs = []
+  try:
+    for p in procs:
+      logs.append(p.communicate(timeout=180)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  for i, p in enumerate(procs):
+    assert p.returncode == 0, f"process {i} failed:\n{logs[i][-4000:] if i < len(logs) else ''}"
+
+  sys.path.insert(0, HERE)
+  import _sharding_multiprocess as mp  # noqa: PLC0415 - shapes and values, no JAX work at import
+
+  values = mp.scores()
+  names = sorted(values)
+  k = round(mp.SPARSITY * sum(values[n].size for n in names))
+  want = dict(zip(names, reference.prune_lowest([values[n] for n in names], k)))
+  single = jp.unstructured_mask(values, mp.SPARSITY, scope="global")
+  results = [np.load(o) for o in outs]
+  for name in names:
+    for r in results:
+      np.testing.assert_array_equal(r[f"gathered_{name}"], ~want[name], err_msg=name)
+      np.testing.assert_array_equal(r[f"alone_{name}"], np.asarray(single[name]), err_msg=name)
+    np.testing.assert_array_equal(results[0][f"gathered_{name}"], results[1][f"gathered_{name}"])
+
+
+# --- in-process: one device ---------------------------------------------------------------------
+
+MESH1 = jax.make_mesh((1,), ("model",), axis_types=(AxisType.Auto,), devices=jax.devices()[:1])
+
+
+def _scores():
+  rng = np.random.default_rng(0)
+  return {"w": rng.integers(0, 3, (4, 6)).astype(np.float32), "b": np.ones(6, np.float32)}
+
+
+def test_one_device_mesh_matches_unsharded():
+  scores = _scores()
+  x = jax.device_put(scores, NamedSharding(MESH1, P()))
+  got = jp.sharded_unstructured_mask(x, 0.5, MESH1, scope="global")
+  want = reference.prune_lowest([scores["w"]], 12)[0]
+  np.testing.assert_array_equal(np.asarray(got["w"]), ~want)
+  assert np.asarray(got["b"]).all()
+  assert got["w"].sharding.is_equivalent_to(NamedSharding(MESH1, P()), 2)
+
+
+def test_traced_auto_axes_need_specs():
+  with pytest.raises(ValueError, match=r"specs: the sharding of leaf \['b'\]"):
+    jax.jit(lambda s: jp.sharded_unstructured_mask(s, 0.5, MESH1))(_scores())
+  # with specs it traces fine
+  fn = jax.jit(lambda s: jp.sharded_unstructured_mask(s, 0.5, MESH1, specs=P()))
+  assert jax.eval_shape(fn, _scores())["w"].dtype == jnp.bool_
+
+
+def test_spec_errors_name_the_leaf():
+  with pytest.raises(ValueError, match=r"leaf \['w'\] is sharded over 'data'"):
+    jp.sharded_unstructured_mask(_scores(), 0.5, MESH1, specs={"w": P("data"), "b": P()})
+  with pytest.raises(ValueError, match=r"leaf \['b'\] has shape \(6,\), got the longer spec"):
+    jp.sharded_unstructured_mask(_scores(), 0.5, MESH1, specs=P(None, "model"))
+  with pytest.raises(ValueError, match="specs: expected a PartitionSpec"):
+    jp.sharded_unstructured_mask(_scores(), 0.5, MESH1, specs={"w": P()})
+  with pytest.raises(ValueError, match="mesh: expected a jax.sharding.Mesh"):
+    jp.sharded_unstructured_mask(_scores(), 0.5)
+  with pytest.raises(ValueError, match=r"sparsity: expected a fraction in \[0, 1\], got 1.5"):
+    jp.sharded_unstructured_mask(_scores(), 1.5, MESH1, scope="global")
+  with pytest.raises(ValueError, match="scope"):
+    jp.sharded_unstructured_mask(_scores(), 0.5, MESH1, scope="all")
+
+
+def test_resolve_specs_reads_arrays_and_prefixes():
+  x = jax.device_put(_scores(), NamedSharding(MESH1, P("model")))
+  mesh, specs = jp.resolve_specs(x)
+  assert mesh.shape == MESH1.shape
+  assert specs == {"w": P("model"), "b": P("model")}
+  _, specs = jp.resolve_specs({"a": _scores(), "c": np.ones((2, 2))}, MESH1,
+                              {"a": P("model"), "c": NamedSharding(MESH1, P(None, "model"))})
+  assert specs == {"a": {"w": P("model"), "b": P("model")}, "c": P(None, "model")}
+
+
+def test_state_shardings_param_shaped_leaves_follow_params():
+  params = {"w": np.ones((4, 6), np.float32), "b": np.zeros(6, np.float32)}
+  shardings = {"w": NamedSharding(MESH1, P(None, "model")), "b": NamedSharding(MESH1, P("model"))}
+  tx = optax.chain(optax.adam(1e-3), jp.prune(0.5, "obd", average_hessian=True))
+  got = jp.state_shardings(tx, params, shardings)
+  adam, pstate = got[0][0], got[1]
+  replicated = NamedSharding(MESH1, P())
+  assert adam.mu == shardings and adam.nu == shardings and pstate.masks == shardings
+  assert adam.count == replicated and pstate.count == replicated and pstate.key == replicated
+  # Hessian sums hold a scalar placeholder on the unprunable bias: replicated, not P('model')
+  assert pstate.hess_sum == {"w": shardings["w"], "b": replicated}
+  assert jax.tree.structure(got) == jax.tree.structure(jax.eval_shape(tx.init, params))
+
+
+def test_data_parallel_hessian_validates():
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:1])
+  loss = lambda p, x: jnp.mean((x @ p["w"]) ** 2)
+  params = {"w": np.ones((3, 2), np.float32)}
+  with pytest.raises(ValueError, match="batch_axis: expected mesh axes among"):
+    jp.data_parallel_hessian_diag(loss, params, np.ones((4, 3)), key=jax.random.key(0),
+                                  mesh=mesh, batch_axis="batch")
+  with pytest.raises(ValueError, match="must have a leading dimension divisible"):
+    jp.data_parallel_hessian_diag(loss, params, np.float32(1.0), key=jax.random.key(0),
+                                  mesh=mesh)
+  x = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
+  got = jp.data_parallel_hessian_diag(loss, params, x, key=jax.random.key(0), mesh=mesh,
+                                      num_probes=2)
+  # one shard: exactly the plain estimate with the same probes
+  want = jp.hessian_diag(loss, params, x, key=jax.random.key(0), num_probes=2)
+  np.testing.assert_allclose(np.asarray(got["w"]), np.asarray(want["w"]), rtol=1e-6)
