@@ -92,6 +92,10 @@ from jaxprune._src.presets import PRESETS as HARDWARE_PRESETS
 # --- end reports ---
 
 # --- sharding (issue 7) ---
+from jaxprune._src.sharding import data_parallel_hessian_diag as data_parallel_hessian_diag
+from jaxprune._src.sharding import resolve_specs as resolve_specs
+from jaxprune._src.sharding import sharded_unstructured_mask as sharded_unstructured_mask
+from jaxprune._src.sharding import state_shardings as state_shardings
 # --- end sharding ---
 
 __version__ = "0.1.0"
