@@ -15,7 +15,7 @@ def machine() -> str:
   cpu = platform.processor() or platform.machine()
   try:
     with open("/proc/cpuinfo") as f:
-      names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+      names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
     cpu = names[0] if names else cpu
   except OSError:
     pass
@@ -23,13 +23,14 @@ def machine() -> str:
           f"devices: {[str(d) for d in jax.devices()]}")
 
 
-def best_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
-  """Minimum wall time of ``fn()`` over ``repeats`` runs, after ``warmup`` calls (compiles)."""
+def best_time(fn: Callable[..., object], *args: object, repeats: int = 5,
+              warmup: int = 1) -> float:
+  """Minimum wall time of ``fn(*args)`` over ``repeats`` runs, after ``warmup`` calls."""
   for _ in range(warmup):
-    jax.block_until_ready(fn())
+    jax.block_until_ready(fn(*args))
   best = float("inf")
   for _ in range(repeats):
     t = time.perf_counter()
-    jax.block_until_ready(fn())
+    jax.block_until_ready(fn(*args))
     best = min(best, time.perf_counter() - t)
   return best

@@ -62,11 +62,11 @@ def main() -> None:
   h8 = jax.jit(lambda p, x, y, k: jp.hessian_diag(loss_fn, p, x, y, key=k, num_probes=8))
   h32 = jax.jit(lambda p, x, y, k: jp.hessian_diag(loss_fn, p, x, y, key=k, num_probes=32))
 
-  t_grad = best_time(lambda: grad(params, x, y))
-  t_hvp = best_time(lambda: hvp(params, probe, x, y))
-  t_h8 = best_time(lambda: h8(params, x, y, key), repeats=3)
-  t_h32 = best_time(lambda: h32(params, x, y, key), repeats=3)
-  t_naive = best_time(lambda: naive8(params, x, y, key), repeats=3)
+  t_grad = best_time(grad, params, x, y)
+  t_hvp = best_time(hvp, params, probe, x, y)
+  t_h8 = best_time(h8, params, x, y, key, repeats=3)
+  t_h32 = best_time(h32, params, x, y, key, repeats=3)
+  t_naive = best_time(naive8, params, x, y, key, repeats=3)
   marginal = (t_h32 - t_h8) / 24
 
   print(machine())

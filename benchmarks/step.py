@@ -116,7 +116,7 @@ def main() -> None:
       runners[name] = [fn, call, params, state, []]
 
     for _ in range(reps):
-      for name, r in runners.items():
+      for r in runners.values():
         fn, call, params, state, times = r
         start = time.perf_counter()
         for _ in range(window):

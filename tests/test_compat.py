@@ -62,8 +62,8 @@ def test_inject_hyperparams_inner_and_prune_itself():
   # Injecting the target itself: the schedule is evaluated by inject_hyperparams and prune sees
   # a new constant each step; masks follow it.
   tx = optax.chain(optax.adam(0.05),
-                   optax.inject_hyperparams(
-                       prune, static_args=("num_probes", "seed", "average_hessian"))(schedule=SCHED))
+                   optax.inject_hyperparams(prune, static_args=(
+                       "num_probes", "seed", "average_hessian"))(schedule=SCHED))
   params, state = _run(tx, _params(), 8)
   assert _kernel_zeros(params) == {"dense1": 102, "dense2": 51}
   assert float(state[1].hyperparams["schedule"]) == np.float32(0.8)

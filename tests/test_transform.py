@@ -1,4 +1,4 @@
-"""Tests for jp.prune: exact sparsity, exact zeros, monotone masks, scores, scopes, distributions."""
+"""jp.prune: exact sparsity, exact zeros, monotone masks, scores, scopes, distributions."""
 
 import jax
 import jax.numpy as jnp

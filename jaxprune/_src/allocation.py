@@ -105,7 +105,7 @@ def _solve(curves: list[tuple[np.ndarray, np.ndarray]], sizes: list[int], costs:
   segments.sort(key=lambda t: (t[0], t[1]))
   real = [0.0] * num
   remaining = required
-  for slope, l, a, b in segments:
+  for _, l, a, b in segments:
     if remaining <= 0:
       break
     take = min(b - a, remaining / costs[l])

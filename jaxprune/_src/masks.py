@@ -280,7 +280,7 @@ def block_mask(scores: PyTree, sparsity: Sparsity, block_shape: Sequence[int], *
     sps = [_global_sparsity(sparsity)]
   pruned = _select_units(block_scores, [paths[i] for i in idx], sps, scope)
   keep = {}
-  for i, p, (bs, nb) in zip(idx, pruned, layouts):
+  for i, p, (bs, _) in zip(idx, pruned, layouts):
     full = ~p
     for ax, b in enumerate(bs):
       full = jnp.repeat(full, b, axis=ax)

@@ -145,7 +145,8 @@ class Report(NamedTuple):
               "MFLOPs", "eff MFLOPs")
     lines = []
     for r in self.rows:
-      lines.append((r.path + ("" if r.prunable else " (dense)"), "x".join(map(str, r.shape)) or "()",
+      shape = "x".join(map(str, r.shape)) or "()"
+      lines.append((r.path + ("" if r.prunable else " (dense)"), shape,
                     str(r.count), str(r.kept), f"{r.sparsity:.4f}", str(r.dense_bytes),
                     str(r.bitmask_bytes), str(r.csr_bytes), f"{r.flops_dense / 1e6:.4g}",
                     f"{r.flops_effective / 1e6:.4g}"))

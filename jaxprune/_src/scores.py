@@ -64,8 +64,7 @@ def taylor(params: PyTree, grads: PyTree) -> PyTree:
   tree_lib.check_float(params, "params")
   tree_lib.check_float(grads, "grads")
   tree_lib.check_same_structure(params, grads, "params", "grads")
-  return jax.tree.map(lambda w, g: _abs32(jnp.asarray(w, jnp.float32) * jnp.asarray(g, jnp.float32)),
-                      params, grads)
+  return jax.tree.map(lambda w, g: _abs32(jnp.asarray(w, jnp.float32) * g), params, grads)
 
 
 def random_scores(params: PyTree, key: Array) -> PyTree:

@@ -154,8 +154,9 @@ def prune(schedule: ScheduleLike,
       with ``nnx.Optimizer.update(model, grads, **kwargs)``); ``grads=`` is accepted too.
     * ``"obd"``: ``0.5 * h * w**2``; ``"hessian"``: ``|h|``, with ``h`` a Hutchinson estimate
       of the Hessian diagonal of ``loss_fn(params, batch)``. Pass ``loss_fn=`` and ``batch=`` to
-      ``update`` (without ``batch=``, ``loss_fn(params)`` is used). With ``average_hessian=True`` ``h`` is estimated at every step and averaged
-      over the steps since the last mask update (one Hessian-vector product per probe per step);
+      ``update`` (without ``batch=``, ``loss_fn(params)`` is used). With
+      ``average_hessian=True`` ``h`` is estimated at every step and averaged over the steps
+      since the last mask update (one Hessian-vector product per probe per step);
       otherwise it is estimated only on mask-update steps.
     * ``"random"``: uniform random scores from the state's key (random pruning baseline).
     * a callable ``fn(params, **extra_args) -> scores`` (same structure as the params, higher
