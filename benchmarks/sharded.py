@@ -3,14 +3,14 @@
 For the same total number of scores, spread over a few kernels, prints side by side:
 
 * ``1 device``: `jp.unstructured_mask` (global scope) on one device;
-* ``8 dev, sharded``: `jp.sharded_unstructured_mask` on a mesh of 8 devices, each holding 1/8 of
-  every kernel (rows split): per-shard histograms combined by ``psum``;
-* ``8 dev, GSPMD``: the plain `jp.unstructured_mask` jitted on the same sharded arrays, leaving
-  the partitioning to XLA.
+* ``8 dev, <layout>, sharded``: `jp.sharded_unstructured_mask` on a mesh of 8 devices, each
+  holding 1/8 of every kernel (split by rows or by columns): per-shard histograms, ``psum``;
+* ``8 dev, <layout>, GSPMD``: the plain `jp.unstructured_mask` jitted on the same sharded
+  arrays, leaving the partitioning to XLA.
 
 Bytes are read from the compiled HLO: the result sizes of every all-reduce / all-gather /
 all-to-all / collective-permute, per device (the tie pass, a ``cond`` branch that runs only when
-the threshold value is tied, is included, so this is an upper bound per call). The three masks
+the threshold value is tied, is included, so this is an upper bound per call). All masks
 are checked to be identical.
 
 The 8 devices are simulated on the host CPU (``--xla_force_host_platform_device_count=8``), so
@@ -57,17 +57,18 @@ def make_scores(total: int, shards: int) -> dict:
 
 def collective_bytes(hlo: str) -> tuple[int, int, int]:
   """(number of collectives, bytes of all-reduce results, bytes of other collectives' results)."""
-  pattern = (r"= (\w+)\[([\d,]*)\][^=]*? (all-gather|all-reduce|all-to-all|collective-permute|"
-             r"reduce-scatter)(?:-start)?\(")
+  # A collective yields one array or, when XLA combines several, a tuple of them.
+  pattern = (r"= (\([^)]*\)|\w+\[[\d,]*\]\S*) (all-gather|all-reduce|all-to-all|"
+             r"collective-permute|reduce-scatter)\(")
   count, reduce_bytes, other_bytes = 0, 0, 0
   for m in re.finditer(pattern, hlo):
-    n = int(np.prod([int(d) for d in m.group(2).split(",") if d], dtype=np.int64))
-    b = n * _BYTES.get(m.group(1), 4)
     count += 1
-    if m.group(3) == "all-reduce":
-      reduce_bytes += b
-    else:
-      other_bytes += b
+    for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1)):
+      n = int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64))
+      if m.group(2) == "all-reduce":
+        reduce_bytes += n * _BYTES.get(dtype, 4)
+      else:
+        other_bytes += n * _BYTES.get(dtype, 4)
   return count, reduce_bytes, other_bytes
 
 
@@ -82,10 +83,11 @@ def main() -> None:
   devices = jax.devices()
   assert len(devices) == 8, f"expected 8 simulated devices, got {len(devices)}"
   mesh = jax.make_mesh((8,), ("model",), axis_types=(AxisType.Auto,))
-  spec = P("model", None)
+  layouts = {"rows": P("model", None), "cols": P(None, "model")}
   print(f"{os.cpu_count()} host cores; jax {jax.__version__}; 8 simulated CPU devices; global "
-        f"scope, sparsity {s}; time: best of {repeats}; bytes: collective results per device\n")
-  header = (f"{'scores':>11} | {'variant':<16} {'time':>9} {'compile':>8} {'collectives':>11} "
+        f"scope, sparsity {s}; time: best of {repeats}; bytes: collective results per device;\n"
+        f"layout rows = P('model', None) (kernels split by rows), cols = P(None, 'model')\n")
+  header = (f"{'scores':>11} | {'variant':<22} {'time':>9} {'compile':>8} {'collectives':>11} "
             f"{'all-reduce B':>13} {'all-gather B':>13}")
   print(header)
   print("-" * len(header))
@@ -94,13 +96,14 @@ def main() -> None:
   for n in sizes:
     scores = make_scores(n, 8)
     total = sum(x.size for x in scores.values())
-    one = jax.device_put(scores, devices[0])
-    sharded = jax.device_put(scores, NamedSharding(mesh, spec))
-    specs = {k: spec for k in scores}
-    ours = jax.jit(lambda t: jp.sharded_unstructured_mask(t, s, mesh, scope="global",
-                                                          specs=specs))
-    variants = [("1 device", single, one), ("8 dev, sharded", ours, sharded),
-                ("8 dev, GSPMD", single, sharded)]
+    variants = [("1 device", single, jax.device_put(scores, devices[0]))]
+    for layout, spec in layouts.items():
+      sharded = jax.device_put(scores, NamedSharding(mesh, spec))
+      specs = {k: spec for k in scores}
+      ours = jax.jit(lambda t, specs=specs: jp.sharded_unstructured_mask(
+          t, s, mesh, scope="global", specs=specs))
+      variants += [(f"8 dev, {layout}, sharded", ours, sharded),
+                   (f"8 dev, {layout}, GSPMD", single, sharded)]
     results = []
     for name, fn, x in variants:
       t0 = time.perf_counter()
@@ -109,15 +112,16 @@ def main() -> None:
       count, red, other = collective_bytes(compiled.as_text())
       t_run = best_time(lambda: compiled(x), repeats=repeats)
       results.append(jax.tree.map(np.asarray, compiled(x)))
-      print(f"{total:>11,} | {name:<16} {t_run:>8.4f}s {t_compile:>7.2f}s {count:>11} "
+      print(f"{total:>11,} | {name:<22} {t_run:>8.4f}s {t_compile:>7.2f}s {count:>11} "
             f"{red:>13,} {other:>13,}")
     for r in results[1:]:
       for k in scores:
         assert np.array_equal(r[k], results[0][k]), f"masks differ on {k}"
     pruned = sum(int((~m).sum()) for m in results[0].values())
     assert pruned == round(s * total), (pruned, round(s * total))
-  print("\nmasks identical across the three variants; the sharded one moves only 2^16-bin "
-        "int32 histograms (256 KiB each), whatever the parameter size.")
+  print("\nmasks identical across all variants. jaxprune's sharded selection moves only 2^16-bin "
+        "int32 histograms (256 KiB each) whatever the parameter size; GSPMD all-reduces one "
+        "histogram per leaf when kernels are split by rows and all-gathers them otherwise.")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ CHECK_NAMES = [
     "uneven_sharding_error",
     "train_step_data_model_parallel",
     "hessian_data_parallel",
+    "prune_mask_fn_gather_free",
 ]
 
 
@@ -67,6 +68,8 @@ def test_every_check_ran(device_checks):
 @pytest.mark.parametrize("name", CHECK_NAMES)
 def test_eight_devices(device_checks, name):
   result = device_checks.get(name, "missing from the subprocess results")
+  if result.startswith("skip: "):
+    pytest.skip(result[len("skip: "):])
   assert result == "ok", result
 
 
