@@ -110,7 +110,7 @@ def main() -> None:
       compiled = fn.lower(x).compile()
       t_compile = time.perf_counter() - t0
       count, red, other = collective_bytes(compiled.as_text())
-      t_run = best_time(lambda: compiled(x), repeats=repeats)
+      t_run = best_time(compiled, x, repeats=repeats)
       results.append(jax.tree.map(np.asarray, compiled(x)))
       print(f"{total:>11,} | {name:<22} {t_run:>8.4f}s {t_compile:>7.2f}s {count:>11} "
             f"{red:>13,} {other:>13,}")
