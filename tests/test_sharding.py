@@ -51,8 +51,35 @@ def _env() -> dict:
   return env
 
 
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
-def device_checks() -> dict:
+def process_pair(tmp_path_factory):
+  """Starts the two-process run; it proceeds in the background while the 8-device checks run
+  (compilation is single-threaded, so the two overlap on a multi-core machine)."""
+  port = _free_port()
+  script = os.path.join(HERE, "_sharding_multiprocess.py")
+  tmp = tmp_path_factory.mktemp("pair")
+  outs = [tmp / f"p{i}.npz" for i in range(2)]
+  logs = [open(tmp / f"p{i}.log", "w+") for i in range(2)]  # files: a full pipe would block
+  procs = [subprocess.Popen([sys.executable, script, str(i), "2", str(port), str(outs[i])],
+                            stdout=logs[i], stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
+           for i in range(2)]
+  yield procs, outs, logs
+  for p, log in zip(procs, logs):
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def device_checks(process_pair) -> dict:
+  del process_pair  # started first, to run alongside
   proc = subprocess.run([sys.executable, os.path.join(HERE, "_sharding_checks.py")],
                         capture_output=True, text=True, timeout=900, env=_env(), cwd=ROOT)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")]
@@ -73,30 +100,12 @@ def test_eight_devices(device_checks, name):
   assert result == "ok", result
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def test_two_processes_agree(tmp_path):
-  port = _free_port()
-  script = os.path.join(HERE, "_sharding_multiprocess.py")
-  outs = [tmp_path / f"p{i}.npz" for i in range(2)]
-  procs = [subprocess.Popen([sys.executable, script, str(i), "2", str(port), str(outs[i])],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=_env(), cwd=ROOT) for i in range(2)]
-  logs = []
-  try:
-    for p in procs:
-      logs.append(p.communicate(timeout=180)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  for i, p in enumerate(procs):
-    assert p.returncode == 0, f"process {i} failed:\n{logs[i][-4000:] if i < len(logs) else ''}"
+def test_two_processes_agree(process_pair):
+  procs, outs, logs = process_pair
+  for i, (p, log) in enumerate(zip(procs, logs)):
+    p.wait(timeout=180)
+    log.seek(0)
+    assert p.returncode == 0, f"process {i} failed:\n{log.read()[-4000:]}"
 
   sys.path.insert(0, HERE)
   import _sharding_multiprocess as mp  # noqa: PLC0415 - shapes and values, no JAX work at import

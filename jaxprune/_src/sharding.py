@@ -11,9 +11,10 @@ arrays, NaN and ties included. No parameter or score vector is ever all-gathered
 come back with the scores' sharding.
 
 Under plain `jax.jit` with GSPMD (``Auto`` mesh axes), `unstructured_mask` on sharded inputs is
-correct but XLA all-gathers full-size key and mask arrays around the histogram scatter; with
-``Explicit`` mesh axes (the default of `jax.make_mesh` in recent JAX) its flattening reshape is
-rejected. Use the sharded variant for sharded parameters.
+correct, but unless every leaf is split along its leading dimension only, XLA all-gathers
+full-size key and mask arrays around the histogram scatter (the row-major flattening is then not
+a contiguous split); with ``Explicit`` mesh axes (the default of `jax.make_mesh` in JAX 0.10) its
+flattening reshape is rejected. Use the sharded variant for sharded parameters.
 
 `data_parallel_hessian_diag` averages the Hutchinson estimate over the batch shards of a
 data-parallel mesh (a `pmean` of the per-shard ``v ⊙ Hv``), so every replica prunes with the same
