@@ -9,6 +9,7 @@ Argument validation runs in-process on a one-device mesh.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -125,7 +126,10 @@ def test_two_processes_agree(process_pair):
 
 # --- in-process: one device ---------------------------------------------------------------------
 
-MESH1 = jax.make_mesh((1,), ("model",), axis_types=(AxisType.Auto,), devices=jax.devices()[:1])
+@functools.cache
+def _mesh1():
+  # built lazily: creating a mesh at collection time would start JAX's backend early
+  return jax.make_mesh((1,), ("model",), axis_types=(AxisType.Auto,), devices=jax.devices()[:1])
 
 
 def _scores():
@@ -135,54 +139,55 @@ def _scores():
 
 def test_one_device_mesh_matches_unsharded():
   scores = _scores()
-  x = jax.device_put(scores, NamedSharding(MESH1, P()))
-  got = jp.sharded_unstructured_mask(x, 0.5, MESH1, scope="global")
+  x = jax.device_put(scores, NamedSharding(_mesh1(), P()))
+  got = jp.sharded_unstructured_mask(x, 0.5, _mesh1(), scope="global")
   want = reference.prune_lowest([scores["w"]], 12)[0]
   np.testing.assert_array_equal(np.asarray(got["w"]), ~want)
   assert np.asarray(got["b"]).all()
-  assert got["w"].sharding.is_equivalent_to(NamedSharding(MESH1, P()), 2)
+  assert got["w"].sharding.is_equivalent_to(NamedSharding(_mesh1(), P()), 2)
 
 
 def test_traced_auto_axes_need_specs():
   with pytest.raises(ValueError, match=r"specs: the sharding of leaf \['b'\]"):
-    jax.jit(lambda s: jp.sharded_unstructured_mask(s, 0.5, MESH1))(_scores())
+    jax.jit(lambda s: jp.sharded_unstructured_mask(s, 0.5, _mesh1()))(_scores())
   # with specs it traces fine
-  fn = jax.jit(lambda s: jp.sharded_unstructured_mask(s, 0.5, MESH1, specs=P()))
+  fn = jax.jit(lambda s: jp.sharded_unstructured_mask(s, 0.5, _mesh1(), specs=P()))
   assert jax.eval_shape(fn, _scores())["w"].dtype == jnp.bool_
 
 
 def test_spec_errors_name_the_leaf():
   with pytest.raises(ValueError, match=r"leaf \['w'\] is sharded over 'data'"):
-    jp.sharded_unstructured_mask(_scores(), 0.5, MESH1, specs={"w": P("data"), "b": P()})
+    jp.sharded_unstructured_mask(_scores(), 0.5, _mesh1(), specs={"w": P("data"), "b": P()})
   with pytest.raises(ValueError, match=r"leaf \['b'\] has shape \(6,\), got the longer spec"):
-    jp.sharded_unstructured_mask(_scores(), 0.5, MESH1, specs=P(None, "model"))
+    jp.sharded_unstructured_mask(_scores(), 0.5, _mesh1(), specs=P(None, "model"))
   with pytest.raises(ValueError, match="specs: expected a PartitionSpec"):
-    jp.sharded_unstructured_mask(_scores(), 0.5, MESH1, specs={"w": P()})
+    jp.sharded_unstructured_mask(_scores(), 0.5, _mesh1(), specs={"w": P()})
   with pytest.raises(ValueError, match="mesh: expected a jax.sharding.Mesh"):
     jp.sharded_unstructured_mask(_scores(), 0.5)
   with pytest.raises(ValueError, match=r"sparsity: expected a fraction in \[0, 1\], got 1.5"):
-    jp.sharded_unstructured_mask(_scores(), 1.5, MESH1, scope="global")
+    jp.sharded_unstructured_mask(_scores(), 1.5, _mesh1(), scope="global")
   with pytest.raises(ValueError, match="scope"):
-    jp.sharded_unstructured_mask(_scores(), 0.5, MESH1, scope="all")
+    jp.sharded_unstructured_mask(_scores(), 0.5, _mesh1(), scope="all")
 
 
 def test_resolve_specs_reads_arrays_and_prefixes():
-  x = jax.device_put(_scores(), NamedSharding(MESH1, P("model")))
+  x = jax.device_put(_scores(), NamedSharding(_mesh1(), P("model")))
   mesh, specs = jp.resolve_specs(x)
-  assert mesh.shape == MESH1.shape
+  assert mesh.shape == _mesh1().shape
   assert specs == {"w": P("model"), "b": P("model")}
-  _, specs = jp.resolve_specs({"a": _scores(), "c": np.ones((2, 2))}, MESH1,
-                              {"a": P("model"), "c": NamedSharding(MESH1, P(None, "model"))})
+  _, specs = jp.resolve_specs({"a": _scores(), "c": np.ones((2, 2))}, _mesh1(),
+                              {"a": P("model"), "c": NamedSharding(_mesh1(), P(None, "model"))})
   assert specs == {"a": {"w": P("model"), "b": P("model")}, "c": P(None, "model")}
 
 
 def test_state_shardings_param_shaped_leaves_follow_params():
   params = {"w": np.ones((4, 6), np.float32), "b": np.zeros(6, np.float32)}
-  shardings = {"w": NamedSharding(MESH1, P(None, "model")), "b": NamedSharding(MESH1, P("model"))}
+  mesh = _mesh1()
+  shardings = {"w": NamedSharding(mesh, P(None, "model")), "b": NamedSharding(mesh, P("model"))}
   tx = optax.chain(optax.adam(1e-3), jp.prune(0.5, "obd", average_hessian=True))
   got = jp.state_shardings(tx, params, shardings)
   adam, pstate = got[0][0], got[1]
-  replicated = NamedSharding(MESH1, P())
+  replicated = NamedSharding(_mesh1(), P())
   assert adam.mu == shardings and adam.nu == shardings and pstate.masks == shardings
   assert adam.count == replicated and pstate.count == replicated and pstate.key == replicated
   # Hessian sums hold a scalar placeholder on the unprunable bias: replicated, not P('model')
