@@ -129,7 +129,7 @@ def _histogram(bins: Array, valid: Optional[Array]) -> Array:
 def _first_reaching(hist: Array, k: Array) -> tuple[Array, Array]:
   """Index ``b`` of the first bin whose cumulative count reaches ``k``, and the count below it."""
   cum = jnp.cumsum(hist)
-  b = jnp.minimum(jnp.searchsorted(cum, k, side="left"), _BINS - 1)
+  b = jnp.argmax(cum >= k)  # k <= total count, so some bin reaches it
   return b, cum[b] - hist[b]
 
 
