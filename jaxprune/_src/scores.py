@@ -84,6 +84,20 @@ def random_scores(params: PyTree, key: Array) -> PyTree:
   return jax.tree.unflatten(treedef, out)
 
 
+def _varying_axes(tree: Any) -> frozenset:
+  """Inside `jax.shard_map`: the mesh axes any leaf of ``tree`` varies over (empty outside)."""
+  axes = frozenset()
+  for leaf in jax.tree.leaves(tree):
+    aval = jax.typeof(leaf)
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.9; older releases call it `vma`
+    axes |= manual.varying if manual is not None else getattr(aval, "vma", frozenset())
+  return axes
+
+
+def _vary(x: Array, axes: frozenset) -> Array:
+  return lax.pcast(x, tuple(sorted(axes)), to="varying") if axes else x
+
+
 def hessian_diag(loss_fn: Callable[..., Array], params: PyTree, *args: Any, key: Array,
                  num_probes: int = 8) -> PyTree:
   """Hutchinson estimate of the diagonal of the Hessian of ``loss_fn(params, *args)``.
@@ -126,7 +140,9 @@ def hessian_diag(loss_fn: Callable[..., Array], params: PyTree, *args: Any, key:
 
     def one_probe(acc, bit):
       signs = [1.0 - 2.0 * ((b >> bit) & 1).astype(jnp.float32) for b in bits]
-      v = [sg.astype(jnp.asarray(x).dtype) for sg, x in zip(signs, leaves)]
+      # Under shard_map, probes from a replicated key must vary like the params they perturb.
+      v = [_vary(sg.astype(jnp.asarray(x).dtype), _varying_axes(x))
+           for sg, x in zip(signs, leaves)]
       hv = jax.tree.leaves(hvp(jax.tree.unflatten(treedef, v)))
       return [a + sg * h.astype(jnp.float32) for a, sg, h in zip(acc, signs, hv)], None
 
@@ -134,7 +150,9 @@ def hessian_diag(loss_fn: Callable[..., Array], params: PyTree, *args: Any, key:
 
   full_words, rest = divmod(num_probes, 32)
   word_keys = jax.random.split(key, full_words + 1)
-  acc = [jnp.zeros(jnp.shape(x), jnp.float32) for x in leaves]
+  # The sums vary over every axis the params or the batch vary over (scan carries must match).
+  everywhere = _varying_axes((params, args))
+  acc = [_vary(jnp.zeros(jnp.shape(x), jnp.float32), everywhere) for x in leaves]
   if full_words:
     acc = lax.scan(lambda a, k: (word_probes(a, k, 32), None), acc, word_keys[:full_words])[0]
   if rest:

@@ -16,7 +16,6 @@ pruned is exactly k, jitted or not, on one device or sharded.
 
 from __future__ import annotations
 
-import functools
 import numbers
 from typing import Callable, Optional, Sequence, Union
 
@@ -178,7 +177,8 @@ def default_positions(shapes: Sequence[tuple[int, ...]]) -> list[Array]:
 
 def prune_lowest(scores: Sequence[Array], k: Union[int, Array], *,
                  positions: Optional[Sequence[Array]] = None,
-                 reduce_counts: Optional[CountReducer] = None) -> list[Array]:
+                 reduce_counts: Optional[CountReducer] = None,
+                 counted: Optional[Sequence[Array]] = None) -> list[Array]:
   """Marks exactly ``k`` entries, over all ``scores`` arrays together, for pruning.
 
   The k lowest scores are pruned; NaN ranks below every number. Among equal scores the entry with
@@ -190,6 +190,8 @@ def prune_lowest(scores: Sequence[Array], k: Union[int, Array], *,
     positions: ``uint32`` positions shaped like each score array, unique over all of them;
       defaults to `default_positions`. Sharded callers pass global positions of their shard.
     reduce_counts: combines per-shard histograms (a ``psum``) when the arrays are shards.
+    counted: with ``reduce_counts``, boolean arrays marking the entries that count towards the
+      histograms: a block replicated on several devices is counted on one of them only.
 
   Returns:
     Boolean arrays shaped like ``scores``: True where the entry is pruned.
@@ -200,36 +202,46 @@ def prune_lowest(scores: Sequence[Array], k: Union[int, Array], *,
   keys = [score_keys(s) for s in scores]
   if positions is None:
     positions = default_positions([s.shape for s in scores])
+  positions = list(positions)
+  if reduce_counts is not None:
+    # Shards inside shard_map: sizes and k are global, known only to the caller.
+    counted = list(counted) if counted is not None else [None] * len(keys)
+    return _prune_lowest_impl(keys, jnp.asarray(k, jnp.int32), positions, counted, reduce_counts)
   total = sum(int(np.prod(s.shape, dtype=np.int64)) for s in scores)
-  if reduce_counts is None and total > _MAX_COUNT:
+  if total > _MAX_COUNT:
     raise ValueError(f"prune_lowest: at most {_MAX_COUNT} entries per selection, got {total}.")
   if isinstance(k, numbers.Integral):
-    if reduce_counts is None and not 0 <= k <= total:
+    if not 0 <= k <= total:
       raise ValueError(f"prune_lowest: k must be in [0, {total}], got {k}.")
     if k == 0:
       return [jnp.zeros(s.shape, bool) for s in scores]
-  k = jnp.asarray(k, jnp.int32)
-  if reduce_counts is None:
-    k = jnp.clip(k, 0, total)
+  k = jnp.clip(jnp.asarray(k, jnp.int32), 0, total)
   # One compiled program per structure: eager callers (one-shot pruning outside jit) would
   # otherwise re-trace the tie-break `cond` on every call. Inside an outer jit this inlines.
-  return _prune_lowest_compiled(keys, k, list(positions), reduce_counts)
+  return _prune_lowest_compiled(keys, k, positions)
 
 
-@functools.partial(jax.jit, static_argnums=3)
-def _prune_lowest_compiled(keys: list[Array], k: Array, positions: list[Array],
-                           reduce_counts: Optional[CountReducer]) -> list[Array]:
-  t, less, equal = kth_smallest(keys, jnp.maximum(k, 1), reduce_counts=reduce_counts)
+def _prune_lowest_impl(keys: list[Array], k: Array, positions: list[Array],
+                       counted: list[Optional[Array]],
+                       reduce_counts: Optional[CountReducer]) -> list[Array]:
+  t, less, equal = kth_smallest(keys, jnp.maximum(k, 1), valid=counted,
+                                reduce_counts=reduce_counts)
   ties_pruned = k - less  # in [1, equal] when k >= 1
 
   def tie_cut():
     # Keep the (equal - ties_pruned) earliest tied entries: the cut is the position of rank
     # (equal - ties_pruned + 1) among tied entries; tied entries at or after it are pruned.
-    cut, _, _ = kth_smallest(positions, equal - ties_pruned + 1,
-                             valid=[key == t for key in keys], reduce_counts=reduce_counts)
+    tied = [key == t if c is None else c & (key == t) for key, c in zip(keys, counted)]
+    cut, _, _ = kth_smallest(positions, equal - ties_pruned + 1, valid=tied,
+                             reduce_counts=reduce_counts)
     return cut
 
   cut = lax.cond(ties_pruned < equal, tie_cut, lambda: jnp.uint32(0))
   any_pruned = k > 0
   return [any_pruned & ((key < t) | ((key == t) & (pos >= cut)))
           for key, pos in zip(keys, positions)]
+
+
+@jax.jit
+def _prune_lowest_compiled(keys: list[Array], k: Array, positions: list[Array]) -> list[Array]:
+  return _prune_lowest_impl(keys, k, positions, [None] * len(keys), None)

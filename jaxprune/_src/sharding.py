@@ -192,31 +192,6 @@ def _is_primary(spec: PartitionSpec, mesh: AnyMesh) -> Array:
   return primary
 
 
-def _prune_lowest_blocks(keys: list[Array], positions: list[Array], counted: list[Array],
-                         k: Array, axes: tuple[str, ...]) -> list[Array]:
-  """`select.prune_lowest` over blocks of sharded arrays, True = prune.
-
-  A block replicated over some mesh axes sits on several devices; only its primary copy is
-  counted (``counted``), so the psum over all axes counts every global entry exactly once. Every
-  device then derives the same threshold and tie cut, and replicas compute identical masks.
-  """
-  def reduce(h):
-    return lax.psum(h, axes)
-
-  t, less, equal = select.kth_smallest(keys, jnp.maximum(k, 1), valid=counted,
-                                       reduce_counts=reduce)
-  ties_pruned = k - less
-
-  def tie_cut():
-    cut, _, _ = select.kth_smallest(positions, equal - ties_pruned + 1,
-                                    valid=[c & (key == t) for c, key in zip(counted, keys)],
-                                    reduce_counts=reduce)
-    return cut
-
-  cut = lax.cond(ties_pruned < equal, tie_cut, lambda: jnp.uint32(0))
-  return [(k > 0) & ((key < t) | ((key == t) & (pos >= cut))) for key, pos in zip(keys, positions)]
-
-
 def sharded_unstructured_mask(scores: PyTree, sparsity: masks_lib.Sparsity,
                               mesh: Optional[AnyMesh] = None, *, scope: str = "layer",
                               prunable: tree_lib.Prunable = None, specs: Specs = None) -> PyTree:
@@ -270,19 +245,24 @@ def sharded_unstructured_mask(scores: PyTree, sparsity: masks_lib.Sparsity,
   shapes = [tuple(x.shape) for x in leaves]
   axes = tuple(mesh.axis_names)
 
+  def reduce(h):
+    # Every device holds or counts a part of each leaf: combine histograms over all axes.
+    return lax.psum(h, axes)
+
   def body(k_vec, *blocks):
-    keys = [select.score_keys(b) for b in blocks]
     counted = [jnp.broadcast_to(_is_primary(spec_list[i], mesh), b.shape)
                for i, b in zip(idx, blocks)]
     if scope == "layer":
       positions = [_block_positions(shapes[i], spec_list[i], mesh, 0) for i in idx]
-      pruned = [_prune_lowest_blocks([kk], [p], [c], k_vec[j], axes)[0]
-                for j, (kk, p, c) in enumerate(zip(keys, positions, counted))]
+      pruned = [select.prune_lowest([b], k_vec[j], positions=[p], counted=[c],
+                                    reduce_counts=reduce)[0]
+                for j, (b, p, c) in enumerate(zip(blocks, positions, counted))]
     else:
       offsets = np.cumsum([0] + [leaves[i].size for i in idx[:-1]]).tolist()
       positions = [_block_positions(shapes[i], spec_list[i], mesh, o)
                    for i, o in zip(idx, offsets)]
-      pruned = (_prune_lowest_blocks(keys, positions, counted, k_vec[0], axes) if idx else [])
+      pruned = (select.prune_lowest(blocks, k_vec[0], positions=positions, counted=counted,
+                                    reduce_counts=reduce) if idx else [])
     keep = dict(zip(idx, [~p for p in pruned]))
     return [keep[i] if i in keep else jnp.ones(_local_shape(shapes[i], spec_list[i], mesh), bool)
             for i in range(len(leaves))]

@@ -129,7 +129,8 @@ def prune(schedule: ScheduleLike,
           prunable: tree_lib.Prunable = None,
           num_probes: int = 8,
           average_hessian: bool = False,
-          seed: int = 0) -> optax.GradientTransformationExtraArgs:
+          seed: int = 0,
+          mask_fn: Optional[Callable[..., PyTree]] = None) -> optax.GradientTransformationExtraArgs:
   """Gradual pruning inside the jitted train step; chain it after the optimizer.
 
   Example::
@@ -182,6 +183,10 @@ def prune(schedule: ScheduleLike,
     num_probes: Hutchinson probes per Hessian estimate.
     average_hessian: average the Hessian diagonal over the steps between mask updates.
     seed: seed of the state's PRNG key (random scores, Hessian probes).
+    mask_fn: the selection, called as ``mask_fn(scores, sparsity, scope=..., prunable=...)``;
+      default `unstructured_mask`. For parameters sharded over a mesh pass
+      ``functools.partial(jp.sharded_unstructured_mask, mesh=mesh, specs=param_specs)`` so that
+      only histograms cross devices (see docs/sharding.md).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose ``update(updates, state, params, *,
@@ -218,6 +223,7 @@ def prune(schedule: ScheduleLike,
   if not isinstance(num_probes, numbers.Integral) or num_probes < 1:
     raise ValueError(f"num_probes: expected a positive integer, got {num_probes!r}.")
   accumulate = bool(average_hessian) and score in _HESSIAN_SCORES
+  select_masks = masks_lib.unstructured_mask if mask_fn is None else mask_fn
 
   def init_fn(params: PyTree) -> PruneState:
     flags = tree_lib.prunable_flags(params, prunable)
@@ -307,18 +313,18 @@ def prune(schedule: ScheduleLike,
     ranked = jax.tree.map(rank, raw, old_masks, flags)
     per_leaf = leaf_sparsities(params, flags, override_index, target, override_targets)
     if scope == "layer":
-      masks = masks_lib.unstructured_mask(ranked, per_leaf, scope="layer", prunable=flags)
+      masks = select_masks(ranked, per_leaf, scope="layer", prunable=flags)
     else:
       in_global = jax.tree.unflatten(
           jax.tree.structure(params),
           [f and o is None for f, o in zip(jax.tree.leaves(flags), override_index)])
-      masks = masks_lib.unstructured_mask(ranked, target, scope="global", prunable=in_global)
+      masks = select_masks(ranked, target, scope="global", prunable=in_global)
       if any(o is not None for o in override_index):
         overridden = jax.tree.unflatten(
             jax.tree.structure(params), [o is not None for o in override_index])
         masks = jax.tree.map(
             jnp.logical_and, masks,
-            masks_lib.unstructured_mask(ranked, per_leaf, scope="layer", prunable=overridden))
+            select_masks(ranked, per_leaf, scope="layer", prunable=overridden))
     return jax.tree.map(jnp.logical_and, masks, old_masks)
 
   def update_fn(updates, state: PruneState, params=None, **extra_args):
