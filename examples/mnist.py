@@ -275,13 +275,6 @@ def overrides_for(cfg: Config) -> Optional[dict[str, float]]:
   return {f"['{name}']['kernel']": s for name, s in cfg.layer_sparsities}
 
 
-def kernel_paths(params: PyTree) -> list[str]:
-  """Paths of the prunable leaves (the kernels), in leaf order."""
-  flags = jax.tree.leaves(jp.prunable_flags(params))
-  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  return [p for p, f in zip(paths, flags) if f]
-
-
 # ------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------
@@ -459,13 +452,9 @@ def oneshot_scores(trainer: Trainer, params: PyTree, criterion: str, *, batches:
                           criterion, num_probes)
 
 
-def _averaged_scores(loss_fn, x, y, params, idx, key, criterion, num_probes):
-  # One compiled scan per (criterion, shapes); the trainer's loss closes over the model only.
-  return _averaged_scores_jit(loss_fn, x, y, params, idx, key, criterion, num_probes)
-
-
 @functools.partial(jax.jit, static_argnums=(0, 6, 7))
-def _averaged_scores_jit(loss_fn, x, y, params, idx, key, criterion, num_probes):
+def _averaged_scores(loss_fn, x, y, params, idx, key, criterion, num_probes):
+  # Static loss_fn/criterion/num_probes: one compiled scan per trainer and criterion.
   grad_fn = jax.grad(loss_fn)
 
   def one(acc, inputs):

@@ -1,4 +1,4 @@
-"""examples/mnist.py: IDX reading, a short real-MNIST prune run, and the digits default end to end."""
+"""examples/mnist.py: IDX reading, a short real-MNIST prune run, the digits default end to end."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
