@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import jaxprune as jp
+from models import MLP, Block, ResCNN
 
 
 def members(group):
@@ -15,39 +16,6 @@ def members(group):
 
 def by_name(groups):
   return {g.name: g for g in groups}
-
-
-class MLP(nn.Module):
-  features: tuple = (6, 5, 3)
-
-  @nn.compact
-  def __call__(self, x):
-    for f in self.features[:-1]:
-      x = nn.relu(nn.Dense(f)(x))
-    return nn.Dense(self.features[-1])(x)
-
-
-class ResCNN(nn.Module):
-  c: int = 4
-
-  @nn.compact
-  def __call__(self, x):
-    y = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Conv(self.c, (3, 3))(x)))
-    y = y + nn.Conv(self.c, (1, 1))(y)
-    y = y.reshape((y.shape[0], -1))
-    return nn.Dense(3)(y)
-
-
-class Block(nn.Module):
-  heads: int = 2
-  qkv: int = 8
-  hidden: int = 12
-
-  @nn.compact
-  def __call__(self, x):
-    y = nn.MultiHeadDotProductAttention(num_heads=self.heads, qkv_features=self.qkv)(x, x)
-    x = nn.LayerNorm()(x + y)
-    return x + nn.Dense(x.shape[-1])(nn.gelu(nn.Dense(self.hidden)(x)))
 
 
 def test_mlp_groups_exact():

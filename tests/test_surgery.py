@@ -1,6 +1,5 @@
 """Group scores, group masks and physical removal: the shrunk model equals the masked one."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +7,7 @@ import pytest
 from flax import nnx
 
 import jaxprune as jp
+import models
 
 ATOL = 1e-5
 
@@ -28,37 +28,17 @@ def randomize(variables, seed):
   return jax.tree_util.tree_map_with_path(f, variables)
 
 
-class MLP(nn.Module):
+class MLP(models.MLP):
   features: tuple = (16, 12, 3)
 
-  @nn.compact
-  def __call__(self, x):
-    for f in self.features[:-1]:
-      x = nn.relu(nn.Dense(f)(x))
-    return nn.Dense(self.features[-1])(x)
 
-
-class ResCNN(nn.Module):
+class ResCNN(models.ResCNN):
   c: int = 6
 
-  @nn.compact
-  def __call__(self, x):
-    y = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Conv(self.c, (3, 3))(x)))
-    y = y + nn.Conv(self.c, (1, 1))(y)
-    y = y.reshape((y.shape[0], -1))
-    return nn.Dense(3)(y)
 
-
-class Block(nn.Module):
+class Block(models.Block):
   heads: int = 4
   qkv: int = 16
-  hidden: int = 12
-
-  @nn.compact
-  def __call__(self, x):
-    y = nn.MultiHeadDotProductAttention(num_heads=self.heads, qkv_features=self.qkv)(x, x)
-    x = nn.LayerNorm()(x + y)
-    return x + nn.Dense(x.shape[-1])(nn.gelu(nn.Dense(self.hidden)(x)))
 
 
 def prune_and_shrink(model, x, seed):
