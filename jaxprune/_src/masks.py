@@ -57,6 +57,14 @@ def _global_sparsity(sparsity: Sparsity) -> Union[float, Array]:
   return sparsity
 
 
+def _sparsities(sparsity: Sparsity, scores: PyTree, treedef, idx: list[int], scope: str) -> list:
+  """The per-leaf fractions of the selected leaves (layer scope), or the one global fraction."""
+  if scope == "layer":
+    per_leaf = _per_leaf_sparsity(sparsity, scores, treedef)
+    return [per_leaf[i] for i in idx]
+  return [_global_sparsity(sparsity)]
+
+
 def _select_units(unit_scores: list[Array], paths: list[str], sparsities: list, scope: str,
                   name: str = "sparsity") -> list[Array]:
   """Prune masks (True = prune) over per-leaf unit scores, per leaf or globally."""
@@ -98,11 +106,7 @@ def unstructured_mask(scores: PyTree, sparsity: Sparsity, *, scope: str = "layer
   _check_scope(scope)
   leaves, paths, flags, treedef = _prepare(scores, prunable)
   idx = [i for i, f in enumerate(flags) if f]
-  if scope == "layer":
-    sps = _per_leaf_sparsity(sparsity, scores, treedef)
-    sps = [sps[i] for i in idx]
-  else:
-    sps = [_global_sparsity(sparsity)]
+  sps = _sparsities(sparsity, scores, treedef, idx, scope)
   pruned = _select_units([leaves[i] for i in idx], [paths[i] for i in idx], sps, scope)
   return _assemble(treedef, leaves, flags, {i: ~p for i, p in zip(idx, pruned)})
 
@@ -161,11 +165,7 @@ def structured_mask(scores: PyTree, sparsity: Sparsity, *, axis: int = -1, norm:
   for i in idx:
     others = tuple(a for a in range(leaves[i].ndim) if a != axes[i])
     unit_scores.append(_reduce(leaves[i], others, norm))
-  if scope == "layer":
-    sps = _per_leaf_sparsity(sparsity, scores, treedef)
-    sps = [sps[i] for i in idx]
-  else:
-    sps = [_global_sparsity(sparsity)]
+  sps = _sparsities(sparsity, scores, treedef, idx, scope)
   pruned = _select_units(unit_scores, [paths[i] for i in idx], sps, scope)
   keep = {}
   for i, p in zip(idx, pruned):
@@ -273,11 +273,7 @@ def block_mask(scores: PyTree, sparsity: Sparsity, block_shape: Sequence[int], *
       s = s / jnp.sum(ones.reshape(blocked.shape), axis=inner)
     block_scores.append(s)
     layouts.append((bs, nb))
-  if scope == "layer":
-    sps = _per_leaf_sparsity(sparsity, scores, treedef)
-    sps = [sps[i] for i in idx]
-  else:
-    sps = [_global_sparsity(sparsity)]
+  sps = _sparsities(sparsity, scores, treedef, idx, scope)
   pruned = _select_units(block_scores, [paths[i] for i in idx], sps, scope)
   keep = {}
   for i, p, (bs, _) in zip(idx, pruned, layouts):
