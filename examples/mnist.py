@@ -263,6 +263,7 @@ class Config:
   ft_lr: float = 3e-4
   l1: float = 1e-4
   num_probes: int = 8
+  average_hessian: bool = False
   score_batches: int = 16
   prune_every: int = 50
   seed: int = 0
@@ -676,7 +677,7 @@ def run(trainer: Trainer, cfg: Config, dense: PyTree, *, progress: bool = True,
           params, fisher_diag(loss_fn, params, batch))
     prune_tx = jp.prune(schedule_for(cfg, cfg.sparsity, 0, spe), score,
                         scope=cfg.scope, overrides=overrides, num_probes=cfg.num_probes,
-                        seed=cfg.seed)
+                        average_hessian=cfg.average_hessian, seed=cfg.seed)
     lr = optax.join_schedules([optax.constant_schedule(cfg.lr), _ft_lr(cfg, ft_steps)],
                               [prune_steps])
     tx = optax.chain(optax.adam(lr), prune_tx)
@@ -891,6 +892,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="L1 strength: default 1e-4 for --mode l1 (added to the gradient) and 0.5 "
                       "for --mode prox (soft threshold lr*l1 per step after Adam)")
   p.add_argument("--num-probes", type=int, default=8, help="Hutchinson probes per batch")
+  p.add_argument("--average-hessian", action="store_true",
+                 help="gradual/iterative obd: average the Hutchinson estimate over every step "
+                      "between mask updates (one extra Hessian-vector product per probe per step)")
   p.add_argument("--score-batches", type=int, default=16,
                  help="batches the one-shot gradient/Taylor/OBD scores average over")
   p.add_argument("--prune-every", type=int, default=None, help="steps between mask updates")
@@ -926,7 +930,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[RunResult]:
                 ft_epochs=pick(args.ft_epochs, "ft_epochs"), batch_size=args.batch_size,
                 lr=args.lr, ft_lr=args.ft_lr,
                 l1=args.l1 if args.l1 is not None else (0.5 if args.mode == "prox" else 1e-4),
-                num_probes=args.num_probes,
+                num_probes=args.num_probes, average_hessian=args.average_hessian,
                 score_batches=args.score_batches,
                 prune_every=pick(args.prune_every, "prune_every"), seed=args.seed)
   progress = not args.no_progress
