@@ -55,19 +55,6 @@ import optax
 
 import jaxprune as jp
 
-if not hasattr(jp, "prune"):
-  # The optax section of the public API (issue 3) was not exported yet when this example was
-  # written; the same functions, from their modules. Remove once `jp.prune` exists.
-  from jaxprune._src import penalties as _penalties
-  from jaxprune._src import schedules as _schedules
-  from jaxprune._src import transform as _transform
-
-  jp.prune = _transform.prune
-  jp.polynomial_schedule = _schedules.polynomial_schedule
-  jp.iterative_schedule = _schedules.iterative_schedule
-  jp.add_l1 = _penalties.add_l1
-  jp.proximal_l1 = _penalties.proximal_l1
-
 PyTree = Any
 
 CRITERIA = ("magnitude", "gradient", "taylor", "obd", "random")
