@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Runs every benchmark at full size, one after the other, and keeps what each printed in
+# benchmarks/results/<name>.txt (the README's figures are copied from these files).
+# Run it on a quiet machine: the scripts time work side by side, but a loaded CPU still skews them.
+set -euo pipefail
+cd "$(dirname "$0")"
+mkdir -p results
+for name in selection hessian step structured sharded; do
+  echo "== $name"
+  python "$name.py" "$@" 2>&1 | tee "results/$name.txt"
+done
