@@ -833,8 +833,8 @@ def plot_layers(results: Sequence[RunResult], path: os.PathLike, title: str) -> 
 
 # Defaults per dataset: digits has 11 batches per epoch, so it needs more epochs to converge.
 DEFAULTS = {
-    "digits": dict(epochs=40, prune_epochs=10, ft_epochs=20, prune_every=10),
-    "mnist": dict(epochs=20, prune_epochs=4, ft_epochs=8, prune_every=50),
+    "digits": dict(epochs=40, prune_epochs=10, ft_epochs=20, prune_every=10, prox=0.5),
+    "mnist": dict(epochs=20, prune_epochs=4, ft_epochs=8, prune_every=50, prox=0.15),
 }
 
 
@@ -876,8 +876,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--ft-lr", type=float, default=3e-4)
   p.add_argument("--l1", type=float, default=None,
-                 help="L1 strength: default 1e-4 for --mode l1 (added to the gradient) and 0.5 "
-                      "for --mode prox (soft threshold lr*l1 per step after Adam)")
+                 help="L1 strength: default 1e-4 for --mode l1 (added to the gradient); for "
+                      "--mode prox (soft threshold lr*l1 per step after Adam) 0.15 on MNIST, "
+                      "0.5 on digits")
   p.add_argument("--num-probes", type=int, default=8, help="Hutchinson probes per batch")
   p.add_argument("--average-hessian", action="store_true",
                  help="gradual/iterative obd: average the Hutchinson estimate over every step "
@@ -916,7 +917,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[RunResult]:
                 prune_epochs=pick(args.prune_epochs, "prune_epochs"), rounds=args.rounds,
                 ft_epochs=pick(args.ft_epochs, "ft_epochs"), batch_size=args.batch_size,
                 lr=args.lr, ft_lr=args.ft_lr,
-                l1=args.l1 if args.l1 is not None else (0.5 if args.mode == "prox" else 1e-4),
+                l1=args.l1 if args.l1 is not None else (d["prox"] if args.mode == "prox" else 1e-4),
                 num_probes=args.num_probes, average_hessian=args.average_hessian,
                 score_batches=args.score_batches,
                 prune_every=pick(args.prune_every, "prune_every"), seed=args.seed)
