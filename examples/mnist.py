@@ -910,6 +910,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[RunResult]:
   d.update(DEFAULTS.get(f"{'mnist' if args.data_dir else 'digits'}/{args.model}", {}))
   pick = lambda value, key: d[key] if value is None else value  # noqa: E731
   criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
+  if not criteria:
+    raise ValueError(f"--criteria: expected at least one of {CRITERIA + EXTRA_CRITERIA}, got "
+                     f"{args.criteria!r}.")
   for c in criteria:
     if c not in CRITERIA + EXTRA_CRITERIA:
       raise ValueError(f"--criteria: expected names from {CRITERIA + EXTRA_CRITERIA}, got "

@@ -160,3 +160,5 @@ def test_parse_layer_sparsity_errors():
     M.parse_layer_sparsities("fc1", "lenet300")
   with pytest.raises(ValueError, match="criterion"):
     M.oneshot_scores(None, {}, "hessian-free")
+  with pytest.raises(ValueError, match="--criteria: expected names"):
+    M.main(["--criteria", "magnitude,hessian-free", "--no-progress"])
