@@ -149,7 +149,9 @@ def main() -> None:
        jax.random.normal(key, (b, 16, 16, 3) if q else (b, 32, 32, 3))),
       ("transformer", Block(8, 128 if q else 256, 256 if q else 1024),
        lambda f: Block(f["MultiHeadDotProductAttention_0"]["num_heads"],
-                       f["MultiHeadDotProductAttention_0"]["qkv_features"], f["Dense_0"]),
+                       # Linen names submodules in construction order: in
+                       # `Dense(d)(gelu(Dense(hidden)(x)))` the outer Dense(d) is Dense_0.
+                       f["MultiHeadDotProductAttention_0"]["qkv_features"], f["Dense_1"]),
        jax.random.normal(key, (b, 16 if q else 64, 128 if q else 256))),
   ]
   rows = [run_case(n, m, r, x, args.sparsity, reps) for n, m, r, x in cases]
