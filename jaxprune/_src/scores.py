@@ -148,15 +148,17 @@ def hessian_diag(loss_fn: Callable[..., Array], params: PyTree, *args: Any, key:
 
     return lax.scan(one_probe, acc, jnp.arange(num_bits, dtype=jnp.uint32))[0]
 
-  full_words, rest = divmod(num_probes, 32)
-  word_keys = jax.random.split(key, full_words + 1)
   # The sums vary over every axis the params or the batch vary over (scan carries must match).
   everywhere = _varying_axes((params, args))
   acc = [_vary(jnp.zeros(jnp.shape(x), jnp.float32), everywhere) for x in leaves]
-  if full_words:
+  if num_probes <= 32:  # one word of signs, one flat scan (the common case)
+    acc = word_probes(acc, key, num_probes)
+  else:
+    full_words, rest = divmod(num_probes, 32)
+    word_keys = jax.random.split(key, full_words + 1)
     acc = lax.scan(lambda a, k: (word_probes(a, k, 32), None), acc, word_keys[:full_words])[0]
-  if rest:
-    acc = word_probes(acc, word_keys[full_words], rest)
+    if rest:
+      acc = word_probes(acc, word_keys[full_words], rest)
   return jax.tree.unflatten(treedef, [a / num_probes for a in acc])
 
 
