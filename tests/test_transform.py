@@ -308,6 +308,29 @@ def test_live_nan_scores_never_resurrect_pruned_entries():
                                 [1, 1, 1, 0, 0, 0, 0, 0, 1, 1])
 
 
+def test_live_nan_scores_keep_the_count_exact():
+  # From step 1 the scores of 6..10 are NaN: live entries at later positions than the pruned
+  # ones. Were they ranked as NaN they would tie with the pruned entries and, being later, go
+  # first; prune ranks live NaN as -inf, so exactly round(0.5 * 10) = 5 entries end up pruned.
+  p0 = {"w": jnp.arange(1.0, 11.0).reshape(2, 5)}
+  sched = lambda t: jnp.where(t < 1, 0.3, 0.5)
+  nan_later = lambda params, step, **_: jax.tree.map(
+      lambda x: jnp.where((step >= 1) & (x > 5), jnp.nan, x), params)
+  tx = prune(sched, nan_later)
+  state = tx.init(p0)
+  update = jax.jit(tx.update)
+  _, state = update(p0, state, p0, step=0)
+  np.testing.assert_array_equal(~state.masks["w"].reshape(-1), [1, 1, 1, 0, 0, 0, 0, 0, 0, 0])
+  _, state = update(p0, state, p0, step=1)
+  np.testing.assert_array_equal(~state.masks["w"].reshape(-1), [1, 1, 1, 0, 0, 0, 0, 0, 1, 1])
+
+
+def test_constant_sparsity_out_of_range_rejected_for_arrays_too():
+  for bad in (1.5, jnp.float32(1.5), np.float32(np.nan)):
+    with pytest.raises(ValueError, match="schedule: expected a fraction in"):
+      prune(bad)
+
+
 def test_validation_errors():
   p0 = _params()
   with pytest.raises(ValueError, match="score"):

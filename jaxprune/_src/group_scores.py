@@ -19,13 +19,14 @@ References:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune._src import masks as masks_lib
 from jaxprune._src import select
 from jaxprune._src import tree as tree_lib
 from jaxprune._src.groups import Group
@@ -41,7 +42,7 @@ def _check_groups(groups: Sequence[Group], name: str) -> None:
 
 
 def group_scores(groups: Sequence[Group], scores: Any, *, reduce: str = "l2",
-                 prunable: Callable[[tuple, Any], bool] | None = None) -> list[Array]:
+                 prunable: tree_lib.Prunable = None) -> list[Array]:
   """Per-unit scores of every group: higher = more important.
 
   Args:
@@ -51,41 +52,39 @@ def group_scores(groups: Sequence[Group], scores: Any, *, reduce: str = "l2",
       the groups mention but ``scores`` lacks are skipped.
     reduce: ``"l2"`` (square root of the sum of squares) or ``"l1"`` (sum of
       absolute values) over all entries of a unit.
-    prunable: predicate ``(key_path, leaf) -> bool`` choosing the leaves that
-      contribute; default ``jp.default_prunable`` (floating, ``ndim >= 2``:
-      kernels, not biases, norm scales or running statistics).
+    prunable: which leaves contribute: None for ``jp.default_prunable``
+      (floating, ``ndim >= 2``: kernels, not biases, norm scales or running
+      statistics), a predicate ``(key_path, leaf) -> bool`` or a pytree of bools.
 
   Returns:
     One float32 array of shape ``(group.size,)`` per group.
   """
   _check_groups(groups, "group_scores")
-  if reduce not in ("l1", "l2"):
-    raise ValueError(f"group_scores: reduce must be 'l1' or 'l2', got {reduce!r}")
-  return _group_scores(tuple(groups), scores, reduce, prunable or tree_lib.default_prunable)
+  masks_lib._check_norm(reduce, ("l1", "l2"), "reduce")
+  # Resolved outside jit, to paths: a static set compares by value, so a fresh lambda per call
+  # does not recompile, and the predicate sees concrete leaves.
+  flags = jax.tree.leaves(tree_lib.prunable_flags(scores, prunable))
+  chosen = frozenset(path for (path, _), f in zip(tree_lib.leaves_with_paths(scores), flags) if f)
+  return _group_scores(tuple(groups), scores, reduce, chosen)
 
 
 # Groups hash by identity, so reusing the same groups reuses the compiled program.
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))
 def _group_scores(groups: tuple[Group, ...], scores: Any, reduce: str,
-                  prunable: Callable[[tuple, Any], bool]) -> list[Array]:
-  flat, _ = jax.tree_util.tree_flatten_with_path(scores)
-  leaves = {jax.tree_util.keystr(p): (p, x) for p, x in flat}
+                  chosen: frozenset[str]) -> list[Array]:
+  leaves = dict(tree_lib.leaves_with_paths(scores))
   out = []
   for g in groups:
     total = jnp.zeros((g.size,), jnp.float32)
     used = False
     for m in g.members:
-      if m.path not in leaves:
+      if m.path not in chosen:  # absent from scores, or not prunable
         continue
-      kp, s = leaves[m.path]
-      if not prunable(kp, s):
-        continue
-      s = jnp.asarray(s, jnp.float32)
+      s = leaves[m.path]
       if s.shape[m.axis] != len(m.units):
         raise ValueError(f"group_scores: leaf {m.path} has length {s.shape[m.axis]} on axis "
                          f"{m.axis}, the group {g.name} expects {len(m.units)}")
-      e = jnp.abs(s) if reduce == "l1" else jnp.square(s)
-      per_index = jnp.sum(e, axis=tuple(i for i in range(s.ndim) if i != m.axis))
+      per_index = masks_lib._reduce(s, tuple(i for i in range(s.ndim) if i != m.axis), reduce)
       covered = np.nonzero(m.units >= 0)[0]
       total = total + jax.ops.segment_sum(per_index[covered], m.units[covered],
                                           num_segments=g.size)
@@ -115,6 +114,7 @@ def group_masks(scores: Sequence[Array], sparsity: Sparsity, *,
   Returns:
     One bool array per group, True = keep.
   """
+  masks_lib._check_scope(scope)
   scores = [jnp.asarray(s, jnp.float32) for s in scores]
   if any(s.ndim != 1 for s in scores):
     raise ValueError(f"group_masks: expected 1-D per-unit scores, got shapes "
@@ -135,18 +135,16 @@ def group_masks(scores: Sequence[Array], sparsity: Sparsity, *,
                          f"group {i}; expected to keep at least one")
       ks.append(k)
     return list(_keep_per_group(tuple(scores), jnp.asarray(ks, jnp.int32)))
-  if scope == "global":
-    total = sum(s.shape[0] for s in scores)
-    k = select.num_to_prune(sparsity, total)
-    keep = list(_keep_global(tuple(scores), jnp.asarray(k, jnp.int32)))
-    if isinstance(k, int):
-      empty = [i for i, m in enumerate(keep) if not bool(jnp.any(m))]
-      if empty:
-        raise ValueError(f"group_masks: global sparsity {sparsity} would remove every unit of "
-                         f"groups {empty}; expected at least one unit kept per group (lower the "
-                         "sparsity or use scope='layer')")
-    return keep
-  raise ValueError(f"group_masks: scope must be 'layer' or 'global', got {scope!r}")
+  total = sum(s.shape[0] for s in scores)
+  k = select.num_to_prune(sparsity, total)
+  keep = list(_keep_global(tuple(scores), jnp.asarray(k, jnp.int32)))
+  if isinstance(k, int):
+    empty = [i for i, m in enumerate(jax.device_get(keep)) if not m.any()]  # one transfer
+    if empty:
+      raise ValueError(f"group_masks: global sparsity {sparsity} would remove every unit of "
+                       f"groups {empty}; expected at least one unit kept per group (lower the "
+                       "sparsity or use scope='layer')")
+  return keep
 
 
 # One compiled selection per call shape: the per-unit vectors are tiny, and

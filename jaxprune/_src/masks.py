@@ -65,21 +65,21 @@ def _sparsities(sparsity: Sparsity, scores: PyTree, treedef, idx: list[int], sco
   return [_global_sparsity(sparsity)]
 
 
-def _select_units(unit_scores: list[Array], paths: list[str], sparsities: list, scope: str,
-                  name: str = "sparsity") -> list[Array]:
+def _select_units(unit_scores: list[Array], paths: list[str], sparsities: list,
+                  scope: str) -> list[Array]:
   """Prune masks (True = prune) over per-leaf unit scores, per leaf or globally."""
   if scope == "layer":
     out = []
     for s, path, sp in zip(unit_scores, paths, sparsities):
-      k = select.num_to_prune(sp, s.size, name, path)
+      k = select.num_to_prune(sp, s.size, "sparsity", path)
       out.append(select.prune_lowest([s], k)[0])
     return out
   total = sum(s.size for s in unit_scores)
-  k = select.num_to_prune(sparsities[0], total, name)
+  k = select.num_to_prune(sparsities[0], total, "sparsity")
   return select.prune_lowest(unit_scores, k)
 
 
-def _assemble(treedef, leaves: list[Array], flags: list[bool], keep: dict) -> PyTree:
+def _assemble(treedef, leaves: list[Array], keep: dict) -> PyTree:
   masks = [keep[i] if i in keep else jnp.ones(x.shape, bool) for i, x in enumerate(leaves)]
   return jax.tree.unflatten(treedef, masks)
 
@@ -108,7 +108,7 @@ def unstructured_mask(scores: PyTree, sparsity: Sparsity, *, scope: str = "layer
   idx = [i for i, f in enumerate(flags) if f]
   sps = _sparsities(sparsity, scores, treedef, idx, scope)
   pruned = _select_units([leaves[i] for i in idx], [paths[i] for i in idx], sps, scope)
-  return _assemble(treedef, leaves, flags, {i: ~p for i, p in zip(idx, pruned)})
+  return _assemble(treedef, leaves, {i: ~p for i, p in zip(idx, pruned)})
 
 
 def _normalize_axis(axis: int, ndim: int, path: str, name: str = "axis") -> int:
@@ -172,7 +172,7 @@ def structured_mask(scores: PyTree, sparsity: Sparsity, *, axis: int = -1, norm:
     shape = [1] * leaves[i].ndim
     shape[axes[i]] = leaves[i].shape[axes[i]]
     keep[i] = jnp.broadcast_to(~p.reshape(shape), leaves[i].shape)
-  return _assemble(treedef, leaves, flags, keep)
+  return _assemble(treedef, leaves, keep)
 
 
 def nm_mask(scores: PyTree, n: int = 2, m: int = 4, *, axis: int = -2,
@@ -216,7 +216,7 @@ def nm_mask(scores: PyTree, n: int = 2, m: int = 4, *, axis: int = -2,
     rank = jnp.sum((b > a) | ((b == a) & j_before_i), axis=-1)
     mask = (rank < n).reshape(keys.shape)
     keep[i] = jnp.moveaxis(mask, -1, ax)
-  return _assemble(treedef, leaves, flags, keep)
+  return _assemble(treedef, leaves, keep)
 
 
 def block_mask(scores: PyTree, sparsity: Sparsity, block_shape: Sequence[int], *,
@@ -281,7 +281,7 @@ def block_mask(scores: PyTree, sparsity: Sparsity, block_shape: Sequence[int], *
     for ax, b in enumerate(bs):
       full = jnp.repeat(full, b, axis=ax)
     keep[i] = full[tuple(slice(0, d) for d in leaves[i].shape)]
-  return _assemble(treedef, leaves, flags, keep)
+  return _assemble(treedef, leaves, keep)
 
 
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:

@@ -23,6 +23,7 @@ global curvature.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -42,9 +43,6 @@ Array = jax.Array
 PyTree = Any
 AnyMesh = Union[Mesh, jax.sharding.AbstractMesh]
 Specs = Union[None, PartitionSpec, NamedSharding, PyTree]
-
-_MAX_COUNT = 2**31 - 1  # histogram counts are int32
-
 
 def _is_spec_leaf(x: Any) -> bool:
   return x is None or isinstance(x, (PartitionSpec, NamedSharding))
@@ -227,22 +225,25 @@ def sharded_unstructured_mask(scores: PyTree, sparsity: masks_lib.Sparsity,
   masks_lib._check_scope(scope)
   leaves, paths, flags, treedef = masks_lib._prepare(scores, prunable)
   mesh, spec_tree = resolve_specs(scores, mesh, specs)
-  spec_list = jax.tree.leaves(spec_tree, is_leaf=_is_spec_leaf)
-  idx = [i for i, f in enumerate(flags) if f]
-  total = sum(leaves[i].size for i in idx)
-  if total > _MAX_COUNT:
-    raise ValueError(f"sharded_unstructured_mask: selection counts are int32; got {total} "
-                     f"prunable entries, more than {_MAX_COUNT}.")
-
+  spec_list = tuple(jax.tree.leaves(spec_tree, is_leaf=_is_spec_leaf))
+  idx = tuple(i for i, f in enumerate(flags) if f)
+  sizes = [leaves[i].size for i in idx]
+  sps = masks_lib._sparsities(sparsity, scores, treedef, list(idx), scope)
   if scope == "layer":
-    sps = masks_lib._per_leaf_sparsity(sparsity, scores, treedef)
-    ks = [select.num_to_prune(sps[i], leaves[i].size, "sparsity", paths[i]) for i in idx]
+    ks = [select.num_to_prune(sp, n, "sparsity", paths[i]) for sp, n, i in zip(sps, sizes, idx)]
   else:
-    s = masks_lib._global_sparsity(sparsity)
-    ks = [select.num_to_prune(s, total, "sparsity")] if idx else []
+    ks = [select.num_to_prune(sps[0], sum(sizes), "sparsity")] if idx else []
   # Counts enter shard_map as one replicated vector: concrete or traced alike.
   k_vec = jnp.stack([jnp.asarray(k, jnp.int32) for k in ks]) if ks else jnp.zeros((0,), jnp.int32)
-  shapes = [tuple(x.shape) for x in leaves]
+  shapes = tuple(tuple(x.shape) for x in leaves)
+  selection = _sharded_selection(shapes, spec_list, idx, scope, mesh)
+  return jax.tree.unflatten(treedef, selection(k_vec, *[leaves[i] for i in idx]))
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_selection(shapes: tuple, spec_list: tuple, idx: tuple, scope: str,
+                       mesh: AnyMesh) -> Callable[..., list[Array]]:
+  """The jitted shard_map selection for one layout, built once (eager callers reuse it)."""
   axes = tuple(mesh.axis_names)
 
   def reduce(h):
@@ -258,21 +259,20 @@ def sharded_unstructured_mask(scores: PyTree, sparsity: masks_lib.Sparsity,
                                     reduce_counts=reduce)[0]
                 for j, (b, p, c) in enumerate(zip(blocks, positions, counted))]
     else:
-      offsets = np.cumsum([0] + [leaves[i].size for i in idx[:-1]]).tolist()
+      offsets = np.cumsum([0] + [math.prod(shapes[i]) for i in idx[:-1]]).tolist()
       positions = [_block_positions(shapes[i], spec_list[i], mesh, o)
                    for i, o in zip(idx, offsets)]
       pruned = (select.prune_lowest(blocks, k_vec[0], positions=positions, counted=counted,
                                     reduce_counts=reduce) if idx else [])
     keep = dict(zip(idx, [~p for p in pruned]))
     return [keep[i] if i in keep else jnp.ones(_local_shape(shapes[i], spec_list[i], mesh), bool)
-            for i in range(len(leaves))]
+            for i in range(len(shapes))]
 
   mapped = jax.shard_map(body, mesh=mesh,
                          in_specs=(PartitionSpec(),) + tuple(spec_list[i] for i in idx),
                          out_specs=list(spec_list))
   # jit: an eager shard_map would dispatch every primitive of the body separately.
-  out = jax.jit(mapped)(k_vec, *[leaves[i] for i in idx])
-  return jax.tree.unflatten(treedef, out)
+  return jax.jit(mapped)
 
 
 def state_shardings(tx: optax.GradientTransformation, params: PyTree,
@@ -352,17 +352,27 @@ def data_parallel_hessian_diag(loss_fn: Callable[..., Array], params: PyTree, *a
       raise ValueError(f"args: batch leaf {path} with shape {np.shape(x)} must have a leading "
                        f"dimension divisible by the {shards} shards of {batch_axis!r}.")
 
+  estimate = _data_parallel_estimator(loss_fn, mesh, names, num_probes, len(args))
+  return estimate(params, key, *args)
+
+
+@functools.lru_cache(maxsize=64)
+def _data_parallel_estimator(loss_fn: Callable[..., Array], mesh: AnyMesh,
+                             names: tuple[str, ...], num_probes: int,
+                             num_args: int) -> Callable[..., PyTree]:
+  """The jitted shard_map estimator for one setting, built once (eager callers reuse it)."""
+
   def body(params, key, *local_args):
     h = scores_lib.hessian_diag(loss_fn, params, *local_args, key=key, num_probes=num_probes)
     return lax.pmean(h, names)
 
   batch_spec = PartitionSpec(names if len(names) > 1 else names[0])
   mapped = jax.shard_map(body, mesh=mesh, axis_names=set(names),
-                         in_specs=(PartitionSpec(), PartitionSpec()) + (batch_spec,) * len(args),
+                         in_specs=(PartitionSpec(), PartitionSpec()) + (batch_spec,) * num_args,
                          out_specs=PartitionSpec(),
                          # Without replication typing, the gradient of the local loss w.r.t. the
                          # replicated params stays local; with it, autodiff would psum the
                          # cotangents over the shards (the transpose of the implicit broadcast)
                          # and the pmean would double count. pmean makes the output replicated.
                          check_vma=False)
-  return jax.jit(mapped)(params, key, *args)
+  return jax.jit(mapped)

@@ -26,6 +26,7 @@ from jax import lax
 from jaxprune._src import distribution as distribution_lib
 from jaxprune._src import masks as masks_lib
 from jaxprune._src import scores as scores_lib
+from jaxprune._src import select
 from jaxprune._src import tree as tree_lib
 
 PyTree = Any
@@ -68,12 +69,10 @@ def _as_schedule(value: ScheduleLike, name: str) -> Schedule:
   """A float / array becomes a constant schedule; a callable is used as is."""
   if callable(value):
     return value
-  if isinstance(value, numbers.Real):
-    if not 0.0 <= float(value) <= 1.0:  # False for NaN
-      raise ValueError(f"{name}: expected a sparsity in [0, 1] or a schedule, got {value!r}.")
-  elif not isinstance(value, (jax.Array, np.ndarray)) or np.ndim(value) != 0:
+  if not isinstance(value, (numbers.Real, jax.Array, np.ndarray)) or np.ndim(value) != 0:
     raise ValueError(f"{name}: expected a sparsity in [0, 1] or a schedule step -> sparsity, "
                      f"got {type(value).__name__}.")
+  select.check_sparsity(value, name)  # concrete values: in [0, 1], not NaN; tracers pass
   const = value
   return lambda count: jnp.asarray(const, jnp.float32)
 
@@ -344,21 +343,26 @@ def prune(schedule: ScheduleLike,
     else:  # deterministic scores: skip the per-step split (a few µs on small models)
       key, sub = state.key, state.key
 
-    hess_sum, hess_steps, hess_mean = state.hess_sum, state.hess_steps, None
+    hess_sum, hess_steps = state.hess_sum, state.hess_steps
     if accumulate:
       h = hessian_estimate(params, sub, extra_args)
       hess_sum = jax.tree.map(
           lambda a, x, f: a + jnp.asarray(x, jnp.float32) if f else a, hess_sum, h, flags)
       hess_steps = state.hess_steps + 1
-      # Unprunable leaves carry a scalar placeholder in the sum; their scores are never used.
-      hess_mean = jax.tree.map(
+
+    def hessian_mean():
+      # Only the mask update reads the average. Unprunable leaves carry a scalar placeholder
+      # in the sum; their scores are never used.
+      if not accumulate:
+        return None
+      return jax.tree.map(
           lambda a, p, f: a / hess_steps.astype(jnp.float32) if f else jnp.zeros(np.shape(p)),
           hess_sum, params, flags)
 
     masks = lax.cond(
         changed,
         lambda: new_masks(params, state.masks, flags, override_index, target, override_targets,
-                          sub, hess_mean, extra_args),
+                          sub, hessian_mean(), extra_args),
         lambda: state.masks)
     if accumulate:
       # Start a fresh average after each mask update.
