@@ -540,14 +540,6 @@ class RunResult(NamedTuple):
     return 1.0 - self.accuracy
 
 
-def masks_of(params: PyTree, opt_state: Any) -> PyTree:
-  """The masks held by the `jaxprune.prune` state inside an optimizer state."""
-  for s in jax.tree.leaves(opt_state, is_leaf=lambda s: hasattr(s, "masks")):
-    if hasattr(s, "masks"):
-      return s.masks
-  return jax.tree.map(lambda p: p != 0, params)
-
-
 def _ft_lr(cfg: Config, steps: int) -> optax.Schedule:
   return optax.cosine_decay_schedule(cfg.ft_lr, max(steps, 1))
 
@@ -675,7 +667,7 @@ def run(trainer: Trainer, cfg: Config, dense: PyTree, *, progress: bool = True,
   else:
     raise ValueError(f"mode: expected one of {MODES}, got {cfg.mode!r}.")
 
-  masks = masks_of(params, opt_state)
+  masks = jp.find_masks(opt_state, params)
   accuracy = trainer.accuracy(params)
   x1 = trainer.x_test[:1]
   rep = jp.report(params, masks=masks,

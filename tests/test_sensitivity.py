@@ -147,6 +147,12 @@ def test_allocation_uniform_erk_and_errors():
       distribution.uniform_sparsities(params, 0.5))
   assert allocation.allocate_sparsities(params, 0.5, method="erk") == (
       distribution.erk_sparsities(params, 0.5))
+  # The values themselves: round(0.5 * 35) = 18 entries pruned in both; uniform splits them
+  # 10 + 8, ERK prunes the larger (4, 5) kernel more (11 + 7) and leaves the bias dense.
+  uniform = allocation.allocate_sparsities(params, 0.5, method="uniform")
+  erk = allocation.allocate_sparsities(params, 0.5, method="erk")
+  assert uniform == {"a": {"kernel": 10 / 20}, "b": {"kernel": 8 / 15}, "bias": 0.0}
+  assert erk == {"a": {"kernel": 11 / 20}, "b": {"kernel": 7 / 15}, "bias": 0.0}
   with pytest.raises(ValueError, match="budget"):
     allocation.allocate_sparsities(params, 0.5, method="erk", budget="flops")
   with pytest.raises(ValueError, match="method"):

@@ -206,8 +206,9 @@ def allocate_sparsities(params: PyTree, target: float, *, method: str = "sensiti
     if budget == "flops":
       raise ValueError("report: budget='flops' needs jaxprune.report(params, apply_fn=..., "
                        "inputs=...), got None.")
-    report = report_lib.report(params, prunable=prunable)
-  rows = {r.path: r for r in report.rows}
+    if budget == "bytes":  # a sparsity budget needs no report (it copies every leaf to host)
+      report = report_lib.report(params, prunable=prunable)
+  rows = {r.path: r for r in report.rows} if report is not None else {}
   analysed = list(sensitivity.paths)
   sizes = list(sensitivity.sizes)
 

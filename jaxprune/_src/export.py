@@ -41,10 +41,6 @@ _FROMDENSE = {
 _TODENSE = jax.jit(lambda x: x.todense())
 
 
-def _is_quantized(x: Any) -> bool:
-  return isinstance(x, quantize_lib.QuantizedArray)
-
-
 def _is_sparse(x: Any) -> bool:
   return isinstance(x, (sparse.BCSR, sparse.BCOO))
 
@@ -100,9 +96,9 @@ def compact(params: PyTree, masks: Optional[PyTree] = None, *,
     nse = int(np.count_nonzero(np.asarray(leaf)))
     cls = sparse.BCSR if np.ndim(leaf) == 2 else sparse.BCOO
     itemsize = np.dtype(leaf.dtype).itemsize
-    rows = leaf.shape[0] if np.ndim(leaf) == 2 else 0
-    # Predicted from the formats' layouts so that nothing is materialised when it does not pay.
-    predicted = (nse * (itemsize + 4) + 4 * (rows + 1) if cls is sparse.BCSR else
+    # Predicted from the formats' layouts so that nothing is materialised when it does not pay:
+    # BCSR is the report's CSR layout; BCOO stores one int32 index per dimension per entry.
+    predicted = (report_lib.leaf_bytes(leaf.shape, itemsize, nse)[2] if cls is sparse.BCSR else
                  nse * (itemsize + 4 * np.ndim(leaf)))
     if predicted >= (1.0 - min_saving) * leaf.size * itemsize:
       return leaf
@@ -173,11 +169,11 @@ def save_compressed(path: Union[str, os.PathLike], params: PyTree,
   Returns:
     Bytes of the written file.
   """
-  with_paths = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_quantized)[0]
+  with_paths = jax.tree_util.tree_flatten_with_path(params, is_leaf=quantize_lib._is_quantized)[0]
   # The same tree with each quantized leaf replaced by its int8 values: masks and the prunable
   # rule refer to it.
-  plain = jax.tree.map(lambda x: x.values if _is_quantized(x) else x, params,
-                       is_leaf=_is_quantized)
+  plain = jax.tree.map(lambda x: x.values if quantize_lib._is_quantized(x) else x, params,
+                       is_leaf=quantize_lib._is_quantized)
   if masks is not None:
     tree_lib.check_same_structure(plain, masks, "params", "masks")
   flags = jax.tree.leaves(tree_lib.prunable_flags(plain, prunable))
@@ -185,7 +181,7 @@ def save_compressed(path: Union[str, os.PathLike], params: PyTree,
   arrays: dict[str, np.ndarray] = {}
   meta = []
   for i, ((p, leaf), flag, mask) in enumerate(zip(with_paths, flags, mask_leaves)):
-    quantized = _is_quantized(leaf)
+    quantized = quantize_lib._is_quantized(leaf)
     x = np.asarray(leaf.values if quantized else leaf)
     entry = {"path": tree_lib.path_str(p), "shape": list(x.shape), "dtype": x.dtype.name}
     if quantized:
@@ -249,7 +245,8 @@ def load_compressed(path: Union[str, os.PathLike], like: Optional[PyTree] = None
       out[entry["path"]] = x
   if like is None:
     return out
-  with_paths, treedef = jax.tree_util.tree_flatten_with_path(like, is_leaf=_is_quantized)
+  with_paths, treedef = jax.tree_util.tree_flatten_with_path(
+      like, is_leaf=quantize_lib._is_quantized)
   paths = [tree_lib.path_str(p) for p, _ in with_paths]
   missing = [p for p in paths if p not in out]
   if missing or len(paths) != len(out):
@@ -259,8 +256,8 @@ def load_compressed(path: Union[str, os.PathLike], like: Optional[PyTree] = None
         + (f"leaf {missing[0]} is not in the checkpoint" if missing
            else f"checkpoint leaf {extra[0]} is not in like") + ".")
   for p, (_, leaf) in zip(paths, with_paths):
-    got = out[p].values.shape if _is_quantized(out[p]) else out[p].shape
-    want = leaf.values.shape if _is_quantized(leaf) else np.shape(leaf)
+    got = out[p].values.shape if quantize_lib._is_quantized(out[p]) else out[p].shape
+    want = leaf.values.shape if quantize_lib._is_quantized(leaf) else np.shape(leaf)
     if tuple(want) != tuple(got):
       raise ValueError(f"like: leaf {p} has shape {tuple(want)}, the checkpoint has "
                        f"{tuple(got)}.")

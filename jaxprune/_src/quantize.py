@@ -149,7 +149,7 @@ def quantization_error(params: PyTree, qparams: PyTree) -> dict[str, float]:
     scale_bytes = 4 * int(q.scale.size)
     kept = int(np.count_nonzero(np.asarray(q.values)))
     dense_bytes += x.size + scale_bytes
-    bitmask_bytes += min(x.size, kept + (x.size + 7) // 8) + scale_bytes
+    bitmask_bytes += min(x.size, report_lib.leaf_bytes(x.shape, 1, kept)[1]) + scale_bytes
   out["quant/max_abs"] = max_abs
   out["quant/max_rel"] = max_rel
   out["bytes/int8_dense"] = float(dense_bytes)
