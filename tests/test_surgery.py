@@ -197,6 +197,14 @@ def test_group_scores_masks_jit_equal(cnn_groups):
   assert np.all(np.asarray(m1["params"]["Conv_1"]["kernel"])[:, :, removed, :] == 0)
   assert np.all(np.asarray(m1["params"]["Dense_0"]["kernel"]).reshape(25, 6, 3)[:, removed] == 0)
   np.testing.assert_array_equal(m1["params"]["Dense_0"]["bias"], v["params"]["Dense_0"]["bias"])
+  # exactly round(0.5 * 6) channels go, and the kept channels of coupled leaves are untouched
+  # (the residual add couples the 1x1 conv's input and output channels)
+  assert removed.sum() == 3
+  kept = lambda a: np.asarray(a)[..., ~removed]
+  np.testing.assert_array_equal(kept(m1["params"]["Conv_0"]["kernel"]),
+                                kept(v["params"]["Conv_0"]["kernel"]))
+  np.testing.assert_array_equal(kept(m1["params"]["Conv_1"]["kernel"])[:, :, ~removed],
+                                kept(v["params"]["Conv_1"]["kernel"])[:, :, ~removed])
 
 
 def test_group_masks_counts_and_ties():

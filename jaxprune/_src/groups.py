@@ -424,7 +424,7 @@ class _Tracer:
     return env[v], data[v]
 
   def run(self, jaxpr: Any, consts_labels: list, in_labels: list, in_data: list,
-          ) -> tuple[list[list[Label]], list[bool]]:
+          ) -> list[list[Label]]:
     env: dict = {}
     data: dict = {}
     for v, labs in zip(jaxpr.constvars, consts_labels):
@@ -455,8 +455,7 @@ class _Tracer:
       d_out = any(d_in)
       for v, labs in zip(eqn.outvars, outs):
         env[v], data[v] = labs, d_out
-    return [self.read(env, data, v)[0] for v in jaxpr.outvars], [
-        self.read(env, data, v)[1] for v in jaxpr.outvars]
+    return [self.read(env, data, v)[0] for v in jaxpr.outvars]
 
   def call(self, closed: Any, labs_in: list, d_in: list) -> list[list[Label]]:
     jaxpr = getattr(closed, "jaxpr", closed)
@@ -474,8 +473,7 @@ class _Tracer:
       const_labels.append(labs)
     if len(jaxpr.invars) != len(labs_in):
       raise _Unsupported("sub-jaxpr with a different number of operands")
-    outs, _ = self.run(jaxpr, const_labels, labs_in, d_in)
-    return outs
+    return self.run(jaxpr, const_labels, labs_in, d_in)
 
   def eqn(self, name: str, eqn: Any, L: list, D: list, S: list, out_shapes: list,
           ) -> list[list[Label]]:
@@ -629,8 +627,7 @@ class _Tracer:
           g.mark(lab, "pin", f"result of {name}")
         outs.append(labs)
       return outs
-    if name in ("reduce_window_sum", "reduce_window_max", "reduce_window_min", "reduce_window",
-                "cumsum_window"):
+    if name in ("reduce_window_sum", "reduce_window_max", "reduce_window_min", "reduce_window"):
       n_op = len(L) // 2 if name == "reduce_window" else 1
       wd, ws = p["window_dimensions"], p["window_strides"]
       pad = p["padding"]
@@ -718,13 +715,7 @@ def _trace(apply_fn: Callable[..., Any], variables: Any, args: tuple, kwargs: di
         g.mark(lab, "pin", "model input")
       in_data.append(True)
     in_labels.append(labs)
-  const_labels = []
-  for c in closed.consts:
-    labs = t.fresh(np.shape(c))
-    for lab in labs:
-      g.mark(lab, "pin", "constant array")
-    const_labels.append(labs)
-  outs, _ = t.run(jaxpr, const_labels, in_labels, in_data)
+  outs = t.call(closed, in_labels, in_data)
   for labs in outs:
     for lab in labs:
       g.mark(lab, "pin", "model output")
