@@ -13,7 +13,7 @@ from flax import nnx
 from flax.training import train_state
 
 from jaxprune._src import penalties, schedules
-from jaxprune._src.transform import PruneState, prune
+from jaxprune._src.transform import prune
 
 SCHED = schedules.polynomial_schedule(0.0, 0.8, begin_step=0, end_step=6, frequency=3)
 
@@ -30,8 +30,7 @@ def _grads(params, t):
 
 
 def _prune_states(state):
-  return [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, PruneState))
-          if isinstance(s, PruneState)]
+  return [s for _, s in optax.tree_utils.tree_get_all_with_path(state, "PruneState")]
 
 
 def _kernel_zeros(params):

@@ -6,8 +6,9 @@ import numpy as np
 import optax
 import pytest
 
+import reference
 from jaxprune._src import distribution, schedules
-from jaxprune._src.transform import PruneState, prune
+from jaxprune._src.transform import prune
 
 
 def _params(seed=0):
@@ -26,10 +27,9 @@ def _grads(params, step):
 
 
 def _prune_state(state):
-  found = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, PruneState))
-           if isinstance(s, PruneState)]
+  found = optax.tree_utils.tree_get_all_with_path(state, "PruneState")
   assert len(found) == 1
-  return found[0]
+  return found[0][1]
 
 
 def _make_step(tx, extra=None, traces=None):
@@ -64,11 +64,7 @@ def _ref_mask(scores, sparsity):
     x = np.asarray(x)
     if x.ndim < 2:
       return np.ones(x.shape, bool)
-    flat = x.reshape(-1)
-    order = np.lexsort((-np.arange(flat.size), flat))
-    keep = np.ones(flat.size, bool)
-    keep[order[:round(sparsity * flat.size)]] = False
-    return keep.reshape(x.shape)
+    return reference.unit_keep(x.reshape(-1), sparsity).reshape(x.shape)
   return jax.tree.map(one, scores)
 
 
