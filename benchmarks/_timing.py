@@ -1,4 +1,4 @@
-"""Shared timing helpers for the benchmark scripts (not part of the library)."""
+"""Shared helpers for the benchmark scripts (not part of the library): timing, machine, MLP."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
+import optax
 
 
 def machine() -> str:
@@ -34,3 +36,21 @@ def best_time(fn: Callable[..., object], *args: object, repeats: int = 5,
     jax.block_until_ready(fn(*args))
     best = min(best, time.perf_counter() - t)
   return best
+
+
+def mlp_params(sizes: list[int], seed: int = 0) -> dict:
+  """He-initialised MLP parameters: {'dense<i>': {'kernel', 'bias'}}."""
+  keys = jax.random.split(jax.random.key(seed), len(sizes) - 1)
+  return {f"dense{i}": {"kernel": jax.random.normal(k, (a, b)) * jnp.sqrt(2.0 / a),
+                        "bias": jnp.zeros((b,))}
+          for i, (k, a, b) in enumerate(zip(keys, sizes[:-1], sizes[1:]))}
+
+
+def mlp_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+  """Mean cross-entropy of a ReLU MLP built by `mlp_params`."""
+  layers = [params[f"dense{i}"] for i in range(len(params))]
+  h = x
+  for layer in layers[:-1]:
+    h = jax.nn.relu(h @ layer["kernel"] + layer["bias"])
+  logits = h @ layers[-1]["kernel"] + layers[-1]["bias"]
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()

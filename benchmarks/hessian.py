@@ -15,24 +15,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxprune as jp
-from _timing import best_time, machine
-
-
-def init_mlp(key, sizes):
-  params = {}
-  for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-    params[f"dense{i}"] = {"kernel": jax.random.normal(jax.random.fold_in(key, i), (a, b)) /
-                                     jnp.sqrt(a), "bias": jnp.zeros(b)}
-  return params
-
-
-def loss_fn(params, x, y):
-  h = x
-  layers = list(params.values())
-  for layer in layers[:-1]:
-    h = jax.nn.relu(h @ layer["kernel"] + layer["bias"])
-  logits = h @ layers[-1]["kernel"] + layers[-1]["bias"]
-  return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * jax.nn.one_hot(y, 10), -1))
+from _timing import best_time, machine, mlp_loss as loss_fn, mlp_params
 
 
 def main() -> None:
@@ -40,7 +23,7 @@ def main() -> None:
   ap.add_argument("--quick", action="store_true", help="a 10x smaller model")
   args = ap.parse_args()
   sizes = (784, 128, 128, 10) if args.quick else (784, 1024, 1024, 10)
-  params = init_mlp(jax.random.key(0), sizes)
+  params = mlp_params(list(sizes))
   n = sum(x.size for x in jax.tree.leaves(params))
   x = jax.random.normal(jax.random.key(1), (256, 784))
   y = jax.random.randint(jax.random.key(2), (256,), 0, 10)

@@ -19,7 +19,6 @@ Usage: ``python benchmarks/step.py [--quick]``.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -29,23 +28,15 @@ import numpy as np
 import optax
 
 import jaxprune as jp
+from _timing import machine, mlp_loss as loss_fn, mlp_params as init_mlp
 
 
-def init_mlp(sizes: list[int], seed: int = 0) -> dict:
-  """He-initialised MLP parameters as a dict of {'kernel', 'bias'} layers."""
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(sizes) - 1)
-  return {f"dense{i}": {"kernel": jax.random.normal(k, (a, b)) * jnp.sqrt(2.0 / a),
-                        "bias": jnp.zeros((b,))}
-          for i, (k, a, b) in enumerate(zip(keys, sizes[:-1], sizes[1:]))}
-
-
-def loss_fn(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
-  h = x
-  layers = [params[f"dense{i}"] for i in range(len(params))]
-  for layer in layers[:-1]:
-    h = jax.nn.relu(h @ layer["kernel"] + layer["bias"])
-  logits = h @ layers[-1]["kernel"] + layers[-1]["bias"]
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+def fixed_masks(masks) -> optax.GradientTransformation:
+  """Ablation: `prune`'s masking with the masks held in the state and no `lax.cond`."""
+  def update(updates, state, params=None):
+    return jax.tree.map(lambda u, p, m: jnp.where(m, u, -p), updates, params, state), state
+  # A fresh copy per init: the benchmark donates the state.
+  return optax.GradientTransformation(lambda params: jax.tree.map(jnp.copy, masks), update)
 
 
 def make_train_step(tx: optax.GradientTransformation):
@@ -89,10 +80,12 @@ def main() -> None:
       f"pruned, update every {window}": optax.chain(
           optax.adam(1e-3),
           jp.prune(jp.polynomial_schedule(0.0, 0.9, 0, 1000 * window, frequency=window))),
+      "ablation: masks, no cond": optax.chain(
+          optax.adam(1e-3), fixed_masks(jp.unstructured_mask(jp.magnitude(params0), 0.9))),
   }
+  grads = jax.grad(loss_fn)(params0, x, y)
 
-  print(f"machine: {platform.processor() or platform.machine()}; jax {jax.__version__}; "
-        f"devices: {jax.devices()}")
+  print(machine())
   print(f"MLP {sizes}: {n_params / 1e6:.2f}M params, batch {args.batch}; "
         f"{reps} interleaved reps of {window} steps each")
 
@@ -104,20 +97,21 @@ def main() -> None:
         call = lambda fn, p, s: fn(p, s, x, y)[:2]
       else:
         fn = make_opt_step(tx)
-        grads = jax.grad(loss_fn)(params0, x, y)
-        call = lambda fn, p, s, g=grads: fn(p, s, g)
+        call = lambda fn, p, s: fn(p, s, grads)
       params = copy_tree(params0)
       state = tx.init(params)
+      example = (params, state) + ((x, y) if kind == "train step" else (grads,))
+      temp_mb = fn.lower(*example).compile().memory_analysis().temp_size_in_bytes / 2**20
       # Warm-up: compiles, and for the constant target computes the masks at count 0.
       params, state = call(fn, params, state)
       for _ in range(window - 1):  # align the count to a multiple of the window
         params, state = call(fn, params, state)
       jax.block_until_ready(params)
-      runners[name] = [fn, call, params, state, []]
+      runners[name] = [fn, call, params, state, [], temp_mb]
 
     for _ in range(reps):
       for r in runners.values():
-        fn, call, params, state, times = r
+        fn, call, params, state, times, _ = r
         start = time.perf_counter()
         for _ in range(window):
           params, state = call(fn, params, state)
@@ -129,10 +123,10 @@ def main() -> None:
     print(f"\n{kind}:")
     for name, r in runners.items():
       t = statistics.median(r[4])
-      print(f"  {name:28s} {t * 1e3:9.3f} ms/step   ratio {t / base:5.3f}x")
-    pruned_state = [s for s in jax.tree.leaves(
-        runners[f"pruned, update every {window}"][3],
-        is_leaf=lambda s: isinstance(s, jp.PruneState)) if isinstance(s, jp.PruneState)][0]
+      print(f"  {name:28s} {t * 1e3:9.3f} ms/step   ratio {t / base:5.3f}x   "
+            f"XLA temp {r[5]:6.1f} MiB")
+    pruned_state = optax.tree_utils.tree_get(runners[f"pruned, update every {window}"][3],
+                                             "PruneState")
     print(f"  (scheduled variant: count {int(pruned_state.count)}, "
           f"target {float(pruned_state.target):.6f})")
 
