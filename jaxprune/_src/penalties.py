@@ -60,13 +60,22 @@ def add_l1(strength: ScalarOrSchedule, *,
     An `optax.GradientTransformation`; ``update`` requires ``params``.
   """
 
+  return _per_leaf("add_l1", lambda count: _value(strength, count),
+                   lambda path, u, p, lam: (u + lam * jnp.sign(p)).astype(u.dtype), prunable)
+
+
+def _per_leaf(name: str, coefficient: Callable[[jax.Array], jax.Array],
+              leaf_fn: Callable[[tuple, jax.Array, jax.Array, jax.Array], jax.Array],
+              prunable: tree_lib.Prunable) -> optax.GradientTransformation:
+  """A penalty transformation: ``leaf_fn(path, update, param, coefficient(count))`` on every
+  prunable leaf, the updates unchanged on the others, and a step count for schedules."""
+
   def update_fn(updates, state, params=None):
-    _require_params(params, "add_l1")
+    _require_params(params, name)
     flags = tree_lib.prunable_flags(params, prunable)
-    lam = _value(strength, state.count)
-    new = jax.tree.map(
-        lambda u, p, f: (u + lam * jnp.sign(p)).astype(u.dtype) if f else u,
-        updates, params, flags)
+    c = coefficient(state.count)
+    new = jax.tree_util.tree_map_with_path(
+        lambda path, u, p, f: leaf_fn(path, u, p, c) if f else u, updates, params, flags)
     return new, PenaltyState(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformation(_init, update_fn)
@@ -103,15 +112,14 @@ def proximal_l1(strength: ScalarOrSchedule, learning_rate: ScalarOrSchedule, *,
     shrinkage-thresholding algorithm for linear inverse problems", 2009 (ISTA).
   """
 
-  def update_fn(updates, state, params=None):
-    _require_params(params, "proximal_l1")
-    flags = tree_lib.prunable_flags(params, prunable)
-    t = _value(learning_rate, state.count) * _value(strength, state.count)
-    new = jax.tree.map(lambda u, p, f: _soft_threshold_update(u, p, t) if f else u,
-                       updates, params, flags)
-    return new, PenaltyState(count=optax.safe_increment(state.count))
+  return _per_leaf("proximal_l1", _threshold(strength, learning_rate),
+                   lambda path, u, p, t: _soft_threshold_update(u, p, t), prunable)
 
-  return optax.GradientTransformation(_init, update_fn)
+
+def _threshold(strength: ScalarOrSchedule,
+               learning_rate: ScalarOrSchedule) -> Callable[[jax.Array], jax.Array]:
+  """The proximal threshold ``step size * coefficient`` at a step count."""
+  return lambda count: _value(learning_rate, count) * _value(strength, count)
 
 
 def proximal_group_lasso(strength: ScalarOrSchedule, learning_rate: ScalarOrSchedule,
@@ -142,9 +150,7 @@ def proximal_group_lasso(strength: ScalarOrSchedule, learning_rate: ScalarOrSche
     Wen et al., "Learning Structured Sparsity in Deep Neural Networks", NeurIPS 2016.
   """
 
-  def leaf_update(path, u, p, f, t):
-    if not f:
-      return u
+  def leaf_update(path, u, p, t):
     ndim = np.ndim(p)
     if not -ndim <= axis < ndim:
       raise ValueError(f"proximal_group_lasso: axis {axis} is out of range for leaf "
@@ -156,12 +162,5 @@ def proximal_group_lasso(strength: ScalarOrSchedule, learning_rate: ScalarOrSche
     zeroed = norms <= t
     return jnp.where(zeroed, -p, (z * scale).astype(z.dtype) - p).astype(u.dtype)
 
-  def update_fn(updates, state, params=None):
-    _require_params(params, "proximal_group_lasso")
-    flags = tree_lib.prunable_flags(params, prunable)
-    t = _value(learning_rate, state.count) * _value(strength, state.count)
-    new = jax.tree_util.tree_map_with_path(
-        lambda path, u, p, f: leaf_update(path, u, p, f, t), updates, params, flags)
-    return new, PenaltyState(count=optax.safe_increment(state.count))
-
-  return optax.GradientTransformation(_init, update_fn)
+  return _per_leaf("proximal_group_lasso", _threshold(strength, learning_rate), leaf_update,
+                   prunable)
