@@ -210,6 +210,12 @@ def test_apply_masks_sparsity_and_summary():
   assert [r.count for r in rows] == [8, 288, 10, 320, 24]
   assert sum(r.count - r.kept for r in rows if r.prunable) == round(0.6 * n)
   assert "total (prunable)" in jp.format_summary(rows)
+  # a zero in a dense (unprunable) bias is not pruning: the row agrees with jp.report's
+  with_zero_bias = {**pruned, "dense": {**pruned["dense"], "bias": jnp.zeros(10)}}
+  bias_row = jp.summarize(with_zero_bias)[2]
+  assert (bias_row.path, bias_row.kept, bias_row.sparsity) == ("['dense']['bias']", 10, 0.0)
+  report_row = [r for r in jp.report(with_zero_bias).rows if r.path == bias_row.path][0]
+  assert report_row.kept == bias_row.kept
 
 
 # --- bad input ---

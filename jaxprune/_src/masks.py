@@ -337,6 +337,8 @@ def summarize(params: PyTree, masks: Optional[PyTree] = None,
   Args:
     params: parameter pytree.
     masks: optional masks; kept = True entries of the mask. Without masks, kept = nonzeros.
+      Unprunable leaves count as fully kept either way (nothing prunes them), as in
+      `jaxprune.report`.
     prunable: see `unstructured_mask`.
 
   Returns:
@@ -350,7 +352,7 @@ def summarize(params: PyTree, masks: Optional[PyTree] = None,
   for (path, x), f, m in zip(tree_lib.leaves_with_paths(params), flags, jax.tree.leaves(src)):
     arr = np.asarray(m)
     count = int(arr.size)
-    kept = int(np.count_nonzero(arr))
+    kept = int(np.count_nonzero(arr)) if f else count
     rows.append(LeafSummary(path, tuple(np.shape(x)), str(np.asarray(x).dtype), count, kept,
                             1.0 - kept / count if count else 0.0, f))
   return rows
