@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference  # noqa: E402
 
 import jaxprune as jp  # noqa: E402
+from jaxprune._src import select  # noqa: E402
 from jaxprune._src import sharding as sh  # noqa: E402
 from jaxprune._src.schedules import polynomial_schedule  # noqa: E402
 from jaxprune._src.transform import prune  # noqa: E402
@@ -130,6 +131,34 @@ def check_global_random_trials():
     want = numpy_global(scores, s)
     for k in scores:
       np.testing.assert_array_equal(np.asarray(got[k]), want[k], err_msg=f"trial {trial} {k}")
+
+
+@check
+def check_chunked_blocks_bit_identical():
+  # Blocks longer than a (patched, tiny) chunk go through the selection's chunk loop, with
+  # positions computed per chunk from flat indices into each block.
+  saved = select._CHUNK
+  select._CHUNK = 5
+  sh._sharded_selection.cache_clear()
+  try:
+    for scope in ("global", "layer"):
+      fn = jax.jit(lambda s, sp, scope=scope: sh.sharded_unstructured_mask(
+          s, sp, AUTO, scope=scope, specs=SPECS))
+      for seed in (5, 6):
+        scores = tie_scores(seed)
+        for s in (0.37, 0.9):
+          got = fn(put(scores, AUTO), s)
+          if scope == "global":
+            want = numpy_global(scores, s)
+          else:
+            want = {k: ~reference.prune_lowest([v], round(s * v.size))[0] if v.ndim >= 2 else
+                    np.ones(v.shape, bool) for k, v in scores.items()}
+          for k in scores:
+            np.testing.assert_array_equal(np.asarray(got[k]), want[k],
+                                          err_msg=f"{scope} {k} s={s}")
+  finally:
+    select._CHUNK = saved
+    sh._sharded_selection.cache_clear()
 
 
 @check

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
+from jax import lax
 
 import reference
 from jaxprune._src import select
@@ -124,3 +125,90 @@ def test_bad_sparsity_raises_naming_argument(bad):
 def test_traced_sparsity_is_clipped():
   f = jax.jit(lambda s: select.num_to_prune(s, 10))
   assert int(f(1.5)) == 10 and int(f(-1.0)) == 0 and int(f(jnp.nan)) == 0
+
+
+# --- chunked passes -------------------------------------------------------------------------
+
+
+def _impl_jit(n: int):
+  """A fresh jit of the selection (not the module's cached program), for a patched chunk size."""
+  return jax.jit(lambda scores, k: select._prune_lowest_impl(scores, k, [None] * n, [None] * n,
+                                                             None))
+
+
+def test_chunk_boundaries_match_reference(monkeypatch):
+  # Chunk 7: leaves shorter than a chunk, exactly one chunk, one chunk plus a rest, and several
+  # chunks through the loop, all in one global selection with heavy ties and NaN.
+  monkeypatch.setattr(select, "_CHUNK", 7)
+  rng = np.random.default_rng(3)
+  values = np.array([-1.0, 0.0, 0.0, 1.0, 1.0, 2.0, np.nan, np.inf], np.float32)
+  shapes = [(5,), (7,), (3, 4), (7, 2), (6, 7)]
+  arrays = [rng.choice(values, size=s) for s in shapes]
+  total = sum(a.size for a in arrays)
+  f = _impl_jit(len(arrays))
+  assert total == 80
+  for k in [0, 1, 13, 40, 41, 57, 79, 80]:
+    got = f([jnp.asarray(a) for a in arrays], jnp.int32(k))
+    assert sum(int(g.sum()) for g in got) == k
+    for g, e in zip(got, reference.prune_lowest(arrays, k)):
+      np.testing.assert_array_equal(np.asarray(g), e, err_msg=f"k={k}")
+
+
+def test_elementwise_scores_equal_materialized_scores(monkeypatch):
+  monkeypatch.setattr(select, "_CHUNK", 16)
+  rng = np.random.default_rng(4)
+  w = jnp.asarray(rng.integers(-3, 4, size=(9, 11)).astype(np.float32))
+  g = jnp.asarray(rng.integers(-2, 3, size=(9, 11)).astype(np.float32))
+  lazy = select.Elementwise(lambda a, b: jnp.abs(a * b), (w, g))
+  np.testing.assert_array_equal(lazy.evaluate(), jnp.abs(w * g))
+  f = _impl_jit(1)
+  for k in [0, 30, 50, 99]:
+    want = reference.prune_lowest([np.abs(np.asarray(w * g))], k)[0]
+    np.testing.assert_array_equal(f([lazy], jnp.int32(k))[0], want)
+    # the public entry point, eager, with the default chunk
+    np.testing.assert_array_equal(select.prune_lowest([lazy], k)[0], want)
+
+
+def test_multi_chunk_loop_at_real_chunk_size():
+  # More than two real chunks (2^18 entries each) plus a rest, with exact ties across chunks.
+  n = 2 * select._CHUNK + 12_345
+  x = jnp.round(jax.random.normal(jax.random.key(5), (n,)) * 50)
+  host = np.asarray(x)
+  for k in [1, 300_000, n - 7]:
+    got = np.asarray(_jit_prune([x], k)[0])
+    assert got.sum() == k
+    np.testing.assert_array_equal(got, reference.prune_lowest([host], k)[0])
+
+
+def test_selection_scratch_memory_is_chunk_sized():
+  # 2^22 entries: materialized keys alone would take 16 MiB, bins another 16 MiB.
+  x = jax.ShapeDtypeStruct((2048, 2048), jnp.float32)
+  lazy = jax.jit(lambda x: select.prune_lowest([select.Elementwise(jnp.abs, (x,))], 10**6))
+  plain = jax.jit(lambda x: select.prune_lowest([x], 10**6))
+  for f in (lazy, plain):
+    temp = f.lower(x).compile().memory_analysis().temp_size_in_bytes
+    assert temp < 4 * 2**20, temp / 2**20
+
+
+def test_positions_as_function_equal_positions_as_array():
+  x = jnp.asarray(np.tile(np.float32([1.0, 2.0]), 30).reshape(6, 10))
+  reversed_pos = lax.iota(jnp.uint32, 60)[::-1].reshape(6, 10)
+  as_array = select.prune_lowest([x], 17, positions=[reversed_pos])[0]
+  as_fn = select.prune_lowest([x], 17, positions=[lambda i: jnp.uint32(59) - i])[0]
+  np.testing.assert_array_equal(as_array, as_fn)
+  # reversed positions: among the 30 tied ones the *earliest* 17 are pruned
+  flat = np.asarray(as_fn).ravel()
+  assert flat.sum() == 17 and flat[0:34:2].all() and not flat[34:].any()
+
+
+def test_elementwise_validation():
+  with pytest.raises(ValueError, match=r"expected operands of one shape, got shapes \[\(2, 3\), "
+                                       r"\(3, 2\)\]"):
+    select.Elementwise(jnp.add, (jnp.ones((2, 3)), jnp.ones((3, 2))))
+  bad = select.Elementwise(lambda a: a[:1], (jnp.ones((2, 3)),))
+  with pytest.raises(ValueError, match=r"fn must map chunks of shape \(6,\) to scores of the "
+                                       r"same shape, got shape \(1,\)"):
+    select.prune_lowest([bad], 2)
+  with pytest.raises(ValueError, match=r"positions: expected uint32 arrays shaped like the "
+                                       r"scores \(2, 3\), got int32"):
+    select.prune_lowest([jnp.ones((2, 3))], 2, positions=[jnp.zeros((2, 3), jnp.int32)])

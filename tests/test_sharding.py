@@ -32,6 +32,7 @@ ROOT = os.path.dirname(HERE)
 CHECK_NAMES = [
     "global_bit_identical_ties_nan",
     "global_random_trials",
+    "chunked_blocks_bit_identical",
     "masks_keep_sharding",
     "layer_scope_per_leaf_sparsity_traced",
     "eager_concrete_sparsity_and_prunable",

@@ -164,20 +164,32 @@ def _local_shape(shape: tuple[int, ...], spec: PartitionSpec, mesh: AnyMesh) -> 
 
 
 def _block_positions(shape: tuple[int, ...], spec: PartitionSpec, mesh: AnyMesh,
-                     offset: int) -> Array:
-  """Inside shard_map: the global positions (offset + row-major index) of this block's entries."""
+                     offset: int) -> Callable[[Array], Array]:
+  """Inside shard_map: maps flat indices into this block to the entries' global positions.
+
+  The global position is ``offset`` plus the entry's row-major index in the unsharded array; it
+  is computed per chunk of flat indices, so no block-sized position array is ever built.
+  """
   local = _local_shape(shape, spec, mesh)
   entries = tuple(spec) + (None,) * (len(shape) - len(spec))
   strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
-  pos = jnp.full(local, offset, jnp.uint32)
-  for d, entry in enumerate(entries):
+  blocks = []
+  for entry in entries:
     block = jnp.uint32(0)
     # A dimension split over several axes is split major-to-minor in the order they are named.
     for a in _axis_names(entry):
       block = block * jnp.uint32(mesh.shape[a]) + lax.axis_index(a).astype(jnp.uint32)
-    index = block * jnp.uint32(local[d]) + lax.broadcasted_iota(jnp.uint32, local, d)
-    pos = pos + index * jnp.uint32(strides[d])
-  return pos
+    blocks.append(block)
+
+  def positions(flat: Array) -> Array:
+    pos = jnp.full(flat.shape, offset, jnp.uint32)
+    rest = flat
+    for d in reversed(range(len(shape))):
+      index = blocks[d] * jnp.uint32(local[d]) + rest % jnp.uint32(max(local[d], 1))
+      rest = rest // jnp.uint32(max(local[d], 1))
+      pos = pos + index * jnp.uint32(strides[d])
+    return pos
+  return positions
 
 
 def _is_primary(spec: PartitionSpec, mesh: AnyMesh) -> Array:
@@ -251,8 +263,7 @@ def _sharded_selection(shapes: tuple, spec_list: tuple, idx: tuple, scope: str,
     return lax.psum(h, axes)
 
   def body(k_vec, *blocks):
-    counted = [jnp.broadcast_to(_is_primary(spec_list[i], mesh), b.shape)
-               for i, b in zip(idx, blocks)]
+    counted = [_is_primary(spec_list[i], mesh) for i in idx]
     if scope == "layer":
       positions = [_block_positions(shapes[i], spec_list[i], mesh, 0) for i in idx]
       pruned = [select.prune_lowest([b], k_vec[j], positions=[p], counted=[c],

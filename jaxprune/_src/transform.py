@@ -222,7 +222,6 @@ def prune(schedule: ScheduleLike,
   if not isinstance(num_probes, numbers.Integral) or num_probes < 1:
     raise ValueError(f"num_probes: expected a positive integer, got {num_probes!r}.")
   accumulate = bool(average_hessian) and score in _HESSIAN_SCORES
-  select_masks = masks_lib.unstructured_mask if mask_fn is None else mask_fn
 
   def init_fn(params: PyTree) -> PruneState:
     flags = tree_lib.prunable_flags(params, prunable)
@@ -252,24 +251,26 @@ def prune(schedule: ScheduleLike,
     args = (extra_args["batch"],) if "batch" in extra_args else ()
     return scores_lib.hessian_diag(loss_fn, params, *args, key=key, num_probes=num_probes)
 
-  def compute_scores(params, key, hess, extra_args):
+  def score_inputs(params, key, hess, extra_args):
+    """``(fn, trees)``: the scores are ``fn(*leaves)`` leaf by leaf, elementwise."""
     if callable(score):
-      return score(params, **extra_args)
+      return None, (score(params, **extra_args),)
     if score == "magnitude":
-      return scores_lib.magnitude(params)
+      return scores_lib.magnitude, (params,)
     if score == "random":
-      return scores_lib.random_scores(params, key)
+      return None, (scores_lib.random_scores(params, key),)
     if score in ("gradient", "taylor"):
       grads = extra_args.get("grad", extra_args.get("grads"))
       if grads is None:
         raise ValueError(f"prune(score={score!r}): expected grad= extra argument to update "
                          f"(the raw gradients); got {sorted(extra_args)}.")
       tree_lib.check_same_structure(params, grads, "params", "grad")
-      return (scores_lib.gradient(grads) if score == "gradient" else
-              scores_lib.taylor(params, grads))
+      return ((scores_lib.gradient, (grads,)) if score == "gradient" else
+              (scores_lib.taylor, (params, grads)))
     if hess is None:
       hess = hessian_estimate(params, key, extra_args)
-    return scores_lib.obd(params, hess) if score == "obd" else scores_lib.curvature(hess)
+    return ((scores_lib.obd, (params, hess)) if score == "obd" else
+            (scores_lib.curvature, (hess,)))
 
   def leaf_sparsities(params, flags, override_index, target, override_targets):
     """Per-leaf sparsity pytree (traced float32 scalars; 0 on unprunable leaves)."""
@@ -297,34 +298,57 @@ def prune(schedule: ScheduleLike,
 
   def new_masks(params, old_masks, flags, override_index, target, override_targets, key, hess,
                 extra_args):
-    raw = compute_scores(params, key, hess, extra_args)
-    tree_lib.check_same_structure(params, raw, "params", "scores")
+    fn, trees = score_inputs(params, key, hess, extra_args)
+    for tree in trees:
+      tree_lib.check_same_structure(params, tree, "params", "scores")
+    treedef = jax.tree.structure(params)
+    flag_leaves = jax.tree.leaves(flags)
+    operand_leaves = zip(jax.tree.leaves(old_masks), *[jax.tree.leaves(t) for t in trees])
 
-    def rank(s, m, f):
-      if not f:
-        return s
-      s = jnp.asarray(s, jnp.float32)
+    def ranked(keep, *operands):
+      s = jnp.asarray(operands[0] if fn is None else fn(*operands), jnp.float32)
       # Live NaN scores become -inf so that already-pruned entries (NaN, lowest of all) are
       # always selected first: the k lowest then include every pruned entry whenever k allows.
       s = jnp.where(jnp.isnan(s), -jnp.inf, s)
-      return jnp.where(m, s, jnp.nan)
+      return jnp.where(keep, s, jnp.nan)
 
-    ranked = jax.tree.map(rank, raw, old_masks, flags)
-    per_leaf = leaf_sparsities(params, flags, override_index, target, override_targets)
-    if scope == "layer":
-      masks = select_masks(ranked, per_leaf, scope="layer", prunable=flags)
+    # Elementwise scores are recomputed chunk by chunk inside the selection: a mask update
+    # needs no parameter-sized scratch memory (which, on XLA:CPU, slowed every step).
+    sources = [select.Elementwise(ranked, ops) if f else None
+               for f, ops in zip(flag_leaves, operand_leaves)]
+    shapes = [np.shape(x) for x in jax.tree.leaves(params)]
+    if mask_fn is None:
+      paths = [p for p, _ in tree_lib.leaves_with_paths(params)]
+
+      def select_masks(sparsity, scope, chosen):
+        idx = [i for i, c in enumerate(chosen) if c]
+        sps = masks_lib._sparsities(sparsity, params, treedef, idx, scope)
+        pruned = masks_lib._select_units([sources[i] for i in idx], [paths[i] for i in idx],
+                                         sps, scope)
+        keep = dict(zip(idx, pruned))
+        return [~keep[i] if i in keep else jnp.ones(shape, bool)
+                for i, shape in enumerate(shapes)]
     else:
-      in_global = jax.tree.unflatten(
-          jax.tree.structure(params),
-          [f and o is None for f, o in zip(jax.tree.leaves(flags), override_index)])
-      masks = select_masks(ranked, target, scope="global", prunable=in_global)
-      if any(o is not None for o in override_index):
-        overridden = jax.tree.unflatten(
-            jax.tree.structure(params), [o is not None for o in override_index])
-        masks = jax.tree.map(
-            jnp.logical_and, masks,
-            select_masks(ranked, per_leaf, scope="layer", prunable=overridden))
-    return jax.tree.map(jnp.logical_and, masks, old_masks)
+      # A custom selection (e.g. the sharded one) takes whole score arrays; unprunable leaves
+      # get placeholder scores it never reads.
+      scores = jax.tree.unflatten(treedef, [
+          s.evaluate() if s is not None else jnp.zeros(shape, jnp.float32)
+          for s, shape in zip(sources, shapes)])
+
+      def select_masks(sparsity, scope, chosen):
+        return jax.tree.leaves(mask_fn(scores, sparsity, scope=scope,
+                                       prunable=jax.tree.unflatten(treedef, list(chosen))))
+
+    per_leaf = leaf_sparsities(params, flags, override_index, target, override_targets)
+    overridden = [o is not None for o in override_index]
+    if scope == "layer":
+      masks = select_masks(per_leaf, "layer", flag_leaves)
+    else:
+      masks = select_masks(target, "global",
+                           [f and not o for f, o in zip(flag_leaves, overridden)])
+      if any(overridden):
+        masks = [a & b for a, b in zip(masks, select_masks(per_leaf, "layer", overridden))]
+    return jax.tree.map(jnp.logical_and, jax.tree.unflatten(treedef, masks), old_masks)
 
   def update_fn(updates, state: PruneState, params=None, **extra_args):
     if params is None:
