@@ -9,3 +9,6 @@ for name in selection hessian step structured sharded; do
   echo "== $name"
   python "$name.py" "$@" 2>&1 | tee "results/$name.txt"
 done
+echo "== step variants"
+python step.py --score taylor --scope global "$@" 2>&1 | tee results/step_taylor_global.txt
+python step.py --batch 2048 --reps 3 "$@" 2>&1 | tee results/step_batch2048.txt
