@@ -357,3 +357,34 @@ def test_mask_update_adds_no_parameter_sized_scratch(score, scope):
   update = jax.jit(lambda g, s, p: tx.update(g, s, p, grad=g))
   temp = update.lower(params, state, params).compile().memory_analysis().temp_size_in_bytes
   assert temp < 3 * 2**20, temp / 2**20
+
+
+def test_chunked_mask_updates_on_large_kernels_match_reference():
+  # A kernel longer than two selection chunks (2^18 entries), with exact ties: mask updates
+  # the second one ranking the already-pruned entries first (monotone), in layer and global scope.
+  rng = np.random.default_rng(7)
+  params = {"big": jnp.asarray(rng.integers(-40, 41, size=(800, 700)), jnp.float32),
+            "small": jnp.asarray(rng.normal(size=(30, 20)), jnp.float32)}
+  sched = schedules.polynomial_schedule(0.0, 0.8, begin_step=0, end_step=2, frequency=1)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  for scope in ("layer", "global"):
+    tx = prune(sched, scope=scope)
+    update = jax.jit(tx.update)
+    state, p = tx.init(params), params
+    for step in range(3):
+      updates, state = update(zeros, state, p)
+      p = optax.apply_updates(p, updates)
+      s = float(sched(step))
+      abs_p = {k: np.abs(np.asarray(v)) for k, v in p.items()}
+      if scope == "layer":
+        want = {k: reference.unit_keep(abs_p[k].ravel(), s).reshape(v.shape)
+                for k, v in p.items()}
+      else:
+        n = sum(v.size for v in abs_p.values())
+        names = sorted(abs_p)  # leaf order of the dict
+        pruned = reference.prune_lowest([abs_p[k] for k in names], round(s * n))
+        want = {k: ~m for k, m in zip(names, pruned)}
+      for k in params:
+        np.testing.assert_array_equal(np.asarray(state.masks[k]), want[k],
+                                      err_msg=f"{scope} step {step} {k}")
+        assert not np.asarray(p[k])[~want[k]].any()
