@@ -212,3 +212,9 @@ def test_elementwise_validation():
   with pytest.raises(ValueError, match=r"positions: expected uint32 arrays shaped like the "
                                        r"scores \(2, 3\), got int32"):
     select.prune_lowest([jnp.ones((2, 3))], 2, positions=[jnp.zeros((2, 3), jnp.int32)])
+
+
+def test_chunk_size_per_platform(monkeypatch):
+  assert select._chunk_size() == select._CHUNK == 2**18  # this suite runs on CPU
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert select._chunk_size() == 2**24
