@@ -22,6 +22,7 @@ from jaxprune._src.scores import magnitude
 from jaxprune._src.scores import obd
 from jaxprune._src.scores import random_scores
 from jaxprune._src.scores import taylor
+from jaxprune._src.select import Elementwise
 from jaxprune._src.select import prune_lowest
 from jaxprune._src.select import score_keys
 from jaxprune._src.tree import default_prunable

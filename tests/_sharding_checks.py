@@ -162,6 +162,21 @@ def check_chunked_blocks_bit_identical():
 
 
 @check
+def check_elementwise_scores_read_per_block():
+  # Scores a - b computed on each device from its blocks of a and b; the layout is read from
+  # the operands' shardings (no specs), eagerly.
+  a, b = tie_scores(3), tie_scores(4)
+  pa, pb = put(a, AUTO), put(b, AUTO)
+  lazy = {k: jp.Elementwise(jnp.subtract, (pa[k], pb[k])) for k in a}
+  for s in (0.37, 0.9):
+    got = sh.sharded_unstructured_mask(lazy, s, AUTO, scope="global")
+    want = numpy_global({k: a[k] - b[k] for k in a}, s)
+    for k in a:
+      np.testing.assert_array_equal(np.asarray(got[k]), want[k], err_msg=f"{k} s={s}")
+      assert same_layout(got[k], AUTO, SPECS[k]), (k, got[k].sharding)
+
+
+@check
 def check_masks_keep_sharding():
   got = _global_auto(put(tie_scores(0), AUTO), 0.5)
   for k, spec in SPECS.items():

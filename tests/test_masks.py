@@ -253,3 +253,18 @@ def test_bad_inputs_name_the_leaf():
     jp.block_mask(_tree(), 0.5, (1, 1, 1, 1, 1))
   with pytest.raises(ValueError, match="with scope='global' expected one fraction"):
     jp.unstructured_mask(_tree(), {"conv": 0.1, "dense": 0.2, "embed": 0.3}, scope="global")
+
+
+def test_elementwise_leaves_equal_materialized_scores():
+  # Lazy scores |w - v| per leaf (the 1-D biases stay unprunable by the default rule, read
+  # through Elementwise.ndim); other mask functions evaluate Elementwise leaves whole.
+  w, v = _tree(1, ties=True), _tree(2, ties=True)
+  lazy = jax.tree.map(lambda a, b: jp.Elementwise(lambda x, y: jnp.abs(x - y), (a, b)), w, v)
+  eager = jax.tree.map(lambda a, b: np.abs(a - b), w, v)
+  for scope in ("layer", "global"):
+    got = jp.unstructured_mask(lazy, 0.6, scope=scope)
+    want = jp.unstructured_mask(eager, 0.6, scope=scope)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+  assert bool(np.all(got["dense"]["bias"])) and not bool(np.all(got["dense"]["kernel"]))
+  jax.tree.map(np.testing.assert_array_equal, jp.structured_mask(lazy, 0.5),
+               jp.structured_mask(eager, 0.5))

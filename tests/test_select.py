@@ -159,12 +159,15 @@ def test_elementwise_scores_equal_materialized_scores(monkeypatch):
   rng = np.random.default_rng(4)
   w = jnp.asarray(rng.integers(-3, 4, size=(9, 11)).astype(np.float32))
   g = jnp.asarray(rng.integers(-2, 3, size=(9, 11)).astype(np.float32))
-  lazy = select.Elementwise(lambda a, b: jnp.abs(a * b), (w, g))
+  fn = lambda a, b: jnp.abs(a * b)
+  lazy = select.Elementwise(fn, (w, g))
   np.testing.assert_array_equal(lazy.evaluate(), jnp.abs(w * g))
-  f = _impl_jit(1)
+  assert lazy.dtype == jnp.float32 and lazy.ndim == 2 and lazy.size == 99
+  f = jax.jit(lambda w, g, k: select._prune_lowest_impl([select.Elementwise(fn, (w, g))], k,
+                                                        [None], [None], None))
   for k in [0, 30, 50, 99]:
     want = reference.prune_lowest([np.abs(np.asarray(w * g))], k)[0]
-    np.testing.assert_array_equal(f([lazy], jnp.int32(k))[0], want)
+    np.testing.assert_array_equal(f(w, g, jnp.int32(k))[0], want)
     # the public entry point, eager, with the default chunk
     np.testing.assert_array_equal(select.prune_lowest([lazy], k)[0], want)
 

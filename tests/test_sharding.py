@@ -33,6 +33,7 @@ CHECK_NAMES = [
     "global_bit_identical_ties_nan",
     "global_random_trials",
     "chunked_blocks_bit_identical",
+    "elementwise_scores_read_per_block",
     "masks_keep_sharding",
     "layer_scope_per_leaf_sparsity_traced",
     "eager_concrete_sparsity_and_prunable",

@@ -1,5 +1,7 @@
 """jp.prune: exact sparsity, exact zeros, monotone masks, scores, scopes, distributions."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 
 import reference
 from jaxprune._src import distribution, schedules
+from jaxprune._src import masks as jp_masks
 from jaxprune._src.transform import prune
 
 
@@ -388,3 +391,40 @@ def test_chunked_mask_updates_on_large_kernels_match_reference():
         np.testing.assert_array_equal(np.asarray(state.masks[k]), want[k],
                                       err_msg=f"{scope} step {step} {k}")
         assert not np.asarray(p[k])[~want[k]].any()
+
+
+def test_custom_mask_fn_receives_whole_score_arrays():
+  # A user mask_fn gets arrays (not lazy Elementwise leaves): the ranked scores, NaN where an
+  # entry is already pruned, and placeholder zeros on unprunable leaves.
+  seen, types = [], []
+
+  def mask_fn(scores, sparsity, *, scope, prunable):
+    types.append([isinstance(x, jax.Array) for x in jax.tree.leaves(scores)])
+    jax.debug.callback(lambda s: seen.append(jax.tree.map(np.asarray, s)), scores)
+    return jp_masks.unstructured_mask(scores, sparsity, scope=scope, prunable=prunable)
+
+  p0 = _params()
+  sched = schedules.polynomial_schedule(0.0, 0.5, begin_step=0, end_step=2, frequency=1)
+  tx = prune(sched, mask_fn=mask_fn)
+  state = tx.init(p0)
+  for _ in range(3):  # masks computed at steps 1 and 2 (the target is 0 at step 0)
+    _, state = tx.update(jax.tree.map(jnp.zeros_like, p0), state, p0)
+  assert len(seen) == 2 and all(all(t) for t in types)
+  kernel = seen[-1]["dense1"]["kernel"]
+  pruned_before = ~np.asarray(_ref_mask(jax.tree.map(jnp.abs, p0), float(sched(1)))["dense1"]
+                              ["kernel"])
+  assert pruned_before.sum() == round(0.4375 * 600)
+  np.testing.assert_array_equal(np.isnan(kernel), pruned_before)
+  np.testing.assert_array_equal(kernel[~pruned_before],
+                                np.abs(np.asarray(p0["dense1"]["kernel"]))[~pruned_before])
+  np.testing.assert_array_equal(seen[-1]["dense1"]["bias"], np.zeros(30, np.float32))
+  jax.tree.map(np.testing.assert_array_equal, state.masks,
+               _ref_mask(jax.tree.map(jnp.abs, p0), 0.5))
+
+
+def test_library_selections_read_lazy_scores():
+  from jaxprune._src import sharding, transform
+  assert transform._reads_elementwise(jp_masks.unstructured_mask)
+  assert transform._reads_elementwise(functools.partial(sharding.sharded_unstructured_mask,
+                                                        mesh=None))
+  assert not transform._reads_elementwise(lambda s, sp, **kw: s)

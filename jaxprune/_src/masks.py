@@ -28,13 +28,18 @@ def _check_scope(scope: str) -> None:
     raise ValueError(f"scope: expected one of {_SCOPES}, got {scope!r}.")
 
 
-def _prepare(scores: PyTree, prunable: tree_lib.Prunable):
-  """Flattens scores with their paths and prunable flags, validating dtypes."""
+def _prepare(scores: PyTree, prunable: tree_lib.Prunable, keep_elementwise: bool = False):
+  """Flattens scores with their paths and prunable flags, validating dtypes.
+
+  `select.Elementwise` leaves stay lazy with ``keep_elementwise`` (the unstructured selections
+  read them chunk by chunk) and are evaluated otherwise.
+  """
   tree_lib.check_float(scores, "scores")
   flat, treedef = jax.tree_util.tree_flatten_with_path(scores)
   flags = jax.tree.leaves(tree_lib.prunable_flags(scores, prunable))
   paths = [tree_lib.path_str(p) for p, _ in flat]
-  leaves = [jnp.asarray(x) for _, x in flat]
+  leaves = [(x if keep_elementwise else x.evaluate()) if isinstance(x, select.Elementwise) else
+            jnp.asarray(x) for _, x in flat]
   return leaves, paths, flags, treedef
 
 
@@ -94,7 +99,9 @@ def unstructured_mask(scores: PyTree, sparsity: Sparsity, *, scope: str = "layer
   Selection is a sort-free radix select (see `jaxprune._src.select`).
 
   Args:
-    scores: pytree of float arrays, higher = more important.
+    scores: pytree of float arrays, higher = more important. A leaf may be an `Elementwise`
+      (e.g. ``Elementwise(jnp.abs, (w,))``): its scores are then computed chunk by chunk and
+      never held whole, which saves a parameter-sized array per leaf.
     sparsity: fraction in [0, 1], possibly traced; for ``scope="layer"`` also a pytree prefix of
       per-leaf fractions.
     scope: ``"layer"`` (each leaf separately) or ``"global"`` (one threshold over all leaves).
@@ -104,7 +111,7 @@ def unstructured_mask(scores: PyTree, sparsity: Sparsity, *, scope: str = "layer
     Pytree of bool masks shaped like ``scores``; True = keep. Unprunable leaves are all True.
   """
   _check_scope(scope)
-  leaves, paths, flags, treedef = _prepare(scores, prunable)
+  leaves, paths, flags, treedef = _prepare(scores, prunable, keep_elementwise=True)
   idx = [i for i, f in enumerate(flags) if f]
   sps = _sparsities(sparsity, scores, treedef, idx, scope)
   pruned = _select_units([leaves[i] for i in idx], [paths[i] for i in idx], sps, scope)

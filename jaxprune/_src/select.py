@@ -15,13 +15,14 @@ pruned is exactly k, jitted or not, on one device or sharded.
 
 Every pass reads the scores in chunks (2¹⁸ entries on CPU, 2²⁴ on accelerators) inside a
 `lax.fori_loop`, recomputing the keys per chunk: the only scratch memory is one chunk's keys and
-bins and the histogram, never a parameter-sized array. With `Elementwise` scores even the scores themselves are computed per
-chunk from their inputs (``|w|`` from ``w``), which is how `jaxprune.prune` updates masks inside
-a train step without raising its memory footprint.
+bins and the histogram, never a parameter-sized array. With `Elementwise` scores even the
+scores themselves are computed per chunk from their inputs (``|w|`` from ``w``), which is how
+`jaxprune.prune` updates masks inside a train step without raising its memory footprint.
 """
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Callable, Optional, Sequence, Union
 
@@ -130,7 +131,6 @@ def _chunk_size() -> int:
   return _CHUNK if jax.default_backend() == "cpu" else _ACCELERATOR_CHUNK
 
 
-@jax.tree_util.register_pytree_node_class
 class Elementwise:
   """Scores ``fn(*operands)`` of an elementwise ``fn``, computed a chunk at a time.
 
@@ -155,16 +155,7 @@ class Elementwise:
                        f"{[o.shape for o in operands]}.")
     self.fn = fn
     self.operands = operands
-
-  def tree_flatten(self):
-    # A pytree (operands as children, fn static) so that it passes through `jax.jit`.
-    return self.operands, self.fn
-
-  @classmethod
-  def tree_unflatten(cls, fn, operands):
-    out = object.__new__(cls)  # transformations may unflatten with non-array placeholders
-    out.fn, out.operands = fn, tuple(operands)
-    return out
+    self._dtype = None
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -173,6 +164,18 @@ class Elementwise:
   @property
   def size(self) -> int:
     return int(np.prod(self.shape, dtype=np.int64))
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def dtype(self) -> np.dtype:
+    """The scores' dtype (traced abstractly, without computing anything)."""
+    if self._dtype is None:
+      chunks = [jax.ShapeDtypeStruct((1,), o.dtype) for o in self.operands]
+      self._dtype = jax.eval_shape(self.fn, *chunks).dtype
+    return self._dtype
 
   def evaluate(self) -> Array:
     """The scores as one array shaped like the operands: ``fn`` applied to them whole.
@@ -365,7 +368,8 @@ def prune_lowest(scores: Sequence[ScoreLike], k: Union[int, Array], *,
     return _prune_lowest_impl(scores, k, positions, [None] * len(scores), None)
   # One compiled program per structure: eager callers (one-shot pruning outside jit) would
   # otherwise dispatch the selection op by op. Inside an outer jit this inlines.
-  return _prune_lowest_compiled(scores, k, positions)
+  fns, operands = split_elementwise(scores)
+  return _prune_lowest_compiled(fns, operands, k, positions)
 
 
 def _prune_lowest_impl(scores: list[ScoreLike], k: Array, positions: list, counted: list,
@@ -404,6 +408,22 @@ def _prune_lowest_impl(scores: list[ScoreLike], k: Array, positions: list, count
   return out
 
 
-@jax.jit
-def _prune_lowest_compiled(scores: list[ScoreLike], k: Array, positions: list) -> list[Array]:
+def split_elementwise(scores: Sequence[ScoreLike]) -> tuple[tuple, list[tuple[Array, ...]]]:
+  """``(fns, operands)``: per entry its ``fn`` (None for an array) and its operand arrays.
+
+  The static/array split that lets `Elementwise` scores cross a `jax.jit` or `jax.shard_map`
+  boundary; `join_elementwise` undoes it.
+  """
+  fns = tuple(s.fn if isinstance(s, Elementwise) else None for s in scores)
+  operands = [s.operands if isinstance(s, Elementwise) else (s,) for s in scores]
+  return fns, operands
+
+
+def join_elementwise(fns: Sequence, operands: Sequence[Sequence[Array]]) -> list[ScoreLike]:
+  return [ops[0] if fn is None else Elementwise(fn, ops) for fn, ops in zip(fns, operands)]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _prune_lowest_compiled(fns: tuple, operands: list, k: Array, positions: list) -> list[Array]:
+  scores = join_elementwise(fns, operands)
   return _prune_lowest_impl(scores, k, positions, [None] * len(scores), None)

@@ -57,12 +57,17 @@ def _axis_names(entry: Any) -> tuple[str, ...]:
   return (entry,)
 
 
+def _array_of(x: Any) -> Any:
+  """The array whose layout a leaf has: the first operand of `Elementwise` scores."""
+  return x.operands[0] if isinstance(x, select.Elementwise) else x
+
+
 def _mesh_of(leaves: Sequence[Any], specs: Sequence[Any]) -> Optional[AnyMesh]:
   """The mesh named by a NamedSharding among the specs or the concrete leaves, if any."""
   for s in specs:
     if isinstance(s, NamedSharding):
       return s.mesh
-  for x in leaves:
+  for x in map(_array_of, leaves):
     sharding = getattr(x, "sharding", None) if not isinstance(x, jax.core.Tracer) else None
     if isinstance(sharding, NamedSharding):
       return sharding.mesh
@@ -76,6 +81,7 @@ def _all_explicit(mesh: AnyMesh) -> bool:
 
 def _leaf_spec(x: Any, path: str, mesh: AnyMesh) -> PartitionSpec:
   """Infers the PartitionSpec of one leaf from its sharding (concrete) or its type (traced)."""
+  x = _array_of(x)
   if isinstance(x, jax.core.Tracer):
     sharding = getattr(jax.typeof(x), "sharding", None)
     # Under Auto axes a tracer's type says nothing about its layout (it reads as replicated);
@@ -216,7 +222,8 @@ def sharded_unstructured_mask(scores: PyTree, sparsity: masks_lib.Sparsity,
   ``Auto`` or ``Explicit`` mesh axes, and across processes (`jax.distributed`).
 
   Args:
-    scores: pytree of float arrays, higher = more important.
+    scores: pytree of float arrays, higher = more important, or of `Elementwise` scores (their
+      operands sharded alike), computed block by block and chunk by chunk on each device.
     sparsity: fraction in [0, 1], possibly traced; for ``scope="layer"`` also a pytree prefix of
       per-leaf fractions.
     mesh: the device mesh; None takes it from ``specs``, the arrays' shardings, or `jax.set_mesh`.
@@ -235,7 +242,7 @@ def sharded_unstructured_mask(scores: PyTree, sparsity: masks_lib.Sparsity,
     The selection is a two-pass radix select; see `jaxprune._src.select`.
   """
   masks_lib._check_scope(scope)
-  leaves, paths, flags, treedef = masks_lib._prepare(scores, prunable)
+  leaves, paths, flags, treedef = masks_lib._prepare(scores, prunable, keep_elementwise=True)
   mesh, spec_tree = resolve_specs(scores, mesh, specs)
   spec_list = tuple(jax.tree.leaves(spec_tree, is_leaf=_is_spec_leaf))
   idx = tuple(i for i, f in enumerate(flags) if f)
@@ -248,21 +255,30 @@ def sharded_unstructured_mask(scores: PyTree, sparsity: masks_lib.Sparsity,
   # Counts enter shard_map as one replicated vector: concrete or traced alike.
   k_vec = jnp.stack([jnp.asarray(k, jnp.int32) for k in ks]) if ks else jnp.zeros((0,), jnp.int32)
   shapes = tuple(tuple(x.shape) for x in leaves)
-  selection = _sharded_selection(shapes, spec_list, idx, scope, mesh)
-  return jax.tree.unflatten(treedef, selection(k_vec, *[leaves[i] for i in idx]))
+  fns, operands = select.split_elementwise([leaves[i] for i in idx])
+  selection = _sharded_selection(shapes, spec_list, idx, scope, mesh, fns,
+                                 tuple(len(o) for o in operands))
+  return jax.tree.unflatten(treedef, selection(k_vec, *[x for o in operands for x in o]))
 
 
 @functools.lru_cache(maxsize=64)
-def _sharded_selection(shapes: tuple, spec_list: tuple, idx: tuple, scope: str,
-                       mesh: AnyMesh) -> Callable[..., list[Array]]:
-  """The jitted shard_map selection for one layout, built once (eager callers reuse it)."""
+def _sharded_selection(shapes: tuple, spec_list: tuple, idx: tuple, scope: str, mesh: AnyMesh,
+                       fns: tuple, arities: tuple) -> Callable[..., list[Array]]:
+  """The jitted shard_map selection for one layout, built once (eager callers reuse it).
+
+  ``fns`` and ``arities``: per selected leaf, its `Elementwise` function (None for an array)
+  and its number of operand arrays, which enter `shard_map` flat, each with the leaf's spec.
+  """
   axes = tuple(mesh.axis_names)
 
   def reduce(h):
     # Every device holds or counts a part of each leaf: combine histograms over all axes.
     return lax.psum(h, axes)
 
-  def body(k_vec, *blocks):
+  def body(k_vec, *flat_blocks):
+    ends = np.cumsum(arities).tolist()
+    blocks = select.join_elementwise(
+        fns, [flat_blocks[e - a:e] for a, e in zip(arities, ends)])
     counted = [_is_primary(spec_list[i], mesh) for i in idx]
     if scope == "layer":
       positions = [_block_positions(shapes[i], spec_list[i], mesh, 0) for i in idx]
@@ -280,7 +296,8 @@ def _sharded_selection(shapes: tuple, spec_list: tuple, idx: tuple, scope: str,
             for i in range(len(shapes))]
 
   mapped = jax.shard_map(body, mesh=mesh,
-                         in_specs=(PartitionSpec(),) + tuple(spec_list[i] for i in idx),
+                         in_specs=(PartitionSpec(),) + tuple(
+                             spec_list[i] for i, a in zip(idx, arities) for _ in range(a)),
                          out_specs=list(spec_list))
   # jit: an eager shard_map would dispatch every primitive of the body separately.
   return jax.jit(mapped)

@@ -14,6 +14,8 @@ needed after the update. Masks are monotone: once pruned, an entry stays pruned.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import numbers
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
@@ -27,6 +29,7 @@ from jaxprune._src import distribution as distribution_lib
 from jaxprune._src import masks as masks_lib
 from jaxprune._src import scores as scores_lib
 from jaxprune._src import select
+from jaxprune._src import sharding as sharding_lib
 from jaxprune._src import tree as tree_lib
 
 PyTree = Any
@@ -117,6 +120,34 @@ def _resolve_overrides(params: PyTree, flags: PyTree,
     index.append(len(schedules))
     schedules.append(_as_schedule(value, f"overrides[{path!r}]"))
   return index, schedules
+
+
+@dataclasses.dataclass(frozen=True)
+class _RankedScores:
+  """``fn(*operands)`` where ``keep``, NaN where pruned: the score a mask update ranks by.
+
+  Already-pruned entries (NaN) rank below every number, so the k lowest include every pruned
+  entry whenever k allows; live NaN scores become -inf to stay above them. Hashable by ``fn``,
+  so that selections cached per score function (the sharded one) are reused across traces.
+  """
+  fn: Optional[Callable[..., jax.Array]]  # None: the first operand already holds the scores
+
+  def __call__(self, keep: jax.Array, *operands: jax.Array) -> jax.Array:
+    s = jnp.asarray(operands[0] if self.fn is None else self.fn(*operands), jnp.float32)
+    s = jnp.where(jnp.isnan(s), -jnp.inf, s)
+    return jnp.where(keep, s, jnp.nan)
+
+
+def _no_scores(keep: jax.Array) -> jax.Array:
+  """Placeholder scores of unprunable leaves; the selections never read them."""
+  return jnp.zeros(keep.shape, jnp.float32)
+
+
+def _reads_elementwise(mask_fn: Callable[..., PyTree]) -> bool:
+  """Whether ``mask_fn`` is one of the library's unstructured selections (possibly a partial),
+  which read `select.Elementwise` score leaves chunk by chunk; other mask functions get arrays."""
+  base = mask_fn.func if isinstance(mask_fn, functools.partial) else mask_fn
+  return base in (masks_lib.unstructured_mask, sharding_lib.sharded_unstructured_mask)
 
 
 def prune(schedule: ScheduleLike,
@@ -222,6 +253,7 @@ def prune(schedule: ScheduleLike,
   if not isinstance(num_probes, numbers.Integral) or num_probes < 1:
     raise ValueError(f"num_probes: expected a positive integer, got {num_probes!r}.")
   accumulate = bool(average_hessian) and score in _HESSIAN_SCORES
+  select_masks = masks_lib.unstructured_mask if mask_fn is None else mask_fn
 
   def init_fn(params: PyTree) -> PruneState:
     flags = tree_lib.prunable_flags(params, prunable)
@@ -302,53 +334,29 @@ def prune(schedule: ScheduleLike,
     for tree in trees:
       tree_lib.check_same_structure(params, tree, "params", "scores")
     treedef = jax.tree.structure(params)
-    flag_leaves = jax.tree.leaves(flags)
-    operand_leaves = zip(jax.tree.leaves(old_masks), *[jax.tree.leaves(t) for t in trees])
+    rank = _RankedScores(fn)
+    # Elementwise scores are recomputed chunk by chunk inside the selection: a mask update needs
+    # no parameter-sized scratch memory (which, on XLA:CPU, slowed every step by 1.4x).
+    scores = [select.Elementwise(rank, ops) if f else select.Elementwise(_no_scores, ops[:1])
+              for f, ops in zip(jax.tree.leaves(flags),
+                                zip(jax.tree.leaves(old_masks), *map(jax.tree.leaves, trees)))]
+    if not _reads_elementwise(select_masks):
+      scores = [s.evaluate() for s in scores]  # a custom selection gets whole arrays
+    scores = jax.tree.unflatten(treedef, scores)
 
-    def ranked(keep, *operands):
-      s = jnp.asarray(operands[0] if fn is None else fn(*operands), jnp.float32)
-      # Live NaN scores become -inf so that already-pruned entries (NaN, lowest of all) are
-      # always selected first: the k lowest then include every pruned entry whenever k allows.
-      s = jnp.where(jnp.isnan(s), -jnp.inf, s)
-      return jnp.where(keep, s, jnp.nan)
-
-    # Elementwise scores are recomputed chunk by chunk inside the selection: a mask update
-    # needs no parameter-sized scratch memory (which, on XLA:CPU, slowed every step).
-    sources = [select.Elementwise(ranked, ops) if f else None
-               for f, ops in zip(flag_leaves, operand_leaves)]
-    shapes = [np.shape(x) for x in jax.tree.leaves(params)]
-    if mask_fn is None:
-      paths = [p for p, _ in tree_lib.leaves_with_paths(params)]
-
-      def select_masks(sparsity, scope, chosen):
-        idx = [i for i, c in enumerate(chosen) if c]
-        sps = masks_lib._sparsities(sparsity, params, treedef, idx, scope)
-        pruned = masks_lib._select_units([sources[i] for i in idx], [paths[i] for i in idx],
-                                         sps, scope)
-        keep = dict(zip(idx, pruned))
-        return [~keep[i] if i in keep else jnp.ones(shape, bool)
-                for i, shape in enumerate(shapes)]
-    else:
-      # A custom selection (e.g. the sharded one) takes whole score arrays; unprunable leaves
-      # get placeholder scores it never reads.
-      scores = jax.tree.unflatten(treedef, [
-          s.evaluate() if s is not None else jnp.zeros(shape, jnp.float32)
-          for s, shape in zip(sources, shapes)])
-
-      def select_masks(sparsity, scope, chosen):
-        return jax.tree.leaves(mask_fn(scores, sparsity, scope=scope,
-                                       prunable=jax.tree.unflatten(treedef, list(chosen))))
+    def masks_for(sparsity, scope, chosen):
+      return select_masks(scores, sparsity, scope=scope, prunable=chosen)
 
     per_leaf = leaf_sparsities(params, flags, override_index, target, override_targets)
-    overridden = [o is not None for o in override_index]
+    overridden = jax.tree.unflatten(treedef, [o is not None for o in override_index])
     if scope == "layer":
-      masks = select_masks(per_leaf, "layer", flag_leaves)
+      masks = masks_for(per_leaf, "layer", flags)
     else:
-      masks = select_masks(target, "global",
-                           [f and not o for f, o in zip(flag_leaves, overridden)])
-      if any(overridden):
-        masks = [a & b for a, b in zip(masks, select_masks(per_leaf, "layer", overridden))]
-    return jax.tree.map(jnp.logical_and, jax.tree.unflatten(treedef, masks), old_masks)
+      masks = masks_for(target, "global",
+                        jax.tree.map(lambda f, o: f and not o, flags, overridden))
+      if any(o is not None for o in override_index):
+        masks = jax.tree.map(jnp.logical_and, masks, masks_for(per_leaf, "layer", overridden))
+    return jax.tree.map(jnp.logical_and, masks, old_masks)
 
   def update_fn(updates, state: PruneState, params=None, **extra_args):
     if params is None:
