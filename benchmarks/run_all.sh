@@ -12,3 +12,4 @@ done
 echo "== step variants"
 python step.py --score taylor --scope global "$@" 2>&1 | tee results/step_taylor_global.txt
 python step.py --batch 2048 --reps 3 "$@" 2>&1 | tee results/step_batch2048.txt
+python step.py --compare-scores --reps 9 "$@" 2>&1 | tee results/step_scores.txt

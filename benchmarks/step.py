@@ -17,7 +17,8 @@ donated) are timed side by side, interleaved so machine noise hits all of them a
 The optimizer part alone (``tx.update`` + ``apply_updates`` on fixed gradients) is timed too,
 since with a small batch the forward/backward pass dominates the train step.
 
-Usage: ``python benchmarks/step.py [--quick] [--batch B] [--score taylor] [--scope global]``.
+Usage: ``python benchmarks/step.py [--quick] [--batch B] [--score taylor] [--scope global]``;
+``--compare-scores`` times the no-update step of every score and scope side by side instead.
 """
 
 from __future__ import annotations
@@ -62,6 +63,42 @@ def copy_tree(tree):
   return jax.tree.map(jnp.copy, tree)
 
 
+def compare_scores(params0, x, y, reps: int, window: int) -> None:
+  """Whole train steps (no mask update) for each score and scope, side by side in one process.
+
+  Run to run, one program's ratio moves by up to 10% on a shared VM, so variants are compared
+  inside one run rather than across runs.
+  """
+  txs = {"plain": optax.adam(1e-3)}
+  for score in ("magnitude", "taylor", "gradient"):
+    for scope in ("layer", "global"):
+      txs[f"{score}, {scope}"] = optax.chain(optax.adam(1e-3),
+                                             jp.prune(0.9, score=score, scope=scope))
+  runners = {}
+  for name, tx in txs.items():
+    fn = make_train_step(tx)
+    params = copy_tree(params0)
+    state = tx.init(params)
+    for _ in range(window):  # compiles; the first call computes the masks
+      params, state, _ = fn(params, state, x, y)
+    jax.block_until_ready(params)
+    runners[name] = [fn, params, state, []]
+  for _ in range(reps):
+    for r in runners.values():
+      fn, params, state, times = r
+      start = time.perf_counter()
+      for _ in range(window):
+        params, state, _ = fn(params, state, x, y)
+      jax.block_until_ready((params, state))
+      times.append((time.perf_counter() - start) / window)
+      r[1], r[2] = params, state
+  base = statistics.median(runners["plain"][3])
+  print("\ntrain step, no mask update, by score and scope:")
+  for name, r in runners.items():
+    t = statistics.median(r[3])
+    print(f"  {name:28s} {t * 1e3:9.3f} ms/step   ratio {t / base:5.3f}x")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="small model, few steps (smoke run)")
@@ -69,6 +106,8 @@ def main() -> None:
   parser.add_argument("--reps", type=int, default=None, help="interleaved repetitions")
   parser.add_argument("--score", default="magnitude", choices=["magnitude", "gradient", "taylor"])
   parser.add_argument("--scope", default="layer", choices=["layer", "global"])
+  parser.add_argument("--compare-scores", action="store_true",
+                      help="only: every score x scope side by side, without mask updates")
   args = parser.parse_args()
 
   sizes = [256, 512, 256, 10] if args.quick else [784, 2048, 1024, 10]
@@ -95,6 +134,12 @@ def main() -> None:
           optax.adam(1e-3), fixed_masks(jp.unstructured_mask(jp.magnitude(params0), 0.9))),
   }
   grads = jax.grad(loss_fn)(params0, x, y)
+  if args.compare_scores:
+    print(machine())
+    print(f"MLP {sizes}: {n_params / 1e6:.2f}M params, batch {args.batch}; "
+          f"{reps} interleaved reps of {window} steps each")
+    compare_scores(params0, x, y, reps, window)
+    return
 
   print(machine())
   print(f"MLP {sizes}: {n_params / 1e6:.2f}M params, batch {args.batch}; "
