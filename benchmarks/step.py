@@ -63,6 +63,46 @@ def copy_tree(tree):
   return jax.tree.map(jnp.copy, tree)
 
 
+def time_side_by_side(txs: dict, make_fn, args: tuple, params0, reps: int, window: int) -> dict:
+  """Times ``make_fn(tx)(params, state, *args)`` for every optimizer in ``txs``, interleaved.
+
+  Each variant is warmed up for one window (compiling it and, for a constant target, computing
+  its masks at count 0, and leaving the count at a multiple of the window), then timed over
+  ``reps`` windows of ``window`` steps, the variants taking turns so machine noise hits all alike.
+
+  Returns:
+    name -> ``(median seconds per step, XLA temp MiB, final optimizer state)``.
+  """
+  runners = {}
+  for name, tx in txs.items():
+    fn = make_fn(tx)
+    params = copy_tree(params0)
+    state = tx.init(params)
+    temp_mb = fn.lower(params, state, *args).compile().memory_analysis().temp_size_in_bytes
+    for _ in range(window):
+      params, state = fn(params, state, *args)[:2]
+    jax.block_until_ready(params)
+    runners[name] = [fn, params, state, [], temp_mb / 2**20]
+  for _ in range(reps):
+    for r in runners.values():
+      fn, params, state, times, _ = r
+      start = time.perf_counter()
+      for _ in range(window):
+        params, state = fn(params, state, *args)[:2]
+      jax.block_until_ready((params, state))
+      times.append((time.perf_counter() - start) / window)
+      r[1], r[2] = params, state
+  return {name: (statistics.median(r[3]), r[4], r[2]) for name, r in runners.items()}
+
+
+def print_ratios(title: str, results: dict) -> None:
+  base = results["plain"][0]
+  print(f"\n{title}:")
+  for name, (t, temp_mb, _) in results.items():
+    print(f"  {name:28s} {t * 1e3:9.3f} ms/step   ratio {t / base:5.3f}x   "
+          f"XLA temp {temp_mb:6.1f} MiB")
+
+
 def compare_scores(params0, x, y, reps: int, window: int) -> None:
   """Whole train steps (no mask update) for each score and scope, side by side in one process.
 
@@ -74,29 +114,8 @@ def compare_scores(params0, x, y, reps: int, window: int) -> None:
     for scope in ("layer", "global"):
       txs[f"{score}, {scope}"] = optax.chain(optax.adam(1e-3),
                                              jp.prune(0.9, score=score, scope=scope))
-  runners = {}
-  for name, tx in txs.items():
-    fn = make_train_step(tx)
-    params = copy_tree(params0)
-    state = tx.init(params)
-    for _ in range(window):  # compiles; the first call computes the masks
-      params, state, _ = fn(params, state, x, y)
-    jax.block_until_ready(params)
-    runners[name] = [fn, params, state, []]
-  for _ in range(reps):
-    for r in runners.values():
-      fn, params, state, times = r
-      start = time.perf_counter()
-      for _ in range(window):
-        params, state, _ = fn(params, state, x, y)
-      jax.block_until_ready((params, state))
-      times.append((time.perf_counter() - start) / window)
-      r[1], r[2] = params, state
-  base = statistics.median(runners["plain"][3])
-  print("\ntrain step, no mask update, by score and scope:")
-  for name, r in runners.items():
-    t = statistics.median(r[3])
-    print(f"  {name:28s} {t * 1e3:9.3f} ms/step   ratio {t / base:5.3f}x")
+  print_ratios("train step, no mask update, by score and scope",
+               time_side_by_side(txs, make_train_step, (x, y), params0, reps, window))
 
 
 def main() -> None:
@@ -133,64 +152,30 @@ def main() -> None:
       "ablation: masks, no cond": optax.chain(
           optax.adam(1e-3), fixed_masks(jp.unstructured_mask(jp.magnitude(params0), 0.9))),
   }
-  grads = jax.grad(loss_fn)(params0, x, y)
+  print(machine())
   if args.compare_scores:
-    print(machine())
     print(f"MLP {sizes}: {n_params / 1e6:.2f}M params, batch {args.batch}; "
           f"{reps} interleaved reps of {window} steps each")
     compare_scores(params0, x, y, reps, window)
     return
-
-  print(machine())
   print(f"MLP {sizes}: {n_params / 1e6:.2f}M params, batch {args.batch}; "
         f"{reps} interleaved reps of {window} steps each; prune(score={args.score!r}, "
         f"scope={args.scope!r})")
 
-  for kind in ("train step", "optimizer only"):
-    runners = {}
-    for name, tx in txs.items():
-      if kind == "train step":
-        fn = make_train_step(tx)
-        call = lambda fn, p, s: fn(p, s, x, y)[:2]
-      else:
-        fn = make_opt_step(tx)
-        call = lambda fn, p, s: fn(p, s, grads)
-      params = copy_tree(params0)
-      state = tx.init(params)
-      example = (params, state) + ((x, y) if kind == "train step" else (grads,))
-      temp_mb = fn.lower(*example).compile().memory_analysis().temp_size_in_bytes / 2**20
-      # Warm-up: compiles, and for the constant target computes the masks at count 0.
-      params, state = call(fn, params, state)
-      for _ in range(window - 1):  # align the count to a multiple of the window
-        params, state = call(fn, params, state)
-      jax.block_until_ready(params)
-      runners[name] = [fn, call, params, state, [], temp_mb]
-
-    for _ in range(reps):
-      for r in runners.values():
-        fn, call, params, state, times, _ = r
-        start = time.perf_counter()
-        for _ in range(window):
-          params, state = call(fn, params, state)
-        jax.block_until_ready((params, state))
-        times.append((time.perf_counter() - start) / window)
-        r[2], r[3] = params, state
-
-    base = statistics.median(runners["plain"][4])
-    print(f"\n{kind}:")
-    for name, r in runners.items():
-      t = statistics.median(r[4])
-      print(f"  {name:28s} {t * 1e3:9.3f} ms/step   ratio {t / base:5.3f}x   "
-            f"XLA temp {r[5]:6.1f} MiB")
+  grads = jax.grad(loss_fn)(params0, x, y)
+  for kind, make_fn, args_ in (("train step", make_train_step, (x, y)),
+                               ("optimizer only", make_opt_step, (grads,))):
+    results = time_side_by_side(txs, make_fn, args_, params0, reps, window)
+    print_ratios(kind, results)
     # The windowed figure is noisy (one update per window); the same amortization computed
     # from the no-update and every-step medians is steadier.
-    t_none = statistics.median(runners["pruned, no mask update"][4])
-    t_every = statistics.median(runners["pruned, update every step"][4])
+    t_none = results["pruned, no mask update"][0]
+    t_every = results["pruned, update every step"][0]
     amortized = ((window - 1) * t_none + t_every) / window
     print(f"  {'derived: one update per ' + str(window):28s} {amortized * 1e3:9.3f} ms/step   "
-          f"ratio {amortized / base:5.3f}x   (mask update alone: "
+          f"ratio {amortized / results['plain'][0]:5.3f}x   (mask update alone: "
           f"{(t_every - t_none) * 1e3:.3f} ms)")
-    pruned_state = optax.tree_utils.tree_get(runners[f"pruned, update every {window}"][3],
+    pruned_state = optax.tree_utils.tree_get(results[f"pruned, update every {window}"][2],
                                              "PruneState")
     print(f"  (scheduled variant: count {int(pruned_state.count)}, "
           f"target {float(pruned_state.target):.6f})")

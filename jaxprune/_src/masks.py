@@ -38,9 +38,12 @@ def _prepare(scores: PyTree, prunable: tree_lib.Prunable, keep_elementwise: bool
   flat, treedef = jax.tree_util.tree_flatten_with_path(scores)
   flags = jax.tree.leaves(tree_lib.prunable_flags(scores, prunable))
   paths = [tree_lib.path_str(p) for p, _ in flat]
-  leaves = [(x if keep_elementwise else x.evaluate()) if isinstance(x, select.Elementwise) else
-            jnp.asarray(x) for _, x in flat]
-  return leaves, paths, flags, treedef
+  def leaf(x):
+    if isinstance(x, select.Elementwise):
+      return x if keep_elementwise else x.evaluate()
+    return jnp.asarray(x)
+
+  return [leaf(x) for _, x in flat], paths, flags, treedef
 
 
 def _per_leaf_sparsity(sparsity: Sparsity, scores: PyTree, treedef) -> list:
@@ -70,6 +73,22 @@ def _sparsities(sparsity: Sparsity, scores: PyTree, treedef, idx: list[int], sco
   return [_global_sparsity(sparsity)]
 
 
+def _after(scores: select.ScoreLike, previous: Array) -> select.Elementwise:
+  """``scores`` read only once ``previous`` is computed; the values are unchanged.
+
+  Under jit the per-leaf selections are independent, so XLA runs them side by side and holds
+  every leaf's chunk buffers at once (scratch memory about twice the scores' size with many
+  leaves). Adding a zero derived from the previous leaf's mask, which XLA cannot fold, makes
+  them run one after another. ``x + 0.0 == x`` for every float (``-0.0`` becomes ``+0.0``,
+  which the selection already treats as equal).
+  """
+  zero = jnp.minimum(previous.reshape(-1)[0].astype(jnp.float32), 0.0)
+  if isinstance(scores, select.Elementwise):
+    fn = scores.fn
+    return select.Elementwise(lambda *ops: fn(*ops) + zero, scores.operands)
+  return select.Elementwise(lambda s: s + zero, (scores,))
+
+
 def _select_units(unit_scores: list[Array], paths: list[str], sparsities: list,
                   scope: str) -> list[Array]:
   """Prune masks (True = prune) over per-leaf unit scores, per leaf or globally."""
@@ -77,6 +96,8 @@ def _select_units(unit_scores: list[Array], paths: list[str], sparsities: list,
     out = []
     for s, path, sp in zip(unit_scores, paths, sparsities):
       k = select.num_to_prune(sp, s.size, "sparsity", path)
+      if out and isinstance(out[-1], jax.core.Tracer):
+        s = _after(s, out[-1])
       out.append(select.prune_lowest([s], k)[0])
     return out
   total = sum(s.size for s in unit_scores)

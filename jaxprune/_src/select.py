@@ -118,8 +118,7 @@ def num_to_prune(sparsity, n: int, name: str = "sparsity",
 
 
 # Entries per chunk on CPU: one chunk's keys and bins (2 MiB) stay in cache, and the selection's
-# temporaries are O(chunk) whatever the model size. Measured on 5e7 scores (2-core EPYC): one
-# histogram pass over 2^18-entry chunks took 0.045 s against 0.096 s over materialized keys.
+# temporaries are O(chunk) whatever the model size (benchmarks/selection.py prints them).
 _CHUNK = 1 << 18
 # On GPU and TPU each loop iteration has a fixed cost (on GPU the loop predicate goes back to
 # the host), so chunks are larger there: 2^24 entries, 128 MiB of keys and bins, keep a 10^9-entry
@@ -201,6 +200,10 @@ _KeyReader = Callable[[int, Union[int, Array], int], tuple[Array, Optional[Array
 def _slice(flat: Array, start: Union[int, Array], size: int) -> Array:
   if isinstance(start, int):
     return flat if (start, size) == (0, flat.shape[0]) else flat[start:start + size]
+  # A traced start comes from `_histogram`, tied there to the histogram so far. Tying the data
+  # to it too makes each pass read its arrays one after another, and keeps XLA from merging
+  # the same array's key computations across passes into one array held through all of them.
+  flat, _ = lax.optimization_barrier((flat, start))
   return lax.dynamic_slice_in_dim(flat, start, size)
 
 
@@ -227,7 +230,7 @@ def _position_reader(positions: Union[None, Array, Callable[[Array], Array]], of
                      shape: tuple[int, ...]) -> _Reader:
   if positions is None:
     return lambda start, size: jnp.uint32(offset) + _flat_index(start, size)
-  if callable(positions) and not isinstance(positions, jax.Array):
+  if callable(positions):
     return lambda start, size: positions(_flat_index(start, size))
   positions = jnp.asarray(positions)
   if positions.shape != shape or positions.dtype != jnp.uint32:
@@ -253,14 +256,31 @@ def _histogram(read: _KeyReader, sizes: Sequence[int], digit: Callable[[Array], 
   """2¹⁶-bin histogram of ``digit(values)`` over the valid entries of every array.
 
   Arrays are read in chunks of `_chunk_size()` entries (a `fori_loop` over the full chunks,
-  then the rest), so only one chunk's values and bins exist at a time.
+  then the rest), and each chunk is read only once the histogram of the previous ones exists,
+  so only one chunk's values and bins exist at a time.
   """
-  hist = jnp.zeros((_BINS,), jnp.int32)
+  hist = None
   chunk = _chunk_size()
   for i, n in enumerate(sizes):
     def add(hist, start, size, i=i):
+      if hist is not None:
+        # The read waits for the histogram so far (see `_slice`). Without that, XLA computed
+        # the keys and bins of every array up front and shared each array's keys between
+        # passes; with many arrays all were live at once, twice the scores' size.
+        start, hist = lax.optimization_barrier((jnp.asarray(start, jnp.int32), hist))
       values, valid = read(i, start, size)
       bins = digit(values).astype(jnp.int32)
+      if hist is None:
+        # Zeros derived from the first bins (a zero XLA cannot fold), so the histogram is
+        # allocated when first needed: XLA otherwise materializes every selection's
+        # histograms up front, 256 KiB each per pass and per leaf in layer scope.
+        hist = jnp.zeros((_BINS,), jnp.int32) + jnp.minimum(bins[0], 0)
+      else:
+        # Always true, but XLA cannot know it: the bins depend on the histogram so far, so they
+        # are computed just before their scatter (optimization barriers alone do not order work
+        # on XLA:CPU; they stop XLA from sharing keys between passes).
+        after = hist[0] >= 0
+        valid = after if valid is None else valid & after
       if valid is not None:
         bins = jnp.where(valid, bins, _BINS)  # out of range: dropped by the scatter
       return hist.at[bins].add(1, mode="drop")
@@ -274,6 +294,8 @@ def _histogram(read: _KeyReader, sizes: Sequence[int], digit: Callable[[Array], 
       hist = lax.fori_loop(1, full, lambda j, h: add(h, j * chunk, chunk), hist)
     if rest:
       hist = add(hist, full * chunk, rest)
+  if hist is None:  # no entries at all
+    hist = jnp.zeros((_BINS,), jnp.int32)
   return reduce_counts(hist)
 
 
@@ -311,10 +333,6 @@ def _kth_smallest(read: _KeyReader, sizes: Sequence[int], k: Array,
   lo, below_lo = _first_reaching(low, k - below_b)
   t = (b_u << _RADIX_BITS) | lo.astype(jnp.uint32)
   return t, below_b + below_lo, low[lo]
-
-
-def _shape(scores: ScoreLike) -> tuple[int, ...]:
-  return tuple(scores.shape)
 
 
 def prune_lowest(scores: Sequence[ScoreLike], k: Union[int, Array], *,
@@ -355,16 +373,16 @@ def prune_lowest(scores: Sequence[ScoreLike], k: Union[int, Array], *,
     counted = list(counted) if counted is not None else [None] * len(scores)
     return _prune_lowest_impl(scores, jnp.asarray(k, jnp.int32), positions, counted,
                               reduce_counts)
-  total = sum(int(np.prod(_shape(s), dtype=np.int64)) for s in scores)
+  total = sum(int(s.size) for s in scores)
   if total > _MAX_COUNT:
     raise ValueError(f"prune_lowest: at most {_MAX_COUNT} entries per selection, got {total}.")
   if isinstance(k, numbers.Integral):
     if not 0 <= k <= total:
       raise ValueError(f"prune_lowest: k must be in [0, {total}], got {k}.")
     if k == 0:
-      return [jnp.zeros(_shape(s), bool) for s in scores]
+      return [jnp.zeros(s.shape, bool) for s in scores]
   k = jnp.clip(jnp.asarray(k, jnp.int32), 0, total)
-  if any(callable(p) and not isinstance(p, jax.Array) for p in positions):
+  if any(callable(p) for p in positions):  # functions cannot be jit arguments
     return _prune_lowest_impl(scores, k, positions, [None] * len(scores), None)
   # One compiled program per structure: eager callers (one-shot pruning outside jit) would
   # otherwise dispatch the selection op by op. Inside an outer jit this inlines.
@@ -375,8 +393,8 @@ def prune_lowest(scores: Sequence[ScoreLike], k: Union[int, Array], *,
 def _prune_lowest_impl(scores: list[ScoreLike], k: Array, positions: list, counted: list,
                        reduce_counts: Optional[CountReducer]) -> list[Array]:
   reduce_counts = reduce_counts or (lambda h: h)
-  shapes = [_shape(s) for s in scores]
-  sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
+  shapes = [tuple(s.shape) for s in scores]
+  sizes = [int(s.size) for s in scores]
   offsets = np.cumsum([0] + sizes[:-1]).tolist()
   read_scores = [_score_reader(s) for s in scores]
   read_positions = [_position_reader(p, o, s) for p, o, s in zip(positions, offsets, shapes)]
