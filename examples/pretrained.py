@@ -21,6 +21,7 @@ its ``method``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -204,7 +205,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Row]:
   dense = minilm.embed(params, tokenizer, held_out)
   header = (f"all-MiniLM-L6-v2, 36 encoder kernels pruned one-shot; cosine of pruned vs dense "
             f"embeddings over {len(held_out)} held-out sentences; {args.calib} calibration "
-            f"sentences; jax {jax.__version__} on {jax.devices()[0].platform}")
+            f"sentences; jax {jax.__version__} on {jax.devices()[0].platform}, "
+            f"{os.cpu_count()} cores")
   print(header, flush=True)
   rows = []
   for method in methods:
