@@ -32,15 +32,6 @@ MODES = ("oneshot", "gradual", "iterative", "l1", "prox")
 # Per-layer sparsities by layer name, e.g. (("fc1", 0.93), ("fc2", 0.91)); hashable for jit.
 LayerSparsities = Optional[tuple[tuple[str, float], ...]]
 
-# Han et al. 2015 (Tables 2-3) keep, per layer, 8/9/26 % (LeNet-300-100) and 66/12/8/19 %
-# (LeNet-5); the first, largest layers are pruned most. Their totals round to 8 % kept; these
-# allocations shift fc1 by one point so the total is >= 92 % pruned.
-HAN_SPARSITIES = {
-    "lenet300": {"fc1": 0.93, "fc2": 0.91, "fc3": 0.74},
-    "lenet5": {"conv1": 0.34, "conv2": 0.88, "fc1": 0.93, "fc2": 0.81},
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Everything that defines one pruning run (``examples/mnist.py --help`` explains each)."""
@@ -178,37 +169,40 @@ def fixed_prune(sparsity: Any, *, scope: str = "global",
 
   The masks are computed at the first step from the ``fixed_scores=`` extra argument and never
   change afterwards (a constant schedule): one-shot pruning followed by fine-tuning.
-  ``sparsity`` may be traced, so one compiled step serves a whole sparsity sweep.
+
+  Args:
+    sparsity: overall fraction pruned; may be traced, so one compiled step serves a sweep.
+    scope: ``"global"`` or ``"layer"``, as in `jaxprune.prune`.
+    layer_sparsities: per-layer fractions by layer name (`jaxprune.prune`'s ``overrides``).
+
+  Returns:
+    The transformation; pass ``fixed_scores=`` to its ``update``.
   """
   return jp.prune(sparsity, _given_scores, scope=scope, overrides=overrides_for(layer_sparsities))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _select_masks(scope: str, layer_sparsities: LayerSparsities,
-                  params: PyTree, scores: PyTree, sparsity: jax.Array) -> PyTree:
-  # The masks `fixed_prune` computes at its first step: one update on zero updates.
-  tx = fixed_prune(sparsity, scope=scope, layer_sparsities=layer_sparsities)
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  _, state = tx.update(zeros, tx.init(params), params, fixed_scores=scores)
-  return state.masks
-
-
-def select_masks(cfg: Config, params: PyTree, scores: PyTree, sparsity: float) -> PyTree:
+@functools.partial(jax.jit, static_argnames=("scope", "layer_sparsities"))
+def select_masks(params: PyTree, scores: PyTree, sparsity: Any, *, scope: str = "global",
+                 layer_sparsities: LayerSparsities = None) -> PyTree:
   """The policy alone: boolean masks keeping the highest ``scores`` at ``sparsity``.
 
-  Uses ``cfg.scope`` and ``cfg.layer_sparsities``; the selection is the one `fixed_prune` (the
-  fine-tuning transformation) makes, compiled once per scope and allocation.
+  The selection `fixed_prune` makes at its first step, obtained by running that step on zero
+  updates; compiled once per scope and allocation (``sparsity`` is traced).
 
   Args:
-    cfg: the run configuration.
     params: the parameters the masks are for.
     scores: a float pytree like ``params`` (higher = keep).
     sparsity: overall fraction pruned of the leaves without a per-layer sparsity.
+    scope: ``"global"`` (one threshold over those leaves) or ``"layer"``.
+    layer_sparsities: per-layer fractions by layer name, pruned per layer.
 
   Returns:
     A bool pytree like ``params``.
   """
-  return _select_masks(cfg.scope, cfg.layer_sparsities, params, scores, jnp.float32(sparsity))
+  tx = fixed_prune(sparsity, scope=scope, layer_sparsities=layer_sparsities)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  _, state = tx.update(zeros, tx.init(params), params, fixed_scores=scores)
+  return state.masks
 
 
 # Cached by value: every one-shot run and sweep point with this recipe shares one compile.
@@ -223,6 +217,17 @@ def finetune(trainer: Trainer, cfg: Config, params: PyTree, scores: PyTree, spar
              epochs: int, desc: str = "finetune", progress: bool = True,
              max_steps: Optional[int] = None) -> tuple[PyTree, optax.OptState]:
   """Fine-tunes ``params`` for ``epochs`` with the masks of ``scores`` at ``sparsity`` fixed.
+
+  Args:
+    trainer: the model and its data.
+    cfg: ``ft_lr``, ``scope``, ``layer_sparsities`` and ``seed`` are read.
+    params: parameters to prune and fine-tune.
+    scores: their scores (higher = keep).
+    sparsity: overall fraction pruned.
+    epochs: fine-tuning epochs (the length of the learning-rate decay).
+    desc: progress-bar label.
+    progress: show a progress bar.
+    max_steps: stop after this many steps.
 
   Returns:
     ``(params, opt_state)``; `jaxprune.find_masks` reads the masks back from the state.
@@ -338,16 +343,20 @@ def run(trainer: Trainer, cfg: Config, dense: PyTree, *, progress: bool = True,
   if cfg.mode in ("gradual", "iterative"):
     params, opt_state = _in_step_prune(trainer, cfg, params, progress=progress,
                                        max_steps=max_steps)
+    masks = jp.find_masks(opt_state, params)
   else:
     scores = oneshot_scores(trainer, params, cfg.criterion, batches=cfg.score_batches,
                             num_probes=cfg.num_probes, seed=cfg.seed)
-    masks = select_masks(cfg, params, scores, cfg.sparsity)
+    masks = select_masks(params, scores, cfg.sparsity, scope=cfg.scope,
+                         layer_sparsities=cfg.layer_sparsities)
     oneshot_acc = trainer.accuracy(jp.apply_masks(params, masks))
-    params, opt_state = finetune(trainer, cfg, params, scores, cfg.sparsity,
-                                 epochs=cfg.ft_epochs, desc=f"finetune {cfg.criterion}",
-                                 progress=progress, max_steps=max_steps)
+    params, _ = finetune(trainer, cfg, params, scores, cfg.sparsity, epochs=cfg.ft_epochs,
+                         desc=f"finetune {cfg.criterion}", progress=progress,
+                         max_steps=max_steps)
+    # Fine-tuning keeps these masks (its scores and sparsity are constant) and already zeroes
+    # the pruned weights; with no fine-tuning step at all, this is what prunes them.
+    params = jp.apply_masks(params, masks)
 
-  masks = jp.find_masks(opt_state, params)
   rep = jp.report(params, masks=masks,
                   apply_fn=lambda p, x: trainer.model.apply({"params": p}, x),
                   inputs=(trainer.x_test[:1],))
@@ -390,7 +399,8 @@ def sweep(trainer: Trainer, cfg: Config, dense: PyTree, criteria: Sequence[str],
     scores = oneshot_scores(trainer, dense, criterion, batches=cfg.score_batches,
                             num_probes=cfg.num_probes, seed=cfg.seed)
     for s in sparsities:
-      masks = select_masks(cfg, dense, scores, s)
+      masks = select_masks(dense, scores, s, scope=cfg.scope,
+                           layer_sparsities=cfg.layer_sparsities)
       acc0 = trainer.accuracy(jp.apply_masks(dense, masks))
       acc1 = None
       if ft_epochs > 0:
