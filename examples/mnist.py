@@ -136,6 +136,23 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def config_from(args: argparse.Namespace, dataset: str, criterion: str) -> Config:
+  """The run configuration of parsed arguments, unset options from `DEFAULTS` of ``dataset``."""
+  d = dict(DEFAULTS[dataset])
+  d.update(DEFAULTS.get(f"{dataset}/{args.model}", {}))
+  pick = lambda value, key: d[key] if value is None else value
+  l1 = args.l1 if args.l1 is not None else (d["prox"] if args.mode == "prox" else 1e-4)
+  return Config(model=args.model, mode=args.mode, criterion=criterion, sparsity=args.sparsity,
+                scope=args.scope,
+                layer_sparsities=parse_layer_sparsities(args.layer_sparsity, args.model),
+                epochs=pick(args.epochs, "epochs"),
+                prune_epochs=pick(args.prune_epochs, "prune_epochs"), rounds=args.rounds,
+                ft_epochs=pick(args.ft_epochs, "ft_epochs"), batch_size=args.batch_size,
+                lr=args.lr, ft_lr=args.ft_lr, l1=l1, num_probes=args.num_probes,
+                average_hessian=args.average_hessian, score_batches=args.score_batches,
+                prune_every=pick(args.prune_every, "prune_every"), seed=args.seed)
+
+
 def sweep_table(points: Sequence[SweepPoint]) -> str:
   """Test error (%) per criterion (rows) and sparsity (columns), one-shot and fine-tuned."""
   criteria = list(dict.fromkeys(p.criterion for p in points))
@@ -176,20 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[RunResult]:
                        f"{c!r}.")
   data = (load_mnist(args.data_dir, verify=not args.no_verify) if args.data_dir
           else load_digits28(seed=args.seed))
-  d = dict(DEFAULTS[data.name])
-  d.update(DEFAULTS.get(f"{data.name}/{args.model}", {}))
-  pick = lambda value, key: d[key] if value is None else value
-  base = Config(model=args.model, mode=args.mode, criterion=criteria[0], sparsity=args.sparsity,
-                scope=args.scope,
-                layer_sparsities=parse_layer_sparsities(args.layer_sparsity, args.model),
-                epochs=pick(args.epochs, "epochs"),
-                prune_epochs=pick(args.prune_epochs, "prune_epochs"), rounds=args.rounds,
-                ft_epochs=pick(args.ft_epochs, "ft_epochs"), batch_size=args.batch_size,
-                lr=args.lr, ft_lr=args.ft_lr,
-                l1=args.l1 if args.l1 is not None else (d["prox"] if args.mode == "prox" else 1e-4),
-                num_probes=args.num_probes, average_hessian=args.average_hessian,
-                score_batches=args.score_batches,
-                prune_every=pick(args.prune_every, "prune_every"), seed=args.seed)
+  base = config_from(args, data.name, criteria[0])
   progress = not args.no_progress
   out_dir = Path(args.out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
