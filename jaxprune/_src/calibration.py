@@ -173,7 +173,8 @@ def _make_step(traced: Traced, selected: dict[str, list[Site]],
   return jax.jit(step)
 
 
-def _batch_key(batch: Any) -> tuple:
+def batch_key(batch: Any) -> tuple:
+  """What a jitted per-batch function is compiled for: the tree structure, shapes and dtypes."""
   leaves, treedef = jax.tree.flatten(batch)
   return treedef, tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in leaves)
 
@@ -218,7 +219,7 @@ def calibrate(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: I
   acc: Optional[dict] = None
   selected: dict[str, list[Site]] = {}
   for batch in itertools.chain([first], batches):
-    key = _batch_key(batch)
+    key = batch_key(batch)
     if key not in steps:
       traced = interpret.trace(apply_fn, params, batch)
       chosen = select_sites(traced, params, kernels, prunable)
