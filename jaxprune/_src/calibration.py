@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from jaxprune._src import interpret
 from jaxprune._src import jaxpr_walk
@@ -142,9 +143,14 @@ def capture_inputs(traced: Traced, sites: Iterable[Site], leaves: Sequence[jax.A
   return xs
 
 
-def _gram(a: jax.Array, b: jax.Array) -> jax.Array:
+def gram(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``aᵀb`` in float32 over rows that may be sharded over a mesh (the result is replicated)."""
+  mesh = getattr(jax.typeof(a).sharding, "mesh", None)
+  out = None
+  if mesh is not None and not mesh.empty and AxisType.Explicit in mesh.axis_types:
+    out = NamedSharding(mesh, PartitionSpec())  # explicit axes ask where the row sum lands
   return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
-                         preferred_element_type=jnp.float32)
+                         preferred_element_type=jnp.float32, out_sharding=out)
 
 
 def _make_step(traced: Traced, selected: dict[str, list[Site]],
@@ -163,10 +169,10 @@ def _make_step(traced: Traced, selected: dict[str, list[Site]],
         w = (jnp.ones(tokens, jnp.float32) if mask is None
              else token_weights(mask, tokens, path)).reshape(-1, 1)
         x = x.reshape(-1, x.shape[-1])
-        h = h + _gram(x * w, x)
+        h = h + gram(x * w, x)
         count = count + jnp.sum(w)
         if xd is not None:
-          cross = cross + _gram(x * w, xd[path][j].reshape(x.shape))
+          cross = cross + gram(x * w, xd[path][j].reshape(x.shape))
       new[path] = (h, count, cross)
     return new
 

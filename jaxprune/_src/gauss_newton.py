@@ -83,8 +83,7 @@ def _make_step(traced: Traced, sites: Sequence[Site], loss: str,
       d2 = jnp.sum(jnp.square(deltas[k].astype(jnp.float32)), axis=0)
       d2 = interpret.site_outputs(s, d2).reshape(-1, s.d_out)
       x2 = jnp.square(xs[k]).reshape(-1, s.d_in)
-      diag = lax.dot_general(x2, d2, (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST)
-      new[s.path] = new[s.path] + interpret.from_matrix(diag, s)
+      new[s.path] = new[s.path] + interpret.from_matrix(calibration.gram(x2, d2), s)
     return new
 
   return jax.jit(step)
