@@ -157,10 +157,8 @@ def test_bad_input():
     calibration.calibrate(embed, params, [ids], kernels=["['emb']"])
   with pytest.raises(ValueError, match=r"kernels: expected leaf paths .* got \['nope'\]"):
     calibration.calibrate(dense, {"w": rand(51, (D, 2))}, [x], kernels=["['nope']"])
-  twice = lambda p, v: (v @ p["w"]) @ p["w"][:2, :2]
   with pytest.raises(ValueError, match=r"kernels: \['w'\] is read by 2 sites with different"):
     calibration.calibrate(lambda p, v: v @ p["w"] + v @ p["w"].T, {"w": rand(55, (D, D))}, [x])
-  del twice
   bad = x.copy()
   bad[1, 2] = np.nan
   with pytest.raises(ValueError, match=r"H of \['w'\] has NaN or inf"):

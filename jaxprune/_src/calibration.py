@@ -12,9 +12,10 @@ of ``H`` follow `interpret.to_matrix`'s rows.
 Tokens are every position of the activation except its features (batch, sequence, image
 positions). ``token_mask`` leaves out padding; ``H`` is a sum over tokens, not a mean, and
 ``count`` is the (weighted) number of tokens. A kernel read by several sites with the same layout
-(a layer applied twice) pools all its uses: ``H`` and ``count`` sum over them. Each batch shape
-compiles one jitted function; a batch sharded over a mesh's data axis gives the same ``H``, the
-reduction over tokens becoming a cross-device sum in the compiled program.
+(a layer applied twice) pools all its uses: ``H`` and ``count`` sum over them. One function is
+compiled per ``(apply_fn, kernels, token_mask)`` and batch shape, and reused across calls. A batch
+sharded over a mesh's data axis gives the same ``H``, the reduction over tokens becoming a
+cross-device sum in the compiled program.
 """
 
 from __future__ import annotations
@@ -153,36 +154,46 @@ def gram(a: jax.Array, b: jax.Array) -> jax.Array:
                          preferred_element_type=jnp.float32, out_sharding=out)
 
 
-def _make_step(traced: Traced, selected: dict[str, list[Site]],
-               token_mask: Optional[Callable[[Any], jax.Array]], with_reference: bool,
-               ) -> Callable[..., dict]:
+@functools.partial(jax.jit, static_argnames=("apply_fn", "kernels", "token_mask"))
+def _step(acc: dict, params: PyTree, reference_params: Optional[PyTree], batch: Any, *,
+          apply_fn: Callable[[PyTree, Any], Any], kernels: tuple[str, ...],
+          token_mask: Optional[Callable[[Any], jax.Array]]) -> dict:
+  """Adds one batch to ``acc``; compiled once per (apply_fn, kernels, token_mask, shapes)."""
+  traced = interpret.trace(apply_fn, params, batch)
+  selected = select_sites(traced, params, kernels, None)
+  for path, sites in selected.items():
+    if acc[path][0].shape != (sites[0].d_in,) * 2:
+      raise ValueError(f"batches: expected every batch to give {path} inputs of "
+                       f"{acc[path][0].shape[0]} features, got {sites[0].d_in}")
   sites = [s for group in selected.values() for s in group]
-
-  def step(acc: dict, leaves: list, ref_leaves: Optional[list], batch: Any) -> dict:
-    mask = None if token_mask is None else token_mask(batch)
-    xs = capture_inputs(traced, sites, leaves, batch)
-    xd = capture_inputs(traced, sites, ref_leaves, batch) if with_reference else None
-    new = {}
-    for path, (h, count, cross) in acc.items():
-      for j, x in enumerate(xs[path]):
-        tokens = x.shape[:-1]
-        w = (jnp.ones(tokens, jnp.float32) if mask is None
-             else token_weights(mask, tokens, path)).reshape(-1, 1)
-        x = x.reshape(-1, x.shape[-1])
-        h = h + gram(x * w, x)
-        count = count + jnp.sum(w)
-        if xd is not None:
-          cross = cross + gram(x * w, xd[path][j].reshape(x.shape))
-      new[path] = (h, count, cross)
-    return new
-
-  return jax.jit(step)
+  mask = None if token_mask is None else token_mask(batch)
+  xs = capture_inputs(traced, sites, jax.tree.leaves(params), batch)
+  xd = None
+  if reference_params is not None:
+    xd = capture_inputs(traced, sites, jax.tree.leaves(reference_params), batch)
+  new = {}
+  for path, (h, count, cross) in acc.items():
+    for j, x in enumerate(xs[path]):
+      tokens = x.shape[:-1]
+      w = (jnp.ones(tokens, jnp.float32) if mask is None
+           else token_weights(mask, tokens, path)).reshape(-1, 1)
+      x = x.reshape(-1, x.shape[-1])
+      h = h + gram(x * w, x)
+      count = count + jnp.sum(w)
+      if xd is not None:
+        cross = cross + gram(x * w, xd[path][j].reshape(x.shape))
+    new[path] = (h, count, cross)
+  return new
 
 
-def batch_key(batch: Any) -> tuple:
-  """What a jitted per-batch function is compiled for: the tree structure, shapes and dtypes."""
-  leaves, treedef = jax.tree.flatten(batch)
-  return treedef, tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in leaves)
+def first_batch(batches: Iterable[Any]) -> tuple[Any, Iterable[Any]]:
+  """The first batch and an iterator over all of them (ValueError when there is none)."""
+  batches = iter(batches)
+  try:
+    first = next(batches)
+  except StopIteration:
+    raise ValueError("batches: expected at least one batch, got an empty iterable") from None
+  return first, itertools.chain([first], batches)
 
 
 def calibrate(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Iterable[Any], *,
@@ -211,37 +222,18 @@ def calibrate(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: I
   Returns:
     ``{path: Calibration}`` in leaf order.
   """
-  batches = iter(batches)
-  try:
-    first = next(batches)
-  except StopIteration:
-    raise ValueError("batches: expected at least one batch, got an empty iterable") from None
-  leaves = jax.tree.leaves(params)
-  ref_leaves = None
+  first, batches = first_batch(batches)
   if reference_params is not None:
     tree_lib.check_same_structure(params, reference_params, "params", "reference_params")
-    ref_leaves = jax.tree.leaves(reference_params)
-  steps: dict[tuple, tuple[Callable[..., dict], dict[str, list[Site]]]] = {}
-  acc: Optional[dict] = None
-  selected: dict[str, list[Site]] = {}
-  for batch in itertools.chain([first], batches):
-    key = batch_key(batch)
-    if key not in steps:
-      traced = interpret.trace(apply_fn, params, batch)
-      chosen = select_sites(traced, params, kernels, prunable)
-      if selected and [(p, s[0].layout) for p, s in chosen.items()] != [
-          (p, s[0].layout) for p, s in selected.items()]:
-        raise ValueError("batches: expected every batch to reach the same kernels with the same "
-                         f"input layouts, got different ones for a batch with shapes {key[1]}")
-      selected = selected or chosen
-      steps[key] = (_make_step(traced, chosen, token_mask, ref_leaves is not None), chosen)
-    step, _ = steps[key]
-    if acc is None:
-      acc = {}
-      for path, sites in selected.items():
-        zeros = jnp.zeros((sites[0].d_in, sites[0].d_in), jnp.float32)
-        acc[path] = (zeros, jnp.zeros((), jnp.float32), None if ref_leaves is None else zeros)
-    acc = step(acc, leaves, ref_leaves, batch)
+  selected = select_sites(interpret.trace(apply_fn, params, first), params, kernels, prunable)
+  acc = {}
+  for path, sites in selected.items():
+    zeros = jnp.zeros((sites[0].d_in, sites[0].d_in), jnp.float32)
+    acc[path] = (zeros, jnp.zeros((), jnp.float32),
+                 None if reference_params is None else zeros)
+  for batch in batches:
+    acc = _step(acc, params, reference_params, batch, apply_fn=apply_fn,
+                kernels=tuple(selected), token_mask=token_mask)
   out = {}
   for path, (h, count, cross) in acc.items():
     for name, value in (("H", h), ("cross", cross)):

@@ -23,7 +23,6 @@ Hutchinson's estimator (`jaxprune.hessian_diag`).
 from __future__ import annotations
 
 import functools
-import itertools
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import jax
@@ -33,8 +32,6 @@ from jax import lax
 from jaxprune._src import calibration
 from jaxprune._src import interpret
 from jaxprune._src import tree as tree_lib
-from jaxprune._src.interpret import Traced
-from jaxprune._src.jaxpr_walk import Site
 
 PyTree = Any
 LOSSES = ("softmax_cross_entropy", "mse")
@@ -55,38 +52,43 @@ def _cotangents(logits: jax.Array, loss: str, labels: Optional[jax.Array]) -> ja
   return lax.stop_gradient(cots).astype(logits.dtype)
 
 
-def _make_step(traced: Traced, sites: Sequence[Site], loss: str,
-               labels: Optional[Callable[[Any], jax.Array]]) -> Callable[..., dict]:
+@functools.partial(jax.jit, static_argnames=("apply_fn", "kernels", "loss", "labels"))
+def _step(acc: dict, params: PyTree, batch: Any, *, apply_fn: Callable[[PyTree, Any], jax.Array],
+          kernels: tuple[str, ...], loss: str,
+          labels: Optional[Callable[[Any], jax.Array]]) -> dict:
+  """Adds one batch to ``acc``; compiled once per (apply_fn, kernels, loss, labels, shapes)."""
+  traced = interpret.trace(apply_fn, params, batch)
+  sites = [s for group in calibration.select_sites(traced, params, kernels, None,
+                                                   pooled=False).values() for s in group]
+  args = jax.tree.leaves(params) + jax.tree.leaves(batch)
 
-  def step(acc: dict, leaves: list, batch: Any) -> dict:
-    args = list(leaves) + jax.tree.leaves(batch)
+  def forward(eps: list) -> tuple[jax.Array, list]:
+    xs: list = [None] * len(sites)
 
-    def forward(eps: list) -> tuple[jax.Array, list]:
-      xs: list = [None] * len(sites)
+    def hook(ops: Sequence[jax.Array], out: jax.Array, k: int) -> jax.Array:
+      xs[k] = interpret.site_inputs(sites[k], ops[1 - sites[k].operand])
+      return out + eps[k]
 
-      def hook(ops: Sequence[jax.Array], out: jax.Array, k: int) -> jax.Array:
-        xs[k] = interpret.site_inputs(sites[k], ops[1 - sites[k].operand])
-        return out + eps[k]
+    hooks = {s.location: functools.partial(hook, k=k) for k, s in enumerate(sites)}
+    return interpret.evaluate(traced.jaxpr, args, hooks)[0], xs
 
-      hooks = {s.location: functools.partial(hook, k=k) for k, s in enumerate(sites)}
-      return interpret.evaluate(traced.jaxpr, args, hooks)[0], xs
-
-    eps = [jnp.zeros(s.eqn.outvars[0].aval.shape, s.eqn.outvars[0].aval.dtype) for s in sites]
-    logits, pullback, xs = jax.vjp(forward, eps, has_aux=True)
-    y = None if labels is None else jnp.asarray(labels(batch))
-    if y is not None and y.shape != logits.shape[:1]:
-      raise ValueError(f"labels: expected integer labels of shape {logits.shape[:1]}, got "
-                       f"shape {y.shape}")
-    (deltas,) = jax.vmap(pullback)(_cotangents(logits, loss, y))
-    new = dict(acc)
-    for k, s in enumerate(sites):
-      d2 = jnp.sum(jnp.square(deltas[k].astype(jnp.float32)), axis=0)
-      d2 = interpret.site_outputs(s, d2).reshape(-1, s.d_out)
-      x2 = jnp.square(xs[k]).reshape(-1, s.d_in)
-      new[s.path] = new[s.path] + interpret.from_matrix(calibration.gram(x2, d2), s)
-    return new
-
-  return jax.jit(step)
+  eps = [jnp.zeros(s.eqn.outvars[0].aval.shape, s.eqn.outvars[0].aval.dtype) for s in sites]
+  logits, pullback, xs = jax.vjp(forward, eps, has_aux=True)
+  if logits.ndim != 2:
+    raise ValueError("apply_fn: expected one logits array of shape (batch, classes), got "
+                     f"shape {logits.shape}")
+  y = None if labels is None else jnp.asarray(labels(batch))
+  if y is not None and y.shape != logits.shape[:1]:
+    raise ValueError(f"labels: expected integer labels of shape {logits.shape[:1]}, got "
+                     f"shape {y.shape}")
+  (deltas,) = jax.vmap(pullback)(_cotangents(logits, loss, y))
+  new = dict(acc)
+  for k, s in enumerate(sites):
+    d2 = jnp.sum(jnp.square(deltas[k].astype(jnp.float32)), axis=0)
+    d2 = interpret.site_outputs(s, d2).reshape(-1, s.d_out)
+    x2 = jnp.square(xs[k]).reshape(-1, s.d_in)
+    new[s.path] = new[s.path] + interpret.from_matrix(calibration.gram(x2, d2), s)
+  return new
 
 
 def gauss_newton_diag(apply_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
@@ -119,33 +121,23 @@ def gauss_newton_diag(apply_fn: Callable[[PyTree, Any], jax.Array], params: PyTr
   if labels is not None and loss != "softmax_cross_entropy":
     raise ValueError(f"labels: only used with loss='softmax_cross_entropy', got loss={loss!r}")
   tree_lib.check_float(params, "params")
-  batches = iter(batches)
-  try:
-    first = next(batches)
-  except StopIteration:
-    raise ValueError("batches: expected at least one batch, got an empty iterable") from None
+  first, batches = calibration.first_batch(batches)
+  traced = interpret.trace(apply_fn, params, first)
+  outs = traced.jaxpr.out_avals
+  if len(outs) != 1 or len(outs[0].shape) != 2:
+    raise ValueError("apply_fn: expected one logits array of shape (batch, classes), got "
+                     f"{[tuple(o.shape) for o in outs]}")
+  selected = calibration.select_sites(traced, params, None, prunable, pooled=False)
+  flags = jax.tree.leaves(tree_lib.prunable_flags(params, prunable))
+  for path, flag in zip(traced.paths, flags):
+    if flag and path not in selected:
+      raise ValueError(f"params: prunable leaf {path} is not read as a dot/conv operand, so it "
+                       "has no Gauss-Newton diagonal here; exclude it with prunable=")
+  acc = {p: jnp.zeros(s[0].shape, jnp.float32) for p, s in selected.items()}
+  for batch in batches:
+    acc = _step(acc, params, batch, apply_fn=apply_fn, kernels=tuple(selected), loss=loss,
+                labels=labels)
   leaves, treedef = jax.tree.flatten(params)
-  steps: dict[tuple, Callable[..., dict]] = {}
-  acc: Optional[dict] = None
-  for batch in itertools.chain([first], batches):
-    key = calibration.batch_key(batch)
-    if key not in steps:
-      traced = interpret.trace(apply_fn, params, batch)
-      outs = traced.jaxpr.out_avals
-      if len(outs) != 1 or len(outs[0].shape) != 2:
-        raise ValueError("apply_fn: expected one logits array of shape (batch, classes), got "
-                         f"{[tuple(o.shape) for o in outs]}")
-      selected = calibration.select_sites(traced, params, None, prunable, pooled=False)
-      flags = jax.tree.leaves(tree_lib.prunable_flags(params, prunable))
-      for path, flag in zip(traced.paths, flags):
-        if flag and path not in selected:
-          raise ValueError(f"params: prunable leaf {path} is not read as a dot/conv operand, "
-                           "so it has no Gauss-Newton diagonal here; exclude it with prunable=")
-      sites = [s for group in selected.values() for s in group]
-      steps[key] = _make_step(traced, sites, loss, labels)
-      if acc is None:
-        acc = {p: jnp.zeros(s[0].shape, jnp.float32) for p, s in selected.items()}
-    acc = steps[key](acc, leaves, batch)
   paths = [tree_lib.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   out = [acc.get(p, jnp.zeros(jnp.shape(x), jnp.float32)) for p, x in zip(paths, leaves)]
   return jax.tree.unflatten(treedef, out)
