@@ -13,9 +13,9 @@ replacement output. Everything is ordinary `jax.numpy` work, so the evaluation t
 goes through its primal body).
 
 `site_inputs` / `site_outputs` turn a site's activation operand and output into token-major
-arrays ``(*tokens, d_in)`` / ``(*tokens, d_out)`` matching `to_matrix`'s rows and
-columns, so that for every site ``site_outputs(y) == site_inputs(x) @ to_matrix(kernel)``.
-Convolution inputs are their patches (`jax.lax.conv_general_dilated_patches`).
+arrays ``(*tokens, d_in)`` / ``(*tokens, d_out)`` matching `to_matrix`'s rows and columns, so that
+for every site ``site_outputs(y) == site_inputs(x) @ to_matrix(kernel)``. Convolution inputs are
+their patches (`jax.lax.conv_general_dilated_patches`).
 """
 
 from __future__ import annotations
