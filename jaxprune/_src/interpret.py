@@ -1,0 +1,225 @@
+"""Sites at work: tracing a model, the 2-D view of a kernel, evaluation with hooks at sites.
+
+`trace` turns ``apply_fn(params, batch)`` into a jaxpr over the flattened parameter leaves and
+finds its dot/conv sites (`jaxpr_walk.find_sites`). `to_matrix` / `from_matrix` give a kernel's
+canonical ``(d_in, d_out)`` view at a site and its exact inverse.
+
+`evaluate` binds each equation as `jax.core.eval_jaxpr` does, except that a call-like equation
+(``jit``, ``checkpoint``, ``custom_jvp_call`` ...) holding a hooked site is evaluated inline, and
+a hooked site's output goes through its hook, which sees the equation's operands and may return a
+replacement output. Everything is ordinary `jax.numpy` work, so the evaluation traces under
+`jax.jit`, `jax.vjp` and `jax.vmap` like the original function. Inlining a ``custom_jvp_call`` or
+``custom_vjp_call`` that holds a hooked site drops its custom derivative rule (differentiation then
+goes through its primal body).
+
+`site_inputs` / `site_outputs` turn a site's activation operand and output into token-major
+arrays ``(*tokens, d_in)`` / ``(*tokens, d_out)`` matching `to_matrix`'s rows and columns, so that
+for every site ``site_outputs(y) == site_inputs(x) @ to_matrix(kernel)``. Convolution inputs are
+their patches (`jax.lax.conv_general_dilated_patches`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
+
+import jax
+import jax.extend.core as jex_core
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxprune._src import jaxpr_walk
+from jaxprune._src import tree as tree_lib
+from jaxprune._src.jaxpr_walk import Location, Site
+
+PyTree = Any
+
+# (operands of the site's equation, its output) -> the output to use instead.
+Hook = Callable[[Sequence[jax.Array], jax.Array], jax.Array]
+
+
+class Traced(NamedTuple):
+  """``apply_fn(params, batch)`` as a jaxpr over the flattened leaves, and its sites.
+
+  Attributes:
+    jaxpr: closed jaxpr with invars ``leaves + batch leaves``.
+    treedef: tree structure of ``params``.
+    paths: path string of each leaf.
+    shapes: shape of each leaf.
+    read: indices of the leaves some equation of the jaxpr reads.
+    sites: the dot/conv sites (`find_sites`).
+  """
+  jaxpr: Any
+  treedef: Any
+  paths: tuple[str, ...]
+  shapes: tuple[tuple[int, ...], ...]
+  read: frozenset[int]
+  sites: tuple[Site, ...]
+
+
+def trace(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batch: Any) -> Traced:
+  """Traces ``apply_fn(params, batch)`` (abstractly) and finds its sites.
+
+  Args:
+    apply_fn: ``apply_fn(params, batch)``.
+    params: parameter pytree (arrays or `jax.ShapeDtypeStruct`).
+    batch: one batch (arrays or `jax.ShapeDtypeStruct`).
+
+  Returns:
+    A `Traced`.
+  """
+  with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+  leaves = [x for _, x in with_paths]
+  paths = tuple(tree_lib.path_str(p) for p, _ in with_paths)
+  shapes = tuple(tuple(int(d) for d in np.shape(x)) for x in leaves)
+  closed = jax.make_jaxpr(lambda ls, b: apply_fn(jax.tree.unflatten(treedef, ls), b))(
+      leaves, batch)
+  inner = closed.jaxpr
+  used = {id(v) for e in inner.eqns for v in e.invars} | {id(v) for v in inner.outvars}
+  read = frozenset(i for i, v in enumerate(inner.invars[:len(leaves)]) if id(v) in used)
+  sites = jaxpr_walk.find_sites(closed, paths, shapes)
+  return Traced(closed, treedef, paths, shapes, read, tuple(sites))
+
+
+def _permutation(site: Site) -> tuple[int, ...]:
+  if site.loop_axes:
+    raise ValueError(f"site: expected a kernel outside scan, got {site.path} indexed by scan "
+                     f"along axes {site.loop_axes}")
+  return site.contract_axes + site.out_axes
+
+
+def to_matrix(leaf: jax.Array, site: Site) -> jax.Array:
+  """The ``(d_in, d_out)`` view of a kernel at ``site``: ``y = x @ to_matrix(leaf, site)``.
+
+  Args:
+    leaf: the kernel (shape ``site.shape``).
+    site: a `Site` of that kernel.
+
+  Returns:
+    ``leaf.reshape(site.atoms)`` with the contracted atoms moved first and flattened into rows,
+    the others into columns.
+  """
+  if tuple(jnp.shape(leaf)) != site.shape:
+    raise ValueError(f"leaf: expected shape {site.shape}, got {jnp.shape(leaf)} ({site.path})")
+  w = jnp.reshape(leaf, site.atoms)
+  return jnp.transpose(w, _permutation(site)).reshape(site.d_in, site.d_out)
+
+
+def from_matrix(w2: jax.Array, site: Site, shape: Optional[Sequence[int]] = None) -> jax.Array:
+  """Inverse of `to_matrix`: the ``(d_in, d_out)`` matrix back in the kernel's own layout.
+
+  Args:
+    w2: a ``(d_in, d_out)`` matrix.
+    site: the `Site` it was taken at.
+    shape: the kernel's shape (default: ``site.shape``).
+
+  Returns:
+    An array of the kernel's shape.
+  """
+  shape = tuple(site.shape if shape is None else shape)
+  if shape != site.shape or tuple(jnp.shape(w2)) != (site.d_in, site.d_out):
+    raise ValueError(f"w2: expected shape {(site.d_in, site.d_out)} for a kernel of shape "
+                     f"{site.shape}, got {jnp.shape(w2)} and shape {shape} ({site.path})")
+  perm = _permutation(site)
+  w = jnp.reshape(w2, tuple(site.atoms[a] for a in perm))
+  return jnp.transpose(w, tuple(int(i) for i in np.argsort(perm))).reshape(shape)
+
+
+def _bind(eqn: Any, args: Sequence[Any]) -> list[Any]:
+  params = eqn.primitive.get_bind_params(eqn.params)
+  subfuns: tuple = ()
+  if isinstance(params, tuple):  # older jax returned (subfuns, params)
+    subfuns, params = params
+  with eqn.ctx.manager:
+    out = eqn.primitive.bind(*subfuns, *args, **params)
+  return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], prefix: Location,
+          hooks: Mapping[Location, Hook], enclosing: frozenset) -> list[Any]:
+  env: dict = dict(zip(jaxpr.constvars, consts))
+  env.update(zip(jaxpr.invars, args))
+  read = lambda v: v.val if isinstance(v, jex_core.Literal) else env[v]
+  for i, eqn in enumerate(jaxpr.eqns):
+    loc = prefix + (i,)
+    ins = [read(v) for v in eqn.invars]
+    if loc in enclosing:
+      body = jaxpr_walk.call_body(eqn)
+      if body is None:
+        raise ValueError(f"hooks: expected sites outside {eqn.primitive.name}, got a hooked site "
+                         f"inside it at location {loc}")
+      inner = getattr(body, "jaxpr", body)
+      outs = _eval(inner, list(getattr(body, "consts", [])), ins, loc + (0,), hooks, enclosing)
+    else:
+      outs = _bind(eqn, ins)
+    if loc in hooks:
+      outs = [hooks[loc](ins, outs[0])]
+    env.update(zip(eqn.outvars, outs))
+  return [read(v) for v in jaxpr.outvars]
+
+
+def evaluate(jaxpr: Any, args: Sequence[Any], hooks: Mapping[Location, Hook]) -> list[Any]:
+  """Evaluates a closed jaxpr, passing each hooked site's operands and output to its hook.
+
+  Args:
+    jaxpr: a `ClosedJaxpr`.
+    args: one value per invar.
+    hooks: ``{site location: hook}``; each hook returns the output to use for its site.
+
+  Returns:
+    One value per outvar.
+  """
+  enclosing = frozenset(loc[:k] for loc in hooks for k in range(1, len(loc), 2))
+  return _eval(jaxpr.jaxpr, list(jaxpr.consts), list(args), (), dict(hooks), enclosing)
+
+
+def _conv_patches(site: Site, x: jax.Array) -> jax.Array:
+  eqn = site.eqn
+  p = eqn.params
+  dn = p["dimension_numbers"]
+  kernel_shape = eqn.invars[1].aval.shape
+  n = len(dn.lhs_spec) - 2
+  # With an OIHW-style kernel spec, patch features are (input channel, tap in spatial order).
+  canonical = lax.ConvDimensionNumbers(dn.lhs_spec, tuple(range(n + 2)), dn.out_spec)
+  patches = lax.conv_general_dilated_patches(
+      x, tuple(kernel_shape[d] for d in dn.rhs_spec[2:]), p["window_strides"], p["padding"],
+      lhs_dilation=p["lhs_dilation"], rhs_dilation=p["rhs_dilation"],
+      dimension_numbers=canonical, precision=lax.Precision.HIGHEST)
+  return jnp.transpose(patches, (dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1]))
+
+
+def site_inputs(site: Site, x: jax.Array) -> jax.Array:
+  """The activation operand of ``site`` as float32 ``(*tokens, d_in)``.
+
+  Args:
+    site: a `Site` without a ``problem``.
+    x: the equation's activation operand.
+
+  Returns:
+    ``dot_general``: ``x`` with its free axes first (the tokens) and its contracted axes
+    flattened last; ``conv_general_dilated``: the patches, ``(batch, *output spatial, d_in)``.
+  """
+  x = jnp.asarray(x, jnp.float32)
+  if site.primitive == "conv_general_dilated":
+    return _conv_patches(site, x)
+  (lc, rc), _ = site.eqn.params["dimension_numbers"]
+  contract = lc if site.operand == 1 else rc
+  free = [d for d in range(x.ndim) if d not in contract]
+  x = jnp.transpose(x, (*free, *contract))
+  return x.reshape(*x.shape[:len(free)], site.d_in)
+
+
+def site_outputs(site: Site, y: jax.Array) -> jax.Array:
+  """The output of ``site`` (or a cotangent of it) as ``(*tokens, d_out)``, like `site_inputs`."""
+  if site.primitive == "conv_general_dilated":
+    dn = site.eqn.params["dimension_numbers"]
+    return jnp.transpose(y, (dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1]))
+  (lc, rc), _ = site.eqn.params["dimension_numbers"]
+  kernel_ndim = len(site.eqn.invars[site.operand].aval.shape)
+  n_kernel = kernel_ndim - len(rc if site.operand == 1 else lc)
+  n_tokens = y.ndim - n_kernel
+  # dot_general's output is (lhs free axes, rhs free axes).
+  order = (range(y.ndim) if site.operand == 1 else
+           [*range(n_kernel, y.ndim), *range(n_kernel)])
+  y = jnp.transpose(y, tuple(order))
+  return y.reshape(*y.shape[:n_tokens], int(np.prod(y.shape[n_tokens:], dtype=np.int64)))
