@@ -1,69 +1,41 @@
 """Dependency groups for structured pruning, found from the model's jaxpr.
 
-Removing a hidden neuron of a Dense layer means deleting a column of its
-kernel, an entry of its bias, the matching BatchNorm statistics and the
-matching input row of every layer that reads it -- and, through residual
-additions and concatenations, of layers further away. Instead of asking users
-to list these couplings, we trace ``apply_fn(variables, *args)`` with
-:func:`jax.make_jaxpr` and propagate a *channel identity* for every axis of
-every intermediate array through the equations. Axes that must be pruned
-together end up in one union-find class; each class that touches the
-variables and is safe to prune is a :class:`Group`.
+Removing a hidden neuron of a Dense layer means deleting a column of its kernel, an entry of its
+bias, the matching BatchNorm statistics and the matching input row of every layer that reads it --
+and, through residual additions and concatenations, of layers further away. Instead of asking
+users to list these couplings, `find_groups` traces ``apply_fn(variables, *args)`` with
+`jax.make_jaxpr` and walks it (`jaxpr_walk.walk`), giving every axis of every intermediate array
+an identity (`group_graph`) and applying each primitive's coupling rule (`group_rules`). Axes
+that must be pruned together end up in one union-find class; each class that touches the
+variables and is safe to prune is a `Group`.
 
-An axis identity is a small tree:
+Classes are excluded ("pinned") when pruning them could not keep the function unchanged: they
+reach a model input or output or a constant array, are reduced over, sliced, padded, gathered,
+sorted, or are contracted/free axes of a product of two data-dependent arrays (`group_rules`
+lists the cases). A primitive that is not understood *poisons* the classes of its operands and
+results: if such a class would otherwise be prunable, `find_groups` raises a ``ValueError``
+naming the primitive; `SUPPORTED_PRIMITIVES` lists the understood ones.
 
-* a node (one union-find element with a size),
-* a product of identities (row-major: a flatten of ``(H, W, C)`` is
-  ``H x W x C``; a ``(d, heads * head_dim)`` kernel reshaped to heads is
-  ``heads x head_dim``), or
-* a sum of identities (concatenation along the axis).
-
-A node that later turns out to be a product (a reshape splits it) is *refined*
-in place, so couplings found before and after the reshape agree.
-
-Classes are excluded ("pinned") when pruning them could not keep the function
-unchanged: they reach a model input or output or a constant array, are reduced
-over (LayerNorm statistics, softmax), sliced, padded, gathered, sorted, or are
-contracted/free axes of a product of two data-dependent arrays (attention
-logits and mixing: pruning them would change shape-derived constants such as
-the ``1/sqrt(head_dim)`` scale; the head axis, a batch axis of those products,
-stays prunable). A primitive that is not understood *poisons* the classes of
-its operands and results: if such a class would otherwise be prunable,
-:func:`find_groups` raises a ``ValueError`` naming the primitive.
-
-Supported primitives (couplings tracked): ``dot_general``,
-``conv_general_dilated`` (``feature_group_count == 1``), all elementwise
-arithmetic / comparison / transcendental primitives, ``select_n``, ``clamp``,
-``convert_element_type``, ``broadcast_in_dim``, ``reshape``, ``squeeze``,
-``transpose``, ``concatenate``, ``reduce_*``, ``argmax``/``argmin``,
-``cum*``, ``pad``, ``slice``, ``dynamic_slice``, ``dynamic_update_slice``,
-``gather``/``scatter*`` (pinned), ``sort``, ``top_k``, ``split``, ``rev``,
-``iota`` and random-number primitives (pinned), ``reduce_window_*`` (pooling:
-pooled axes pinned, channels pass through), and sub-jaxprs of ``pjit``/``jit``,
-``closed_call``, ``custom_jvp_call``, ``custom_vjp_call``, ``remat``/
-``checkpoint``, ``cond``, ``while`` and ``scan`` (carries coupled with
-themselves across iterations; the scanned-over axis is pinned, so layers
-stacked for ``nn.scan`` are pruned alike). Anything else (``fft``, grouped
-convolutions, ``custom_linear_solve`` ...) is unsupported.
-
-Traced in inference mode: BatchNorm reading its running statistics, no
-dropout (random masks pin their axes), no mutable collections returned.
-Scalar constants that user code derives from a layer's width (``x /
-x.shape[-1]``) are invisible in a jaxpr: the shrunk model recomputes them from
-its new width, so such layers are only safe if those constants do not
-depend on the pruned axis.
+Traced in inference mode: BatchNorm reading its running statistics, no dropout (random masks pin
+their axes), no mutable collections returned. Scalar constants that user code derives from a
+layer's width (``x / x.shape[-1]``) are invisible in a jaxpr: the shrunk model recomputes them
+from its new width, so such layers are only safe if those constants do not depend on the pruned
+axis.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple, Optional
 
 import jax
-import jax.extend
 import numpy as np
+
+from jaxprune._src import group_rules
+from jaxprune._src import jaxpr_walk
+from jaxprune._src.group_graph import Graph, Label, Unsupported
+from jaxprune._src.group_rules import SUPPORTED_PRIMITIVES
 
 __all__ = [
     "SUPPORTED_PRIMITIVES", "Group", "Member", "find_groups", "find_groups_nnx", "make_group",
@@ -150,582 +122,156 @@ def _leaves_by_path(tree: Any) -> dict[str, Any]:
   return {jax.tree_util.keystr(p): x for p, x in flat}
 
 
-# ---------------------------------------------------------------------------
-# Axis identities: union-find over nodes, refined into products / sums.
-# Label = None (size-1 axis) | ("n", id) | ("p", (labels..)) | ("s", (labels..)).
-# In a sum, None stands for one uncoupled index.
-
-Label = Any
+# An axis no group may contain whose length only the equation reading it knows (the stacked axis
+# of a scan's outputs); that equation gives it a fresh pinned node.
+PINNED = ("pinned",)
 
 
-class _Unsupported(Exception):
-  pass
+class Axes(NamedTuple):
+  """The walker's value of one variable.
+
+  Attributes:
+    labels: one label (or `PINNED`) per axis; None for a constant, every axis pinned.
+    data: whether the variable depends on a model input.
+  """
+  labels: Optional[tuple[Label, ...]]
+  data: bool
 
 
-class _Graph:
-  """Union-find over axis identities with in-place refinement."""
+def _operand_labels(g: Graph, eqn: Any, ins: Sequence[Axes]) -> list[list[Label]]:
+  """Operand labels with constants and `PINNED` axes given fresh pinned nodes."""
+  out = []
+  for v, x in zip(eqn.invars, ins):
+    shape = group_rules.shape_of(v)
+    labs = [PINNED] * len(shape) if x.labels is None else list(x.labels)
+    for i, lab in enumerate(labs):
+      if lab is PINNED:
+        labs[i] = g.new(shape[i])
+        g.mark(labs[i], "pin", "constant or stacked axis")
+    out.append(labs)
+  return out
 
-  def __init__(self) -> None:
-    self.parent: list[int] = []
-    self.size: list[int] = []
-    self.ref: dict[int, Label] = {}
-    self.pin: dict[int, str] = {}
-    self.poison: dict[int, str] = {}
 
-  def new(self, n: int) -> Label:
-    if n == 1:
-      return None
-    i = len(self.parent)
-    self.parent.append(i)
-    self.size.append(int(n))
-    return ("n", i)
+def _apply_rule(g: Graph, eqn: Any, ins: Sequence[Axes]) -> list[Axes]:
+  """Applies ``eqn``'s table rule; an unknown primitive or coupling poisons operands and results.
 
-  def find(self, i: int) -> int:
-    root = i
-    while self.parent[root] != root:
-      root = self.parent[root]
-    while self.parent[i] != root:
-      self.parent[i], i = root, self.parent[i]
-    return root
+  Args:
+    g: the graph.
+    eqn: a first-order equation (or one whose sub-jaxpr cannot be entered).
+    ins: the operands' values.
 
-  def lsize(self, lab: Label) -> int:
-    if lab is None:
-      return 1
-    if lab[0] == "n":
-      return self.size[lab[1]]
-    sizes = [self.lsize(k) for k in lab[1]]
-    return math.prod(sizes) if lab[0] == "p" else sum(sizes)
+  Returns:
+    The results' values; each depends on a model input when some operand does.
+  """
+  name = eqn.primitive.name
+  labels, data = _operand_labels(g, eqn, ins), [x.data for x in ins]
+  try:
+    rule = group_rules.RULES.get(name)
+    if rule is None:
+      raise Unsupported("")
+    outs = rule(g, eqn, labels, data)
+  except Unsupported as e:
+    reason = f"{name} ({e})" if str(e) else name
+    for labs in labels:
+      g.mark_all(labs, "poison", reason)
+    outs = [g.fresh(group_rules.shape_of(v)) for v in eqn.outvars]
+    for labs in outs:
+      g.mark_all(labs, "poison", reason)
+  return [Axes(tuple(labs), any(data)) for labs in outs]
 
-  def resolve(self, lab: Label) -> Label:
-    if lab is None:
-      return None
-    if lab[0] == "n":
-      r = self.find(lab[1])
-      if r in self.ref:
-        return self.resolve(self.ref[r])
-      return ("n", r)
-    kids = [self.resolve(k) for k in lab[1]]
-    flat: list[Label] = []
-    for k in kids:
-      if lab[0] == "p" and k is None:
-        continue  # size-1 factors carry no index
-      if k is not None and k[0] == lab[0]:
-        flat.extend(k[1])
-      else:
-        flat.append(k)
-    if not flat:
-      return None
-    if len(flat) == 1:
-      return flat[0]
-    return (lab[0], tuple(flat))
 
-  def leaves(self, lab: Label) -> list[int]:
-    lab = self.resolve(lab)
-    if lab is None:
-      return []
-    if lab[0] == "n":
-      return [lab[1]]
-    return [i for k in lab[1] for i in self.leaves(k)]
+def _pin_values(g: Graph, values: Sequence[Axes], reason: str) -> None:
+  """Pins every axis of ``values``."""
+  for x in values:
+    g.mark_all([lab for lab in x.labels or () if lab is not PINNED], "pin", reason)
 
-  def mark(self, lab: Label, kind: str, reason: str) -> None:
-    store = self.pin if kind == "pin" else self.poison
-    for i in self.leaves(lab):
-      store.setdefault(i, reason)
 
-  def _refine(self, root: int, lab: Label) -> None:
-    if root in self.leaves(lab):
-      raise _Unsupported("an axis coupled with a product/sum that contains itself")
-    self.ref[root] = lab
-    for i in self.leaves(lab):
-      if root in self.pin:
-        self.pin.setdefault(i, self.pin[root])
-      if root in self.poison:
-        self.poison.setdefault(i, self.poison[root])
-
-  def split(self, lab: Label, first: int) -> tuple[Label, Label]:
-    """Refines node ``lab`` (size n) into ``first x n/first`` (row-major)."""
-    n = self.lsize(lab)
-    a, b = self.new(first), self.new(n // first)
-    self._refine(lab[1], ("p", (a, b)))
-    return a, b
-
-  def union(self, a: Label, b: Label) -> None:
-    a, b = self.resolve(a), self.resolve(b)
-    if a is None and b is None or a == b:
-      return
-    if self.lsize(a) != self.lsize(b):
-      raise _Unsupported(f"coupled axes of different lengths {self.lsize(a)} and {self.lsize(b)}")
-    if a[0] == "n" and b[0] == "n":
-      ra, rb = a[1], b[1]
-      self.parent[rb] = ra
-      for store in (self.pin, self.poison):
-        if rb in store:
-          store.setdefault(ra, store[rb])
-    elif a[0] == "n":
-      self._refine(a[1], b)
-    elif b[0] == "n":
-      self._refine(b[1], a)
-    elif a[0] == b[0] == "s":
-      if [self.lsize(k) for k in a[1]] != [self.lsize(k) for k in b[1]]:
-        raise _Unsupported("concatenations with different segment lengths")
-      for x, y in zip(a[1], b[1]):
-        self.union(x, y)
-    elif a[0] == b[0] == "p":
-      self._union_products(list(a[1]), list(b[1]))
-    else:
-      raise _Unsupported("a concatenated axis coupled with a flattened axis")
-
-  def _union_products(self, fa: list[Label], fb: list[Label]) -> None:
-    while fa and fb:
-      x, y = self.resolve(fa.pop(0)), self.resolve(fb.pop(0))
-      if x is not None and x[0] == "p":
-        fa[:0] = list(x[1][1:])
-        x = x[1][0]
-      if y is not None and y[0] == "p":
-        fb[:0] = list(y[1][1:])
-        y = y[1][0]
-      sx, sy = self.lsize(x), self.lsize(y)
-      if sx == sy:
-        self.union(x, y)
-      elif sx > sy and x[0] == "n" and sx % sy == 0:
-        head, tail = self.split(x, sy)
-        self.union(head, y)
-        fa.insert(0, tail)
-      elif sy > sx and y[0] == "n" and sy % sx == 0:
-        head, tail = self.split(y, sx)
-        self.union(x, head)
-        fb.insert(0, tail)
-      else:
-        raise _Unsupported("flattened axes whose factors do not align")
-    if fa or fb:
-      raise _Unsupported("flattened axes whose factors do not align")
-
-  def factors(self, lab: Label) -> list[Label]:
-    lab = self.resolve(lab)
-    if lab is None:
-      return []
-    return list(lab[1]) if lab[0] == "p" else [lab]
-
-  def regroup(self, in_labels: Sequence[Label], out_sizes: Sequence[int]) -> list[Label]:
-    """Labels of a reshape's output axes (row-major regrouping of factors)."""
-    fs = [f for lab in in_labels for f in self.factors(lab)]
-    out = []
-    for s in out_sizes:
-      take: list[Label] = []
-      acc = 1
-      while acc < s:
-        if not fs or s % acc:
-          raise _Unsupported("reshape whose axes do not factor")
-        f = self.resolve(fs.pop(0))
-        if f is not None and f[0] == "p":
-          fs[:0] = list(f[1][1:])
-          f = f[1][0]
-        fsz = self.lsize(f)
-        need = s // acc
-        if need % fsz == 0:
-          take.append(f)
-          acc *= fsz
-        elif f[0] == "n" and fsz % need == 0:
-          head, tail = self.split(f, need)
-          take.append(head)
-          fs.insert(0, tail)
-          acc *= need
+def _join(g: Graph, values: Sequence[Axes]) -> Axes:
+  """One value for several: ``cond`` branch results, a loop carry before and after the body."""
+  data = any(x.data for x in values)
+  known = [list(x.labels) for x in values if x.labels is not None]
+  if not known:
+    return Axes(None, data)
+  if len(known) < len(values):
+    _pin_values(g, values, "coupled with a constant")
+  out = known[0]
+  try:
+    for labs in known[1:]:
+      for i, lab in enumerate(labs):
+        if out[i] is PINNED or lab is PINNED:
+          g.mark_all([x for x in (out[i], lab) if x is not PINNED], "pin", "stacked axis")
+          out[i] = PINNED
         else:
-          raise _Unsupported("reshape whose axes do not factor")
-      if acc != s:
-        raise _Unsupported("reshape whose axes do not factor")
-      out.append(self.resolve(("p", tuple(take))) if take else None)
-    if any(self.lsize(f) != 1 for f in fs):
-      raise _Unsupported("reshape whose axes do not factor")
-    return out
-
-  def unit_maps(self, lab: Label) -> list[tuple[int, np.ndarray]]:
-    """(class root, unit index per position or -1) for every class in ``lab``."""
-    lab = self.resolve(lab)
-    if lab is None:
-      return []
-    if lab[0] == "n":
-      return [(lab[1], np.arange(self.size[lab[1]], dtype=np.int32))]
-    sizes = [self.lsize(k) for k in lab[1]]
-    n = self.lsize(lab)
-    out = []
-    if lab[0] == "p":
-      idx = np.arange(n)
-      stride = n
-      for k, s in zip(lab[1], sizes):
-        stride //= s
-        pos = (idx // stride) % s
-        for root, m in self.unit_maps(k):
-          out.append((root, m[pos]))
-    else:
-      off = 0
-      for k, s in zip(lab[1], sizes):
-        for root, m in self.unit_maps(k):
-          full = np.full(n, -1, dtype=np.int32)
-          full[off:off + s] = m
-          out.append((root, full))
-        off += s
-    return out
+          g.union(out[i], lab)
+  except Unsupported as e:
+    for labs in known:
+      g.mark_all([x for x in labs if x is not PINNED], "poison", f"cond, scan or while ({e})")
+  return Axes(tuple(x if x is PINNED else g.resolve(x) for x in out), data)
 
 
-# ---------------------------------------------------------------------------
-# Propagation through the jaxpr.
-
-_ELEMENTWISE = frozenset("""
-add sub mul div rem max min pow atan2 nextafter and or xor not eq ne lt le gt ge
-neg abs sign floor ceil round is_finite exp exp2 log log1p expm1 tanh logistic sin cos
-tan asin acos atan sinh cosh asinh acosh atanh sqrt rsqrt cbrt square integer_pow erf
-erfc erf_inv lgamma digamma igamma igammac bessel_i0e bessel_i1e real imag conj
-convert_element_type copy copy_p reduce_precision stop_gradient select_n clamp add_any
-shift_left shift_right_logical shift_right_arithmetic population_count clz
-sharding_constraint mesh_cast reshard polygamma zeta regularized_incomplete_beta
-random_gamma_grad
-""".split())
-_REDUCE = frozenset("""reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or
-reduce_xor argmax argmin""".split())
-_CUMULATIVE = frozenset("cumsum cumprod cummax cummin cumlogsumexp".split())
-_PIN_ALL = frozenset("""gather scatter scatter-add scatter_add scatter-mul scatter_mul
-scatter-min scatter_min scatter-max scatter_max iota rng_bit_generator rng_uniform
-random_bits random_seed random_wrap random_unwrap random_split random_fold_in
-threefry2x32""".split())
-_IDENTITY_MULTI = frozenset("optimization_barrier device_put".split())
-_CALL_KEYS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
-# Primitives whose sub-jaxpr is called once on the operands, in order.
-_CALLS = frozenset("""pjit jit closed_call core_call custom_jvp_call custom_vjp_call
-custom_vjp_call_jaxpr remat remat2 checkpoint""".split())
-
-SUPPORTED_PRIMITIVES: frozenset[str] = (
-    _ELEMENTWISE | _REDUCE | _CUMULATIVE | _PIN_ALL | _IDENTITY_MULTI
-    | _CALLS | frozenset("""dot_general conv_general_dilated broadcast_in_dim reshape squeeze
-    transpose concatenate pad slice dynamic_slice dynamic_update_slice sort top_k split rev
-    cond scan while reduce_window_sum reduce_window_max reduce_window_min
-    reduce_window""".split()))
+def _scan_in(g: Graph, x: Axes) -> Axes:
+  if x.labels is None:
+    return x
+  if x.labels[0] is not PINNED:
+    g.mark(x.labels[0], "pin", "scanned-over axis")
+  return Axes(x.labels[1:], x.data)
 
 
-def _shape(v: Any) -> tuple[int, ...]:
-  return tuple(int(d) for d in getattr(v.aval, "shape", ()))
+def _scan_out(x: Axes) -> Axes:
+  return x if x.labels is None else Axes((PINNED, *x.labels), x.data)
 
 
-class _Tracer:
-  """Walks a jaxpr, assigning axis identities to every variable."""
+def _carry_in(carry: Sequence[Axes], operands: Sequence[Axes]) -> list[Axes]:
+  # A carry may depend on the inputs from a later iteration on: assume it does when any operand
+  # of the loop does.
+  data = any(x.data for x in operands)
+  return [x._replace(data=data) for x in carry]
 
-  def __init__(self, graph: _Graph) -> None:
-    self.g = graph
 
-  def fresh(self, shape: Sequence[int]) -> list[Label]:
-    return [self.g.new(n) for n in shape]
+def _group_rule(g: Graph) -> jaxpr_walk.Rule:
+  """The `jaxpr_walk.Rule` that propagates axis identities into ``g``.
 
-  def read(self, env: dict, data: dict, v: Any) -> tuple[list[Label], bool]:
-    if isinstance(v, jax.extend.core.Literal):
-      labs = self.fresh(np.shape(v.val))
-      for lab in labs:
-        self.g.mark(lab, "pin", "literal array")
-      return labs, False
-    return env[v], data[v]
+  Args:
+    g: the graph the couplings, pins and poisons are recorded in.
 
-  def run(self, jaxpr: Any, consts_labels: list, in_labels: list, in_data: list,
-          ) -> list[list[Label]]:
-    env: dict = {}
-    data: dict = {}
-    for v, labs in zip(jaxpr.constvars, consts_labels):
-      env[v], data[v] = labs, False
-    for v, labs, d in zip(jaxpr.invars, in_labels, in_data):
-      env[v], data[v] = labs, d
-    for eqn in jaxpr.eqns:
-      ins = [self.read(env, data, v) for v in eqn.invars]
-      labs_in = [x[0] for x in ins]
-      d_in = [x[1] for x in ins]
-      out_shapes = [_shape(v) for v in eqn.outvars]
-      name = eqn.primitive.name
-      try:
-        in_shapes = [np.shape(v.val) if isinstance(v, jax.extend.core.Literal) else _shape(v)
-                     for v in eqn.invars]
-        outs = self.eqn(name, eqn, labs_in, d_in, in_shapes, out_shapes)
-      except _Unsupported as e:
-        reason = f"{name} ({e})" if str(e) else name
-        for labs in labs_in:
-          for lab in labs:
-            self.g.mark(lab, "poison", reason)
-        outs = []
-        for s in out_shapes:
-          labs = self.fresh(s)
-          for lab in labs:
-            self.g.mark(lab, "poison", reason)
-          outs.append(labs)
-      d_out = any(d_in)
-      for v, labs in zip(eqn.outvars, outs):
-        env[v], data[v] = labs, d_out
-    return [self.read(env, data, v)[0] for v in jaxpr.outvars]
+  Returns:
+    A rule over `Axes` values: call-like and control-flow equations are entered by the walker,
+    every other equation goes through `_apply_rule`.
+  """
+  def on_eqn(eqn: Any, ins: list, ctx: jaxpr_walk.Context) -> Optional[list]:
+    if jaxpr_walk.call_body(eqn) is not None or eqn.primitive.name in jaxpr_walk.CONTROL_FLOW:
+      return None
+    return _apply_rule(g, eqn, ins)
 
-  def call(self, closed: Any, labs_in: list, d_in: list) -> list[list[Label]]:
-    jaxpr = getattr(closed, "jaxpr", closed)
-    consts = getattr(closed, "consts", [])
-    const_labels = []
-    for c in consts:
-      labs = self.fresh(np.shape(c))
-      for lab in labs:
-        self.g.mark(lab, "pin", "constant array")
-      const_labels.append(labs)
-    for v in jaxpr.constvars[len(const_labels):]:  # an open jaxpr's constvars: constants too
-      labs = self.fresh(_shape(v))
-      for lab in labs:
-        self.g.mark(lab, "pin", "constant array")
-      const_labels.append(labs)
-    if len(jaxpr.invars) != len(labs_in):
-      raise _Unsupported("sub-jaxpr with a different number of operands")
-    return self.run(jaxpr, const_labels, labs_in, d_in)
-
-  def eqn(self, name: str, eqn: Any, L: list, D: list, S: list, out_shapes: list,
-          ) -> list[list[Label]]:
-    g, p = self.g, eqn.params
-    if name in _ELEMENTWISE:
-      nd = max(len(s) for s in S) if S else 0
-      out = [None] * nd
-      for labs, s in zip(L, S):
-        if len(s) == 0:
-          continue
-        if len(s) != nd:
-          raise _Unsupported("operands of different rank")
-        for i, lab in enumerate(labs):
-          if s[i] == 1:
-            continue  # size-1 axes broadcast: a constant across the channel
-          if out[i] is None:
-            out[i] = lab
-          else:
-            g.union(out[i], lab)
-      out = [g.resolve(x) for x in out]
-      return [list(out) for _ in out_shapes]
-    if name in _IDENTITY_MULTI:
-      return [list(x) for x in L]
-    if name == "dot_general":
-      (lc, rc), (lb, rb) = p["dimension_numbers"]
-      (ll, rl) = L
-      for i, j in zip(lc, rc):
-        g.union(ll[i], rl[j])
-      for i, j in zip(lb, rb):
-        g.union(ll[i], rl[j])
-      lfree = [i for i in range(len(ll)) if i not in lc and i not in lb]
-      rfree = [j for j in range(len(rl)) if j not in rc and j not in rb]
-      if D[0] and D[1]:
-        # Attention-like product of two activations: its contracted and free
-        # axes typically carry shape-derived constants (1/sqrt(d)).
-        why = "contracted or free axis of a product of two activations (attention)"
-        for i in list(lc) + lfree:
-          g.mark(ll[i], "pin", why)
-        for j in list(rc) + rfree:
-          g.mark(rl[j], "pin", why)
-      return [[g.resolve(ll[i]) for i in lb] + [ll[i] for i in lfree] + [rl[j] for j in rfree]]
-    if name == "conv_general_dilated":
-      if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
-        raise _Unsupported("feature_group_count or batch_group_count > 1 "
-                           "(grouped / depthwise convolution)")
-      dn = p["dimension_numbers"]
-      lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
-      ll, rl = L
-      g.union(ll[lhs_spec[1]], rl[rhs_spec[1]])
-      for j in rhs_spec[2:]:
-        g.mark(rl[j], "pin", "convolution window axis")
-      out = self.fresh(out_shapes[0])
-      for j in out_spec[2:]:
-        g.mark(out[j], "pin", "convolution spatial axis")
-      out[out_spec[0]] = ll[lhs_spec[0]]
-      out[out_spec[1]] = rl[rhs_spec[0]]
-      return [out]
-    if name == "broadcast_in_dim":
-      shape = tuple(p["shape"])
-      out = self.fresh(shape)
-      for i, d in enumerate(p["broadcast_dimensions"]):
-        if S[0][i] == shape[d]:
-          out[d] = L[0][i]
-      return [out]
-    if name == "reshape":
-      if p.get("dimensions") is not None:
-        raise _Unsupported("reshape with dimensions")
-      return [g.regroup(L[0], out_shapes[0])]
-    if name == "squeeze":
-      dims = {d % len(S[0]) for d in p["dimensions"]}
-      return [[lab for i, lab in enumerate(L[0]) if i not in dims]]
-    if name == "transpose":
-      return [[L[0][i] for i in p["permutation"]]]
-    if name in _REDUCE:
-      axes = set(p["axes"])
-      for i in axes:
-        g.mark(L[0][i], "pin", f"reduced over by {name}")
-      return [[lab for i, lab in enumerate(L[0]) if i not in axes]]
-    if name in _CUMULATIVE:
-      g.mark(L[0][p["axis"]], "pin", f"accumulated along by {name}")
-      return [list(L[0])]
-    if name == "concatenate":
-      dim = p["dimension"]
-      out = list(L[0])
-      for labs in L[1:]:
-        for i, lab in enumerate(labs):
-          if i != dim:
-            g.union(out[i], lab)
-      out = [g.resolve(x) for x in out]
-      out[dim] = g.resolve(("s", tuple(labs[dim] for labs in L)))
-      return [out]
-    if name == "pad":
-      out = list(L[0])
-      for i, cfg in enumerate(p["padding_config"]):
-        if tuple(cfg) != (0, 0, 0):
-          g.mark(L[0][i], "pin", "padded axis")
-          out[i] = g.new(out_shapes[0][i])
-          g.mark(out[i], "pin", "padded axis")
-      return [out]
-    if name in ("slice", "dynamic_slice"):
-      out = list(L[0])
-      for i, (n, m) in enumerate(zip(S[0], out_shapes[0])):
-        strides = p.get("strides") if name == "slice" else None
-        if n != m or (strides is not None and strides[i] not in (None, 1)):
-          g.mark(L[0][i], "pin", f"{name}d axis")
-          out[i] = g.new(m)
-          g.mark(out[i], "pin", f"{name}d axis")
-      return [out]
-    if name == "dynamic_update_slice":
-      out = list(L[0])
-      for i, (n, m) in enumerate(zip(S[0], S[1])):
-        if n == m:
-          g.union(out[i], L[1][i])
-        else:
-          g.mark(out[i], "pin", "dynamic_update_slice axis")
-          g.mark(L[1][i], "pin", "dynamic_update_slice axis")
-      return [[g.resolve(x) for x in out]]
-    if name in ("sort", "top_k", "split", "rev"):
-      nd = len(S[0])
-      if name == "sort":
-        axes = {p["dimension"] % nd}
-      elif name == "top_k":
-        axes = {nd - 1}
-      elif name == "split":
-        axes = {p["axis"] % nd}
-      else:
-        axes = {d % nd for d in p["dimensions"]}
-      for labs in L:
-        for i in axes:
-          g.mark(labs[i], "pin", f"{name} axis")
-      base = list(L[0])
-      for labs in L[1:]:
-        for i in range(nd):
-          if i not in axes:
-            g.union(base[i], labs[i])
-      outs = []
-      for s in out_shapes:
-        labs = [g.resolve(base[i]) if i not in axes else g.new(s[i]) for i in range(nd)]
-        for i in axes:
-          g.mark(labs[i], "pin", f"{name} axis")
-        outs.append(labs)
-      return outs
-    if name in _PIN_ALL:
-      for labs in L:
-        for lab in labs:
-          g.mark(lab, "pin", f"operand of {name}")
-      outs = []
-      for s in out_shapes:
-        labs = self.fresh(s)
-        for lab in labs:
-          g.mark(lab, "pin", f"result of {name}")
-        outs.append(labs)
-      return outs
-    if name in ("reduce_window_sum", "reduce_window_max", "reduce_window_min", "reduce_window"):
-      n_op = len(L) // 2 if name == "reduce_window" else 1
-      wd, ws = p["window_dimensions"], p["window_strides"]
-      pad = p["padding"]
-      bd, wdl = p.get("base_dilation"), p.get("window_dilation")
-      outs = []
-      for o in range(n_op):
-        labs = list(L[o])
-        for i in range(len(labs)):
-          untouched = (wd[i] == 1 and ws[i] == 1 and tuple(pad[i]) == (0, 0)
-                       and (bd is None or bd[i] == 1) and (wdl is None or wdl[i] == 1))
-          if not untouched:  # pooled (spatial) axis: a new, unprunable identity
-            g.mark(labs[i], "pin", f"window axis of {name}")
-            labs[i] = g.new(out_shapes[o][i])
-            g.mark(labs[i], "pin", f"window axis of {name}")
-        outs.append(labs)
-      for labs in outs[1:]:
-        for a, b in zip(outs[0], labs):
-          g.union(a, b)
-      return [[g.resolve(x) for x in labs] for labs in outs]
-    if name == "scan":
-      nc, ncar = p["num_consts"], p["num_carry"]
-      body = p["jaxpr"]
-      xs = []
-      for labs in L[nc + ncar:]:
-        g.mark(labs[0], "pin", "scanned-over axis")
-        xs.append(labs[1:])
-      # a carry may become data-dependent in a later iteration: assume it is
-      res = self.call(body, L[:nc] + L[nc:nc + ncar] + xs,
-                      D[:nc] + [any(D)] * ncar + D[nc + ncar:])
-      # the body runs on its own output carry: couple carry in and out (one
-      # pass suffices, the body's couplings are the same every iteration)
-      for a, b in zip(L[nc:nc + ncar], res[:ncar]):
-        for x, y in zip(a, b):
-          g.union(x, y)
-      outs = [[g.resolve(x) for x in labs] for labs in res[:ncar]]
-      for labs, s in zip(res[ncar:], out_shapes[ncar:]):
-        lead = g.new(s[0])
-        g.mark(lead, "pin", "scanned-over axis")
-        outs.append([lead] + list(labs))
-      return outs
-    if name == "while":
-      cn, bn = p["cond_nconsts"], p["body_nconsts"]
-      carry = L[cn + bn:]
-      d = [any(D)] * len(carry)
-      res = self.call(p["body_jaxpr"], L[cn:cn + bn] + carry, D[cn:cn + bn] + d)
-      for a, b in zip(carry, res):
-        for x, y in zip(a, b):
-          g.union(x, y)
-      self.call(p["cond_jaxpr"], L[:cn] + carry, D[:cn] + d)
-      return [[g.resolve(x) for x in labs] for labs in carry]
-    if name == "cond":
-      branches = p["branches"]
-      results = [self.call(b, L[1:], D[1:]) for b in branches]
-      for other in results[1:]:
-        for a, b in zip(results[0], other):
-          for x, y in zip(a, b):
-            g.union(x, y)
-      return [[g.resolve(x) for x in labs] for labs in results[0]]
-    if name in _CALLS:
-      for key in _CALL_KEYS:
-        sub = p.get(key)
-        if sub is not None and hasattr(getattr(sub, "jaxpr", sub), "eqns"):
-          return self.call(sub, L, D)
-    raise _Unsupported("")
+  return jaxpr_walk.Rule(
+      eqn=on_eqn, opaque=lambda eqn, ins, ctx: _apply_rule(g, eqn, ins),
+      literal=lambda c: Axes(None, False), join=lambda values: _join(g, values),
+      scan_in=lambda x: _scan_in(g, x), scan_out=_scan_out, carry_in=_carry_in)
 
 
 def _trace(apply_fn: Callable[..., Any], variables: Any, args: tuple, kwargs: dict,
-           ) -> tuple[_Graph, list[tuple[str, tuple[int, ...], list[Label]]]]:
-  flat_vars, _ = jax.tree_util.tree_flatten_with_path(variables)
+           ) -> tuple[Graph, list[tuple[str, int, Sequence[Label]]]]:
+  """Walks ``apply_fn(variables, *args, **kwargs)``'s jaxpr; returns the graph and leaf labels.
+
+  The labels come as ``(path, ndim, labels)`` for every leaf of ``variables`` the function reads.
+  """
+  flat_vars = jax.tree_util.tree_flatten_with_path(variables)[0]
   closed = jax.make_jaxpr(lambda v, a: apply_fn(v, *a, **kwargs))(variables, args)
   jaxpr = closed.jaxpr
-  g = _Graph()
-  t = _Tracer(g)
+  g = Graph()
   n_vars = len(flat_vars)
-  in_labels, in_data = [], []
-  var_labels = []
+  in_axes = []
   for i, v in enumerate(jaxpr.invars):
-    labs = t.fresh(_shape(v))
-    if i < n_vars:
-      path = jax.tree_util.keystr(flat_vars[i][0])
-      var_labels.append((path, _shape(v), labs))
-      in_data.append(False)
-    else:
-      for lab in labs:
-        g.mark(lab, "pin", "model input")
-      in_data.append(True)
-    in_labels.append(labs)
-  outs = t.call(closed, in_labels, in_data)
-  for labs in outs:
-    for lab in labs:
-      g.mark(lab, "pin", "model output")
-  used = set()
-  for eqn in jaxpr.eqns:
-    used.update(id(v) for v in eqn.invars)
-  used.update(id(v) for v in jaxpr.outvars)
-  var_labels = [(p, s, labs) for (p, s, labs), v in zip(var_labels, jaxpr.invars[:n_vars])
-                if id(v) in used]
-  return g, var_labels
+    labs = g.fresh(group_rules.shape_of(v))
+    if i >= n_vars:
+      g.mark_all(labs, "pin", "model input")
+    in_axes.append(Axes(tuple(labs), i >= n_vars))
+  outs = jaxpr_walk.walk(closed, in_axes, _group_rule(g))
+  _pin_values(g, outs, "model output")
+  used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
+  leaf_labels = [(jax.tree_util.keystr(path), len(x.labels), x.labels)
+                 for (path, _), x, v in zip(flat_vars, in_axes, jaxpr.invars) if id(v) in used]
+  return g, leaf_labels
 
 
 def find_groups(apply_fn: Callable[..., Any], variables: Any, *args: Any,
@@ -765,12 +311,12 @@ def find_groups(apply_fn: Callable[..., Any], variables: Any, *args: Any,
   """
   if on_unsupported not in ("raise", "skip"):
     raise ValueError(f"on_unsupported: expected 'raise' or 'skip', got {on_unsupported!r}")
-  g, var_labels = _trace(apply_fn, variables, args, kwargs)
+  g, leaf_labels = _trace(apply_fn, variables, args, kwargs)
   classes: dict[int, list[Member]] = {}
   order: list[int] = []
   ndims: dict[str, int] = {}
-  for path, shape, labs in var_labels:
-    ndims[path] = len(shape)
+  for path, ndim, labs in leaf_labels:
+    ndims[path] = ndim
     for axis, lab in enumerate(labs):
       for root, units in g.unit_maps(lab):
         root = g.find(root)

@@ -68,6 +68,11 @@ def _none(*_: Any) -> None:
   return None
 
 
+def _unchanged(carry: Sequence[Any], operands: Sequence[Any]) -> list:
+  del operands
+  return list(carry)
+
+
 def _same_or_none(values: Sequence[Any]) -> Any:
   first = values[0]
   return first if all(v == first for v in values[1:]) else None
@@ -86,6 +91,9 @@ class Rule(NamedTuple):
     join: a value standing for any of several (``cond`` branches, loop iterations).
     scan_in: value of one slice of a scanned-over operand, inside the body.
     scan_out: value of the stacked outputs of a ``scan`` body.
+    carry_in: ``(initial carry values, all operand values of the loop) -> carry values`` seen by
+      the ``scan`` / ``while`` body and condition; it may widen them to stand for later
+      iterations too (default: the initial values).
   """
   eqn: Callable[[Any, list, Context], Optional[list]]
   opaque: Callable[[Any, list, Context], list] = lambda e, ins, ctx: [None] * len(e.outvars)
@@ -93,6 +101,7 @@ class Rule(NamedTuple):
   join: Callable[[Sequence[Any]], Any] = _same_or_none
   scan_in: Callable[[Any], Any] = _none
   scan_out: Callable[[Any], Any] = _none
+  carry_in: Callable[[Sequence[Any], Sequence[Any]], list] = _unchanged
 
 
 def call_body(eqn: Any) -> Any:
@@ -148,13 +157,14 @@ def _recurse(eqn: Any, ins: list, rule: Rule, ctx: Context) -> list:
     return [rule.join(vs) for vs in zip(*results)]
   if name == "scan":
     nc, ncar = p["num_consts"], p["num_carry"]
-    body_ins = ins[:nc + ncar] + [rule.scan_in(v) for v in ins[nc + ncar:]]
+    carry = rule.carry_in(ins[nc:nc + ncar], ins)
+    body_ins = ins[:nc] + carry + [rule.scan_in(v) for v in ins[nc + ncar:]]
     res = walk(p["jaxpr"], body_ins, rule, frame(0, float(p["length"])))
-    carry = [rule.join((a, b)) for a, b in zip(ins[nc:nc + ncar], res[:ncar])]
-    return carry + [rule.scan_out(v) for v in res[ncar:]]
+    joined = [rule.join((a, b)) for a, b in zip(carry, res[:ncar])]
+    return joined + [rule.scan_out(v) for v in res[ncar:]]
   if name == "while":
     cn, bn = p["cond_nconsts"], p["body_nconsts"]
-    carry = ins[cn + bn:]
+    carry = rule.carry_in(ins[cn + bn:], ins)
     walk(p["cond_jaxpr"], ins[:cn] + carry, rule, frame(0))
     res = walk(p["body_jaxpr"], ins[cn:cn + bn] + carry, rule, frame(1))
     return [rule.join((a, b)) for a, b in zip(carry, res)]
