@@ -68,11 +68,6 @@ def _none(*_: Any) -> None:
   return None
 
 
-def _unchanged(carry: Sequence[Any], operands: Sequence[Any]) -> list:
-  del operands
-  return list(carry)
-
-
 def _same_or_none(values: Sequence[Any]) -> Any:
   first = values[0]
   return first if all(v == first for v in values[1:]) else None
@@ -101,7 +96,7 @@ class Rule(NamedTuple):
   join: Callable[[Sequence[Any]], Any] = _same_or_none
   scan_in: Callable[[Any], Any] = _none
   scan_out: Callable[[Any], Any] = _none
-  carry_in: Callable[[Sequence[Any], Sequence[Any]], list] = _unchanged
+  carry_in: Callable[[Sequence[Any], Sequence[Any]], list] = lambda carry, ins: list(carry)
 
 
 def call_body(eqn: Any) -> Any:
@@ -283,7 +278,8 @@ def view_rule(eqn: Any, views: Sequence[Optional[LeafView]]) -> list[Optional[Le
   return none
 
 
-def _scan_slice(v: Optional[LeafView]) -> Optional[LeafView]:
+def scan_slice(v: Optional[LeafView]) -> Optional[LeafView]:
+  """`Rule.scan_in` for leaf views: one iteration's slice is indexed by the loop on axis 0."""
   if v is None:
     return None
   return v._replace(groups=v.groups[1:], loop_axes=v.loop_axes + v.groups[0])
@@ -405,5 +401,5 @@ def find_sites(jaxpr: Any, leaf_paths: Sequence[str], leaf_shapes: Sequence[tupl
   n = len(leaf_paths)
   args = [LeafView(i, tuple(s), tuple((a,) for a in range(len(s))))
           for i, s in enumerate(leaf_shapes)] + [None] * (len(inner.invars) - n)
-  walk(jaxpr, args, Rule(eqn=on_eqn, scan_in=_scan_slice))
+  walk(jaxpr, args, Rule(eqn=on_eqn, scan_in=scan_slice))
   return sites
