@@ -11,14 +11,15 @@ rule, or a rule that meets a coupling it cannot represent, poisons its operands 
 Supported (`SUPPORTED_PRIMITIVES`, the table's keys): ``dot_general``, ``conv_general_dilated``
 (``feature_group_count == 1``), elementwise arithmetic / comparison / transcendental primitives,
 ``select_n``, ``clamp``, casts, ``broadcast_in_dim``, ``reshape``, ``squeeze``, ``transpose``,
-``concatenate``, ``reduce_*``, ``argmax``/``argmin``, ``cum*``, ``pad``, ``slice``,
-``dynamic_slice``, ``dynamic_update_slice``, ``gather``/``scatter*`` (pinned), ``sort``,
-``top_k``, ``split``, ``rev``, ``iota`` and random-number primitives (pinned),
-``reduce_window*`` (pooling: pooled axes pinned, channels pass through), and the primitives whose
-sub-jaxprs `jaxpr_walk.walk` enters (``pjit``/``jit``, ``closed_call``, ``custom_jvp_call``,
-``custom_vjp_call``, ``remat``/``checkpoint``, ``cond``, ``while``, ``scan``): ``cond``
-branches are coupled output for output, loop carries with themselves across iterations, and the
-scanned-over axis is pinned, so layers stacked for ``nn.scan`` are pruned alike.
+``concatenate``, ``stack`` (the new axis pinned), ``reduce_*``, ``argmax``/``argmin``, ``cum*``,
+``pad``, ``slice``, ``dynamic_slice``, ``dynamic_update_slice``, ``gather``/``scatter*``
+(pinned), ``sort``, ``top_k``, ``split``, ``rev``, ``iota`` and random-number primitives
+(pinned), ``reduce_window*`` (pooling: pooled axes pinned, channels pass through), and the
+primitives whose sub-jaxprs `jaxpr_walk.walk` enters (``pjit``/``jit``, ``closed_call``,
+``custom_jvp_call``, ``custom_vjp_call``, ``remat``/``checkpoint``, ``cond``, ``while``,
+``scan``): ``cond`` branches are coupled output for output, loop carries with themselves across
+iterations, and the scanned-over axis is pinned, so layers stacked for ``nn.scan`` are pruned
+alike.
 """
 
 from __future__ import annotations
@@ -139,6 +140,18 @@ def _concatenate(g: Graph, eqn: Any, L: list[Labels], D: list[bool]) -> list[Lab
         g.union(out[i], lab)
   out = [g.resolve(x) for x in out]
   out[dim] = g.resolve(("s", tuple(labs[dim] for labs in L)))
+  return [out]
+
+
+def _stack(g: Graph, eqn: Any, L: list[Labels], D: list[bool]) -> list[Labels]:
+  out = list(L[0])
+  for labs in L[1:]:
+    for i, lab in enumerate(labs):
+      g.union(out[i], lab)
+  out = [g.resolve(x) for x in out]
+  new = g.new(len(L))
+  g.mark(new, "pin", "stacked axis")
+  out.insert(eqn.params["axis"] % (len(out) + 1), new)
   return [out]
 
 
@@ -280,6 +293,7 @@ RULES: dict[str, PrimitiveRule] = {
         reduce_xor argmax argmin"""), _reduce),
     **dict.fromkeys(_names("cumsum cumprod cummax cummin cumlogsumexp"), _cumulative),
     "concatenate": _concatenate,
+    "stack": _stack,
     "pad": _pad,
     "slice": _slice,
     "dynamic_slice": _slice,
