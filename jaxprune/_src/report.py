@@ -389,7 +389,7 @@ def _check_report_args(params: PyTree, masks: Optional[PyTree],
   for path, leaf in tree_lib.leaves_with_paths(params):
     if validation.is_traced(leaf):
       raise validation.error("params", "concrete arrays (the report runs on the host, outside "
-                             "jit)", "a traced value", path)
+                             "jit)", validation.Text("a traced value"), path)
     dtype = getattr(leaf, "dtype", None)
     if dtype is None and isinstance(leaf, (bool, int, float, complex)):
       dtype = np.asarray(leaf).dtype
@@ -398,8 +398,8 @@ def _check_report_args(params: PyTree, masks: Optional[PyTree],
   if masks is not None:
     for path, mask in tree_lib.leaves_with_paths(masks):
       if getattr(mask, "dtype", None) != np.bool_:
-        raise validation.error("masks", "bool arrays (True = keep)",
-                               f"dtype {getattr(mask, 'dtype', type(mask).__name__)}", path)
+        raise validation.error("masks", "bool arrays (True = keep)", validation.describe(mask),
+                               path)
   if apply_fn is None:
     if not (isinstance(inputs, (tuple, list)) and len(inputs) == 0):
       raise validation.error("apply_fn", "a function apply_fn(params, *inputs) since inputs "
@@ -407,7 +407,7 @@ def _check_report_args(params: PyTree, masks: Optional[PyTree],
     return ()
   if not callable(apply_fn):
     raise validation.error("apply_fn", "a function apply_fn(params, *inputs)",
-                           type(apply_fn).__name__)
+                           validation.Text(type(apply_fn).__name__))
   if not isinstance(inputs, (tuple, list)):
     got = (f"an array of shape {np.shape(inputs)}" if hasattr(inputs, "shape") else
            type(inputs).__name__)

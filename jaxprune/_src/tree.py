@@ -120,7 +120,7 @@ def prunable_flags(params: PyTree, prunable: Prunable = None) -> PyTree:
         f"a prefix of the parameters; got a tree that does not match: {e}") from None
   for path, flag in jax.tree_util.tree_flatten_with_path(full)[0]:
     if not _is_bool(flag):
-      got = f"shape {np.shape(flag)}" if np.ndim(flag) else flag
+      got = validation.Text(f"shape {np.shape(flag)}") if np.ndim(flag) else flag
       raise validation.error(
           "prunable", "None, a predicate (path, leaf) -> bool, or a pytree of bools", got,
           path_str(path))
