@@ -67,12 +67,12 @@ def default_prunable(path: KeyPath, leaf: Any) -> bool:
   return is_floating(leaf) and np.ndim(leaf) >= 2
 
 
-def is_predicate(value: Any) -> bool:
-  """Whether ``value`` is a predicate ``(path, leaf) -> bool`` rather than a tree of bools.
+def is_function(value: Any) -> bool:
+  """Whether ``value`` is a function argument (a predicate, a score function) or pytree data.
 
-  A predicate is a callable that is a pytree leaf (a function, lambda, method or
+  A function is a callable that is a pytree leaf (a function, lambda, method or
   `functools.partial`), or a `jax.tree_util.Partial`. A callable pytree *node* is data: every
-  Equinox module is callable, and a tree of bools shaped like an Equinox model is one.
+  Equinox module is callable, and so is a tree of bools or scores shaped like an Equinox model.
   """
   if isinstance(value, jax.tree_util.Partial):
     return True
@@ -92,7 +92,7 @@ def prunable_flags(params: PyTree, prunable: Prunable = None) -> PyTree:
   Args:
     params: parameter (or score) pytree.
     prunable: ``None`` for `default_prunable`; a predicate ``(path, leaf) -> bool`` (see
-      `is_predicate`); or a pytree of bools that is ``params``' structure or a prefix of it
+      `is_function`); or a pytree of bools that is ``params``' structure or a prefix of it
       (a single ``True`` / ``False`` applies to every leaf).
 
   Returns:
@@ -105,7 +105,7 @@ def prunable_flags(params: PyTree, prunable: Prunable = None) -> PyTree:
   """
   if prunable is None:
     prunable = default_prunable
-  if is_predicate(prunable):
+  if is_function(prunable):
     def call(path, leaf):
       out = prunable(path, leaf)
       if not _is_bool(out):
