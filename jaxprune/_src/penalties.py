@@ -105,7 +105,7 @@ def _per_leaf(name: str, coefficient: Callable[[Array], Array],
   return optax.GradientTransformation(_init, update_fn)
 
 
-def _soft_threshold_update(u: jax.Array, p: jax.Array, t: jax.Array) -> jax.Array:
+def _soft_threshold_update(u: Array, p: Array, t: Array) -> Array:
   z = p + u
   shrunk = jnp.sign(z) * jnp.maximum(jnp.abs(z) - t, 0)
   # 0 - p is exactly -p, so p + update is exactly +0 where the threshold zeroes the entry.
@@ -145,9 +145,10 @@ def proximal_l1(strength: ScalarOrSchedule, learning_rate: ScalarOrSchedule, *,
 
 
 def _threshold(strength: ScalarOrSchedule,
-               learning_rate: ScalarOrSchedule) -> Callable[[jax.Array], jax.Array]:
+               learning_rate: ScalarOrSchedule) -> Callable[[Array], Array]:
   """The proximal threshold ``step size * coefficient`` at a step count."""
-  return lambda count: _value(learning_rate, count) * _value(strength, count)
+  return lambda count: (_value(learning_rate, count, "learning_rate") *
+                        _value(strength, count, "strength"))
 
 
 def proximal_group_lasso(strength: ScalarOrSchedule, learning_rate: ScalarOrSchedule,

@@ -78,18 +78,11 @@ def _check_grid(sparsities: Any) -> np.ndarray:
   return np.asarray(sorted(values), np.float64)
 
 
-def _check_metric_fn(metric_fn: Any, params: PyTree) -> None:
+def _check_metric(out: Any) -> None:
   """The metric must be a real scalar: a vector would be stored as garbage per point."""
-  if not callable(metric_fn):
-    raise validation.error("metric_fn", "a function params -> scalar",
-                           validation.describe(metric_fn))
-  out = jax.eval_shape(metric_fn, params)
-  shape, dtype = getattr(out, "shape", None), getattr(out, "dtype", None)
-  if shape != () or dtype is None or not (jnp.issubdtype(dtype, jnp.floating) or
-                                          jnp.issubdtype(dtype, jnp.integer)):
-    got = (validation.Text(f"a value of shape {shape} and dtype {dtype}") if shape is not None
-           else validation.describe(out))
-    raise validation.error("metric_fn", "a real scalar metric (e.g. accuracy or loss)", got)
+  if not validation.is_real_scalar(out):
+    raise validation.error("metric_fn", "a real scalar metric (e.g. accuracy or loss)",
+                           validation.describe(out))
 
 
 def sensitivity_analysis(params: PyTree, metric_fn: Callable[[PyTree], jax.Array],
@@ -124,7 +117,9 @@ def sensitivity_analysis(params: PyTree, metric_fn: Callable[[PyTree], jax.Array
   """
   grid = _check_grid(sparsities)
   show = progress_lib.progress_enabled(progress)
-  _check_metric_fn(metric_fn, params)
+  if not callable(metric_fn):
+    raise validation.error("metric_fn", "a function params -> scalar",
+                           validation.describe(metric_fn))
   scores = _resolve_scores(params, scores)
   tree_lib.check_same_structure(params, scores, "params", "scores")
   with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -147,7 +142,9 @@ def sensitivity_analysis(params: PyTree, metric_fn: Callable[[PyTree], jax.Array
   @jax.jit
   def evaluate(leaves, score_leaves, branch_index, k):
     pruned = jax.lax.switch(branch_index, branches, leaves, score_leaves, k)
-    return metric_fn(jax.tree.unflatten(treedef, pruned))
+    out = metric_fn(jax.tree.unflatten(treedef, pruned))
+    _check_metric(out)  # at trace time, so metric_fn is still traced only once
+    return out
 
   score_leaves = jax.tree.leaves(scores)
   baseline = evaluate(leaves, score_leaves, 0, jnp.int32(0))
