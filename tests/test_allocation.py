@@ -127,6 +127,27 @@ def test_allocation_uniform_erk_and_errors():
     allocation.allocate_sparsities(params, 0.9, sensitivity=only_a)
 
 
+def test_allocation_never_prunes_into_a_nan_metric():
+  params = sum_params()
+  grid = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
+  metrics = np.array([[1.0, 1.0, 0.99, 0.98, 0.5],
+                      [1.0, 0.99, 0.98, np.nan, np.nan]])  # 'b' diverges from 75% on
+  sens = sens_lib.SensitivityResult((A, B_), (20, 15), grid, metrics, 1.0)
+  # 24 of 35 entries: 'a' cannot give them all, 'b' may give at most 7 (its 50% point).
+  alloc = allocation.allocate_sparsities(params, 0.7, sensitivity=sens)
+  counts = (round(alloc["a"]["kernel"] * 20), round(alloc["b"]["kernel"] * 15))
+  assert sum(counts) == 24 and counts[1] <= 7
+  with pytest.raises(ValueError, match=r"NaN metric limits \['b'\]\['kernel'\] \(up to "
+                                       r"sparsity 0.4667\)"):
+    allocation.allocate_sparsities(params, 0.9, sensitivity=sens)  # 32 > 20 + 7
+  # NaN everywhere but the dense point: nothing may be taken from 'b' at all.
+  metrics[1, 1:] = np.nan
+  sens = sens._replace(metrics=metrics)
+  assert allocation.allocate_sparsities(params, 0.5, sensitivity=sens)["b"]["kernel"] == 0.0
+  with pytest.raises(ValueError, match=r"\['b'\]\['kernel'\] \(up to sparsity 0\)"):
+    allocation.allocate_sparsities(params, 0.6, sensitivity=sens)
+
+
 def test_as_overrides():
   alloc = {"a": {"kernel": 0.75}, "b": {"kernel": 0.0}, "bias": 0.0}
   assert allocation.as_overrides(alloc) == {A: 0.75}

@@ -49,20 +49,17 @@ def prune_scalars(state: Any, params: PyTree, *, prunable: Prunable = None) -> d
     out["prune/step"] = jnp.asarray(node.count)
   if hasattr(node, "target"):
     out["prune/target"] = jnp.asarray(node.target, jnp.float32)
+  chosen = [(path, mask) for (path, _), mask, flag in
+            zip(tree_lib.leaves_with_paths(params), masks, flags) if flag]
+  sizes = [int(np.size(mask)) for _, mask in chosen]
+  # Under jit XLA turns a division by a constant into a product with its reciprocal, one ulp
+  # away from the eager quotient at times; opaque sizes keep jitted and eager values equal.
+  denominators = jax.lax.optimization_barrier(
+      jnp.asarray([max(n, 1) for n in sizes] + [max(sum(sizes), 1)], jnp.float32))
   # float32 sums: an int32 count of pruned entries would overflow past 2**31 parameters.
-  pruned_total = jnp.zeros((), jnp.float32)
-  size_total = 0
-  per_leaf = {}
-  for (path, _), mask, flag in zip(tree_lib.leaves_with_paths(params), masks, flags):
-    if not flag:
-      continue
-    size = int(np.size(mask))
-    pruned = (size - jnp.sum(jnp.asarray(mask, jnp.int32))).astype(jnp.float32)
-    pruned_total = pruned_total + pruned
-    size_total += size
-    per_leaf[f"sparsity/{report_lib.log_name(path)}"] = (
-        pruned / size if size else jnp.zeros((), jnp.float32))
-  out["sparsity/total"] = (pruned_total / size_total if size_total else
-                           jnp.zeros((), jnp.float32))
-  out.update(per_leaf)
+  pruned = [(n - jnp.sum(jnp.asarray(mask, jnp.int32))).astype(jnp.float32)
+            for (_, mask), n in zip(chosen, sizes)]
+  out["sparsity/total"] = sum(pruned, jnp.zeros((), jnp.float32)) / denominators[-1]
+  for i, ((path, _), count) in enumerate(zip(chosen, pruned)):
+    out[f"sparsity/{report_lib.log_name(path)}"] = count / denominators[i]
   return out
