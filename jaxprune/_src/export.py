@@ -24,6 +24,7 @@ import numpy as np
 from jax.experimental import sparse
 
 from jaxprune._src import masks as masks_lib
+from jaxprune._src import mask_state
 from jaxprune._src import quantize as quantize_lib
 from jaxprune._src import report as report_lib
 from jaxprune._src import tree as tree_lib
@@ -64,7 +65,7 @@ def strip(params: PyTree, masks_or_state: Optional[Any] = None) -> PyTree:
   if tree_lib.same_paths(masks_or_state, params):
     masks = tree_lib.like(masks_or_state, params)
   else:
-    masks = report_lib.find_masks(masks_or_state, params)
+    masks = mask_state.find_masks(masks_or_state, params)
   return masks_lib.apply_masks(params, masks)
 
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune._src import mask_state
 from jaxprune._src import report as report_lib
 from jaxprune._src import tree as tree_lib
 from jaxprune._src.types import Array, Prunable, PyTree
@@ -41,7 +42,7 @@ def prune_scalars(state: Any, params: PyTree, *, prunable: Prunable = None) -> d
     fraction over all prunable entries) and ``sparsity/<leaf>`` per prunable leaf, as float32
     (``prune/step`` int32) scalars. Empty leaves count as 0.0.
   """
-  node = report_lib.find_mask_state(state, params)
+  node = mask_state.find_mask_state(state, params)
   masks = jax.tree.leaves(tree_lib.like(node.masks, params))
   flags = jax.tree.leaves(tree_lib.prunable_flags(params, prunable))
   out: dict[str, Array] = {}
