@@ -18,7 +18,7 @@ A, B_ = "['a']['kernel']", "['b']['kernel']"
 
 def layer_masks(params, alloc):
   # Jitted with the fractions closed over as Python floats (exact counts); eager selection
-  # dispatches many small ops and is far slower on a loaded CPU.
+  # dispatches many small ops.
   return jax.jit(lambda p: masks_lib.unstructured_mask(jp.magnitude(p), alloc, scope="layer"))(
       params)
 

@@ -218,8 +218,7 @@ def allocate_sparsities(params: PyTree, target: float, *, method: str = "sensiti
     raise validation.error("higher_is_better", "a bool", higher_is_better)
   if method == "uniform" or method == "erk":
     if budget != "sparsity":
-      raise ValueError(f"budget: method={method!r} allocates a sparsity budget only, got "
-                       f"{budget!r}.")
+      raise validation.error("budget", f"'sparsity' with method={method!r}", budget)
     if method == "uniform":
       return distribution_lib.uniform_sparsities(params, target, prunable=prunable)
     return distribution_lib.erk_sparsities(params, target, prunable=prunable, scale=erk_scale)
@@ -230,14 +229,15 @@ def allocate_sparsities(params: PyTree, target: float, *, method: str = "sensiti
   index = {p: i for i, p in enumerate(paths)}
   for p, n in zip(sensitivity.paths, sensitivity.sizes):
     if p not in index:
-      raise ValueError(f"sensitivity: leaf {p} is not in params.")
+      raise validation.error("sensitivity", "an analysis of these params",
+                             validation.Text(f"one of leaf {p}, which params lack"))
     if int(np.size(with_paths[index[p]][1])) != n:
-      raise ValueError(f"sensitivity: leaf {p} has {n} entries in the analysis and "
-                       f"{np.size(with_paths[index[p]][1])} in params.")
+      raise validation.error("sensitivity", f"{np.size(with_paths[index[p]][1])} entries as in "
+                             "params", validation.Text(f"{n} entries"), p)
   if report is None:
     if budget == "flops":
-      raise ValueError("report: budget='flops' needs jaxprune.report(params, apply_fn=..., "
-                       "inputs=...), got None.")
+      raise validation.error("report", "jaxprune.report(params, apply_fn=..., inputs=...) for "
+                             "budget='flops'", None)
     if budget == "bytes":  # a sparsity budget needs no report (it copies every leaf to host)
       report = report_lib.report(params, prunable=prunable)
   if report is not None and not isinstance(report, report_lib.Report):
@@ -248,7 +248,8 @@ def allocate_sparsities(params: PyTree, target: float, *, method: str = "sensiti
   if budget != "sparsity":
     for p in analysed:
       if p not in rows:
-        raise ValueError(f"report: expected a report of params, got one without leaf {p}.")
+        raise validation.error("report", "a report of params",
+                               validation.Text(f"one without leaf {p}"))
 
   if budget == "sparsity":
     flags = jax.tree.leaves(tree_lib.prunable_flags(params, prunable))
@@ -257,7 +258,8 @@ def allocate_sparsities(params: PyTree, target: float, *, method: str = "sensiti
     required = float(select_lib.num_to_prune(target, total))
   elif budget == "flops":
     if report.flops_dense is None:
-      raise ValueError("report: budget='flops' needs a report made with apply_fn.")
+      raise validation.error("report", "a report made with apply_fn for budget='flops'",
+                             validation.Text("one without FLOPs"))
     costs = [rows[p].flops_dense / n for p, n in zip(analysed, sizes)]
     required = target * report.flops_dense
   else:

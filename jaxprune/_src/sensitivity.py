@@ -127,7 +127,8 @@ def sensitivity_analysis(params: PyTree, metric_fn: Callable[[PyTree], jax.Array
   flags = jax.tree.leaves(tree_lib.prunable_flags(params, prunable))
   chosen = [i for i, f in enumerate(flags) if f]
   if not chosen:
-    raise ValueError("prunable: no prunable leaf to analyse.")
+    raise validation.error("prunable", "at least one prunable leaf to analyse",
+                           validation.Text("none"))
 
   def prune_leaf(i):
     def branch(leaves, score_leaves, k):
