@@ -5,8 +5,9 @@ preset                 pattern
 =====================  =======================================================================
 ``"gpu_2:4"``          2 kept in every 4 consecutive weights along the input (reduction) axis,
                        ``axis=-2`` (axis 0 of a Flax ``(in, out)`` kernel, ``I`` of an ``HWIO``
-                       filter): the layout of NVIDIA Ampere+ sparse tensor cores (cuSPARSELt),
-                       a fixed 50% sparsity, ~2x matmul throughput.
+                       filter; ``hardware_mask(..., axis=-1)`` for Equinox ``(out, in)``
+                       weights): the layout of NVIDIA Ampere+ sparse tensor cores
+                       (cuSPARSELt), a fixed 50% sparsity, ~2x matmul throughput.
 ``"tpu_8x128"``        whole ``(8, 128)`` blocks of the two trailing dims: one TPU vector
                        register tile (8 sublanes x 128 lanes), so skipped blocks skip whole
                        loads; block scores are L2 norms.
