@@ -455,7 +455,7 @@ REPORT = [
                                                 "b": jnp.ones(3, bool)}),
            r"leaf \['w'\] has shape \(2, 3\) in params and \(3, 2\) in masks"),
     raises("report string leaf", lambda _: jp.report({"s": "abc"}),
-           r"params: expected numeric arrays, got 'str' \(leaf \['s'\]\)"),
+           r"params: expected numeric arrays, got a str \(leaf \['s'\]\)"),
     raises("report under jit", lambda _: jax.jit(lambda p: jp.report(p).sparsity)(params()),
            r"params: expected concrete arrays .*got a traced value \(leaf \['b'\]\)"),
     works("report empty and 0-d leaves", _report_empty_0d),

@@ -176,8 +176,9 @@ def test_equinox_nm_along_input_axis():
   model = eqx.nn.MLP(8, 4, 8, 1, key=jax.random.PRNGKey(1))
   params = eqx.filter(model, eqx.is_array)
   scores = jp.magnitude(params)
-  masks = jp.nm_mask(scores, 2, 4, axis=-1)  # the input axis of an (out, in) weight
-  preset = jp.hardware_mask(scores, "gpu_2:4", axis=-1)
+  # The input axis of an (out, in) weight is -1; one compiled call makes both masks.
+  masks, preset = jax.jit(lambda s: (jp.nm_mask(s, 2, 4, axis=-1),
+                                     jp.hardware_mask(s, "gpu_2:4", axis=-1)))(scores)
   for layer in (0, 1):
     w = np.asarray(masks.layers[layer].weight)
     s = np.asarray(scores.layers[layer].weight).reshape(w.shape[0], -1, 4)

@@ -330,6 +330,7 @@ def leaf_bytes(shape: Sequence[int], itemsize: int, kept: int) -> tuple[int, int
 
 def _check_report_args(params: PyTree, masks: Optional[PyTree],
                        apply_fn: Optional[Callable[..., Any]], inputs: Any) -> tuple:
+  """Checks `report`'s arguments; returns ``inputs`` as a tuple."""
   for path, leaf in tree_lib.leaves_with_paths(params):
     if validation.is_traced(leaf):
       raise validation.error("params", "concrete arrays (the report runs on the host, outside "
@@ -338,7 +339,8 @@ def _check_report_args(params: PyTree, masks: Optional[PyTree],
     if dtype is None and isinstance(leaf, (bool, int, float, complex)):
       dtype = np.asarray(leaf).dtype
     if dtype is None or not (jnp.issubdtype(dtype, jnp.number) or dtype == np.bool_):
-      raise validation.error("params", "numeric arrays", dtype or type(leaf).__name__, path)
+      got = validation.Text(f"dtype {dtype}") if dtype is not None else validation.describe(leaf)
+      raise validation.error("params", "numeric arrays", got, path)
   if masks is not None:
     for path, mask in tree_lib.leaves_with_paths(masks):
       if getattr(mask, "dtype", None) != np.bool_:
@@ -354,7 +356,7 @@ def _check_report_args(params: PyTree, masks: Optional[PyTree],
                            validation.Text(type(apply_fn).__name__))
   if not isinstance(inputs, (tuple, list)):
     got = (f"an array of shape {np.shape(inputs)}" if hasattr(inputs, "shape") else
-           type(inputs).__name__)
+           f"a {type(inputs).__name__}")
     raise ValueError(f"inputs: expected a tuple of the remaining arguments of apply_fn, e.g. "
                      f"inputs=(x,) for apply_fn(params, x), got {got}.")
   return tuple(inputs)
