@@ -127,3 +127,23 @@ def test_distillation_bad_args():
     distill.distillation_loss(x, x, jnp.zeros(2, int), alpha=1.5)
   with pytest.raises(ValueError, match="labels"):
     distill.distillation_loss(x, x, jnp.zeros(3, int))
+
+
+def test_non_finite_refused_eagerly_and_kept_apart_under_jit():
+  w = jnp.asarray([[1.0, 0.5], [jnp.inf, -0.25], [-0.5, jnp.nan]])
+  with pytest.raises(ValueError, match=r"got inf at index \(1, 0\) \(leaf \['k'\]\)"):
+    q_lib.quantize({"k": w})
+  # Under jit nothing can be refused: each channel's scale comes from its finite entries, so
+  # they keep their precision; inf saturates and NaN becomes 0.
+  qa = jax.jit(q_lib.quantize_array)(w)
+  np.testing.assert_array_equal(qa.scale, np.array([[1.0 / 127, 0.5 / 127]], np.float32))
+  np.testing.assert_array_equal(qa.values, np.array([[127, 127], [127, -64], [-64, 0]], np.int8))
+
+
+def test_empty_leaf_quantizes_to_empty():
+  qp = q_lib.quantize({"e": jnp.zeros((0, 4)), "k": jnp.ones((2, 4))})
+  assert qp["e"].values.shape == (0, 4) and qp["e"].scale.shape == (1, 4)
+  np.testing.assert_array_equal(qp["e"].scale, 1.0)
+  assert q_lib.dequantize(qp)["e"].shape == (0, 4)
+  assert q_lib.quantization_error({"e": jnp.zeros((0, 4)), "k": jnp.ones((2, 4))},
+                                  qp)["quant/max_abs/e"] == 0.0

@@ -112,5 +112,5 @@ def test_bad_score_inputs():
     jp.taylor(p, {"w1": p["w1"], "b1": p["b1"]})
   with pytest.raises(ValueError, match="expected a scalar loss, got a value of shape"):
     jp.hessian_diag(lambda q: q["w1"] * 2, p, key=jax.random.key(0))
-  with pytest.raises(ValueError, match="num_probes: expected a positive int, got 0"):
+  with pytest.raises(ValueError, match="num_probes: expected an integer >= 1, got 0"):
     jp.hessian_diag(lambda q: jnp.sum(q["w1"]), p, key=jax.random.key(0), num_probes=0)

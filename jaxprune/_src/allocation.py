@@ -36,12 +36,28 @@ from jaxprune._src import distribution as distribution_lib
 from jaxprune._src import report as report_lib
 from jaxprune._src import select as select_lib
 from jaxprune._src import tree as tree_lib
+from jaxprune._src import validation
 from jaxprune._src.sensitivity import SensitivityResult
-
-PyTree = Any
+from jaxprune._src.types import Prunable, PyTree
 
 _BUDGETS = ("sparsity", "flops", "bytes")
 _METHODS = ("sensitivity", "uniform", "erk")
+
+
+def check_sensitivity(sensitivity: Any) -> SensitivityResult:
+  """Checks a `SensitivityResult` (consistent shapes, a finite baseline) and returns it."""
+  if not isinstance(sensitivity, SensitivityResult):
+    raise validation.error("sensitivity", "a SensitivityResult from "
+                           "jaxprune.sensitivity_analysis", validation.describe(sensitivity))
+  num, size = len(sensitivity.paths), np.size(sensitivity.sparsities)
+  if len(sensitivity.sizes) != num or np.shape(sensitivity.metrics) != (num, size):
+    raise validation.error("sensitivity", f"metrics of shape (leaves, grid) = ({num}, {size}) "
+                           "and one size per leaf",
+                           validation.Text(f"metrics of shape {np.shape(sensitivity.metrics)} "
+                                           f"and {len(sensitivity.sizes)} sizes"))
+  if not math.isfinite(float(sensitivity.baseline)):
+    raise validation.error("sensitivity", "a finite baseline metric", sensitivity.baseline)
+  return sensitivity
 
 
 def degradation_curves(sensitivity: SensitivityResult,
@@ -56,6 +72,7 @@ def degradation_curves(sensitivity: SensitivityResult,
     ``(grid, damage)``: the grid (with 0 prepended if missing) and ``damage[l, j] >= 0``,
     non-decreasing in ``j``, 0 at sparsity 0.
   """
+  check_sensitivity(sensitivity)
   grid = np.asarray(sensitivity.sparsities, np.float64)
   metrics = np.asarray(sensitivity.metrics, np.float64)
   sign = 1.0 if higher_is_better else -1.0
@@ -84,13 +101,20 @@ def _lower_hull(x: np.ndarray, y: np.ndarray) -> list[int]:
 
 
 def _solve(curves: list[tuple[np.ndarray, np.ndarray]], sizes: list[int], costs: list[float],
-           required: float) -> list[int]:
+           required: float, paths: list[str]) -> list[int]:
   """Integer counts minimising the interpolated damage with ``sum c_l k_l >= required``.
 
   With unit costs and an integer ``required`` the sum is met exactly: the floors of the
-  continuous solution fall short by an integer that the top-up adds entry by entry.
+  continuous solution fall short by an integer that the top-up adds entry by entry. No leaf is
+  pruned beyond its last finite measured point (a NaN metric gives an infinite damage from that
+  point on); a target that cannot be met within those limits raises a ValueError.
   """
   num = len(sizes)
+  # Per leaf, the most it may lose: everything, unless its metric turned NaN at some measured
+  # sparsity; then the last count measured with a finite metric.
+  caps = [n if np.isfinite(dmg).all() else
+          min(int(math.floor(grid[np.isfinite(dmg)][-1] * n + 1e-9)), n)
+          for (grid, dmg), n in zip(curves, sizes)]
   segments = []  # (slope, leaf, start count, end count) of each hull segment
   for l, (grid, dmg) in enumerate(curves):
     if costs[l] <= 0:
@@ -112,28 +136,32 @@ def _solve(curves: list[tuple[np.ndarray, np.ndarray]], sizes: list[int], costs:
     real[l] = a + take
     remaining -= take * costs[l]
 
-  k = [min(int(math.floor(real[l] + 1e-9)), sizes[l]) for l in range(num)]
+  k = [min(int(math.floor(real[l] + 1e-9)), caps[l]) for l in range(num)]
   deficit = required - sum(c * kk for c, kk in zip(costs, k))
 
   def marginal(l: int) -> float:
     grid, dmg = curves[l]
     finite = np.isfinite(dmg)
-    s = (k[l] + 1) / sizes[l]
-    if s > grid[finite][-1] + 1e-12:
-      return math.inf  # beyond the measured (finite) range
-    return float(np.interp(s, grid[finite], dmg[finite]) -
+    if (k[l] + 1) / sizes[l] > grid[finite][-1] + 1e-12:
+      return math.inf  # beyond the measured range: taken last
+    return float(np.interp((k[l] + 1) / sizes[l], grid[finite], dmg[finite]) -
                  np.interp(k[l] / sizes[l], grid[finite], dmg[finite])) / costs[l]
 
-  order = sorted((l for l in range(num) if costs[l] > 0), key=lambda l: (marginal(l), l))
+  order = sorted((l for l in range(num) if costs[l] > 0 and k[l] < caps[l]),
+                 key=lambda l: (marginal(l), l))
   for l in order:
     if deficit <= 1e-9 * max(1.0, abs(required)):
       break
-    add = min(sizes[l] - k[l], int(math.ceil(deficit / costs[l] - 1e-9)))
+    add = min(caps[l] - k[l], int(math.ceil(deficit / costs[l] - 1e-9)))
     k[l] += add
     deficit -= add * costs[l]
   if deficit > 1e-9 * max(1.0, abs(required)):
-    raise ValueError("target: the analysed leaves cannot save that much even fully pruned "
-                     f"(short by {deficit:g}).")
+    limited = [f"{p} (up to sparsity {c / n:.4g})" for p, c, n in zip(paths, caps, sizes)
+               if c < n]
+    why = ("; a NaN metric limits " + ", ".join(limited) if limited else
+           "; they cannot save that much even fully pruned")
+    raise ValueError(f"target: expected a target the analysed leaves can reach, got one they "
+                     f"fall short of by {deficit:g}{why}.")
   return k
 
 
@@ -142,7 +170,7 @@ def allocate_sparsities(params: PyTree, target: float, *, method: str = "sensiti
                         budget: str = "sparsity",
                         report: Optional[report_lib.Report] = None,
                         higher_is_better: bool = True,
-                        prunable: tree_lib.Prunable = None,
+                        prunable: Prunable = None,
                         erk_scale: float = 1.0) -> PyTree:
   """Per-leaf sparsities that meet a global target.
 
@@ -176,41 +204,52 @@ def allocate_sparsities(params: PyTree, target: float, *, method: str = "sensiti
     A pytree of Python floats with the structure of ``params`` (0.0 on leaves left dense), for
     ``unstructured_mask(scores, sparsities, scope="layer")`` and `jaxprune.prune`. Each value
     is ``k / n`` so that ``round(s * n) == k`` recovers the allocated count.
+
+  Raises:
+    ValueError: for an argument out of its domain, a ``sensitivity`` or ``report`` of other
+      parameters, or a target the analysed leaves cannot reach. A leaf whose metric is NaN
+      from some measured sparsity on is never pruned that far; if the target then needs it, the
+      message names the leaf and the sparsity it is limited to.
   """
-  select_lib.check_sparsity(target, "target")
-  target = float(target)
-  if method not in _METHODS:
-    raise ValueError(f"method: expected one of {_METHODS}, got {method!r}.")
-  if budget not in _BUDGETS:
-    raise ValueError(f"budget: expected one of {_BUDGETS}, got {budget!r}.")
+  target = validation.check_fraction(target, "target", allow_traced=False)
+  validation.check_choice(method, _METHODS, "method")
+  validation.check_choice(budget, _BUDGETS, "budget")
+  if not isinstance(higher_is_better, (bool, np.bool_)):
+    raise validation.error("higher_is_better", "a bool", higher_is_better)
   if method == "uniform" or method == "erk":
     if budget != "sparsity":
-      raise ValueError(f"budget: method={method!r} allocates a sparsity budget only, got "
-                       f"{budget!r}.")
+      raise validation.error("budget", f"'sparsity' with method={method!r}", budget)
     if method == "uniform":
       return distribution_lib.uniform_sparsities(params, target, prunable=prunable)
     return distribution_lib.erk_sparsities(params, target, prunable=prunable, scale=erk_scale)
-  if sensitivity is None:
-    raise ValueError("sensitivity: method='sensitivity' needs a SensitivityResult, got None.")
+  check_sensitivity(sensitivity)
 
   with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
   paths = [tree_lib.path_str(p) for p, _ in with_paths]
   index = {p: i for i, p in enumerate(paths)}
   for p, n in zip(sensitivity.paths, sensitivity.sizes):
     if p not in index:
-      raise ValueError(f"sensitivity: leaf {p} is not in params.")
+      raise validation.error("sensitivity", "an analysis of these params",
+                             validation.Text(f"one of leaf {p}, which params lack"))
     if int(np.size(with_paths[index[p]][1])) != n:
-      raise ValueError(f"sensitivity: leaf {p} has {n} entries in the analysis and "
-                       f"{np.size(with_paths[index[p]][1])} in params.")
+      raise validation.error("sensitivity", f"{np.size(with_paths[index[p]][1])} entries as in "
+                             "params", validation.Text(f"{n} entries"), p)
   if report is None:
     if budget == "flops":
-      raise ValueError("report: budget='flops' needs jaxprune.report(params, apply_fn=..., "
-                       "inputs=...), got None.")
+      raise validation.error("report", "jaxprune.report(params, apply_fn=..., inputs=...) for "
+                             "budget='flops'", None)
     if budget == "bytes":  # a sparsity budget needs no report (it copies every leaf to host)
       report = report_lib.report(params, prunable=prunable)
+  if report is not None and not isinstance(report, report_lib.Report):
+    raise validation.error("report", "a jaxprune.report Report", validation.describe(report))
   rows = {r.path: r for r in report.rows} if report is not None else {}
   analysed = list(sensitivity.paths)
   sizes = list(sensitivity.sizes)
+  if budget != "sparsity":
+    for p in analysed:
+      if p not in rows:
+        raise validation.error("report", "a report of params",
+                               validation.Text(f"one without leaf {p}"))
 
   if budget == "sparsity":
     flags = jax.tree.leaves(tree_lib.prunable_flags(params, prunable))
@@ -219,7 +258,8 @@ def allocate_sparsities(params: PyTree, target: float, *, method: str = "sensiti
     required = float(select_lib.num_to_prune(target, total))
   elif budget == "flops":
     if report.flops_dense is None:
-      raise ValueError("report: budget='flops' needs a report made with apply_fn.")
+      raise validation.error("report", "a report made with apply_fn for budget='flops'",
+                             validation.Text("one without FLOPs"))
     costs = [rows[p].flops_dense / n for p, n in zip(analysed, sizes)]
     required = target * report.flops_dense
   else:
@@ -230,7 +270,7 @@ def allocate_sparsities(params: PyTree, target: float, *, method: str = "sensiti
 
   grid, damage = degradation_curves(sensitivity, higher_is_better)
   curves = [(grid, damage[l]) for l in range(len(analysed))]
-  counts = _solve(curves, sizes, costs, required)
+  counts = _solve(curves, sizes, costs, required, analysed)
   out = [0.0] * len(paths)
   for p, k, n in zip(analysed, counts, sizes):
     out[index[p]] = k / n
@@ -255,9 +295,12 @@ def as_overrides(sparsities: PyTree,
   Returns:
     ``{leaf path: sparsity or schedule}`` for every leaf with a nonzero sparsity.
   """
+  if schedule_fn is not None and not callable(schedule_fn):
+    raise validation.error("schedule_fn", "None or a function final sparsity -> schedule",
+                           validation.describe(schedule_fn))
   out = {}
   for p, s in jax.tree_util.tree_flatten_with_path(sparsities)[0]:
-    s = float(s)
+    s = validation.check_fraction(s, "sparsities", tree_lib.path_str(p), allow_traced=False)
     if s > 0:
       out[tree_lib.path_str(p)] = s if schedule_fn is None else schedule_fn(s)
   return out
@@ -275,7 +318,8 @@ def predicted_metric(sensitivity: SensitivityResult, sparsities: PyTree,
   Returns:
     ``baseline - sum_l d_l(s_l)`` (``+`` for lower-is-better metrics).
   """
-  by_path = {tree_lib.path_str(p): float(s)
+  by_path = {tree_lib.path_str(p): validation.check_fraction(s, "sparsities", tree_lib.path_str(p),
+                                                             allow_traced=False)
              for p, s in jax.tree_util.tree_flatten_with_path(sparsities)[0]}
   grid, damage = degradation_curves(sensitivity, higher_is_better)
   total = sum(float(np.interp(by_path.get(p, 0.0), grid, damage[l]))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from typing import Any, Optional, Union
 
 import jax
@@ -23,13 +24,16 @@ import numpy as np
 from jax.experimental import sparse
 
 from jaxprune._src import masks as masks_lib
+from jaxprune._src import mask_state
 from jaxprune._src import quantize as quantize_lib
 from jaxprune._src import report as report_lib
 from jaxprune._src import tree as tree_lib
+from jaxprune._src import validation
+from jaxprune._src.types import Prunable, PyTree
 
-PyTree = Any
 SparseArray = Union[sparse.BCSR, sparse.BCOO]
 
+_FORMAT_NAME = "jaxprune"
 _FORMAT_VERSION = 1
 
 
@@ -50,18 +54,18 @@ def strip(params: PyTree, masks_or_state: Optional[Any] = None) -> PyTree:
 
   Args:
     params: parameter pytree.
-    masks_or_state: bool masks with the structure of ``params``, or an optax state holding them
-      (see `jaxprune.find_masks`), or None when ``params`` already hold their zeros.
+    masks_or_state: bool masks with the leaf paths of ``params``, or an optax state holding
+      them (see `jaxprune.find_masks`), or None when ``params`` already hold their zeros.
 
   Returns:
     A pytree with the structure, shapes and dtypes of ``params``.
   """
   if masks_or_state is None:
     return jax.tree.map(jnp.asarray, params)
-  if jax.tree.structure(masks_or_state) == jax.tree.structure(params):
-    masks = masks_or_state
+  if tree_lib.same_paths(masks_or_state, params):
+    masks = tree_lib.like(masks_or_state, params)
   else:
-    masks = report_lib.find_masks(masks_or_state, params)
+    masks = mask_state.find_masks(masks_or_state, params)
   return masks_lib.apply_masks(params, masks)
 
 
@@ -70,7 +74,7 @@ def _sparse_bytes(x: SparseArray) -> int:
 
 
 def compact(params: PyTree, masks: Optional[PyTree] = None, *,
-            prunable: tree_lib.Prunable = None, min_saving: float = 0.0) -> PyTree:
+            prunable: Prunable = None, min_saving: float = 0.0) -> PyTree:
   """Replaces prunable leaves by sparse arrays where that takes fewer bytes.
 
   A 2-D leaf becomes a ``BCSR`` (values, int32 column indices, int32 row pointers), any other
@@ -87,6 +91,7 @@ def compact(params: PyTree, masks: Optional[PyTree] = None, *,
   Returns:
     The tree with some leaves replaced by ``jax.experimental.sparse`` arrays.
   """
+  validation.check_fraction(min_saving, "min_saving", allow_traced=False)
   params = strip(params, masks)
   flags = tree_lib.prunable_flags(params, prunable)
 
@@ -143,13 +148,47 @@ def sparse_matmul(x: jax.Array, kernel: Union[jax.Array, SparseArray]) -> jax.Ar
 # --- compressed checkpoints -------------------------------------------------------------------
 
 
+class _NotACheckpoint(Exception):
+  """Raised inside `load_compressed` for any sign that the file is not one of ours."""
+
+
 def _raw(x: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(x).reshape(-1).view(np.uint8)
 
 
+def _dtype_key(dtype: np.dtype, path: str) -> str:
+  """How a leaf's dtype is written: numpy's ``str`` (byte order included) for numpy's own
+  numeric types, the name for ml_dtypes types (bfloat16, float8_*, int4...)."""
+  if dtype.kind in "biufc":
+    return dtype.str
+  if dtype.kind == "V" and dtype.names is None:
+    try:
+      if jnp.dtype(dtype.name) == dtype:
+        return dtype.name
+    except TypeError:
+      pass
+  raise validation.error("params", "numeric or bool arrays",
+                         validation.Text(f"dtype {dtype}"), path)
+
+
+def _dtype(key: str) -> np.dtype:
+  try:
+    return np.dtype(key)
+  except TypeError:
+    return jnp.dtype(key)
+
+
+def _loaded(x: np.ndarray) -> Union[jax.Array, np.ndarray]:
+  """A JAX array when JAX holds ``x``'s dtype as is; the numpy array otherwise (64-bit types
+  without ``jax_enable_x64``, non-native byte order), so no value is narrowed or reordered."""
+  if x.dtype.isnative and jax.dtypes.canonicalize_dtype(x.dtype) == x.dtype:
+    return jnp.asarray(x)
+  return x
+
+
 def save_compressed(path: Union[str, os.PathLike], params: PyTree,
                     masks: Optional[PyTree] = None, *,
-                    prunable: tree_lib.Prunable = None) -> int:
+                    prunable: Prunable = None) -> int:
   """Writes a compressed ``.npz`` checkpoint and returns its size on disk in bytes.
 
   Each prunable leaf whose bitmask form is smaller than its dense form is stored as the kept
@@ -157,7 +196,9 @@ def save_compressed(path: Union[str, os.PathLike], params: PyTree,
   masks, its nonzero entries); every other leaf is stored dense. `jaxprune.quantize`d leaves
   (`QuantizedArray`) are stored the same way with int8 values, plus their float32 scales, so
   pruning and quantization compound. The archive is not zip-compressed, so its size tracks the
-  bitmask byte count of `jaxprune.report` plus a fixed per-entry overhead.
+  bitmask byte count of `jaxprune.report` plus a fixed per-entry overhead. Values are stored as
+  raw bytes with their exact dtype (every numeric numpy dtype, byte order included, and the
+  ml_dtypes types), so they load bitwise.
 
   Args:
     path: file path (``.npz`` is appended by numpy when missing).
@@ -168,22 +209,34 @@ def save_compressed(path: Union[str, os.PathLike], params: PyTree,
 
   Returns:
     Bytes of the written file.
+
+  Raises:
+    ValueError: naming the leaf, for a traced leaf, a non-numeric dtype (strings, objects,
+      dates), or masks that do not match ``params`` or are not bool.
   """
-  with_paths = jax.tree_util.tree_flatten_with_path(params, is_leaf=quantize_lib._is_quantized)[0]
+  with_paths = jax.tree_util.tree_flatten_with_path(params, is_leaf=quantize_lib.is_quantized)[0]
   # The same tree with each quantized leaf replaced by its int8 values: masks and the prunable
   # rule refer to it.
-  plain = jax.tree.map(lambda x: x.values if quantize_lib._is_quantized(x) else x, params,
-                       is_leaf=quantize_lib._is_quantized)
+  plain = jax.tree.map(lambda x: x.values if quantize_lib.is_quantized(x) else x, params,
+                       is_leaf=quantize_lib.is_quantized)
   if masks is not None:
     tree_lib.check_same_structure(plain, masks, "params", "masks")
+    for p, m in tree_lib.leaves_with_paths(masks):
+      if getattr(m, "dtype", None) != np.bool_:
+        raise validation.error("masks", "bool arrays (True = keep)", validation.describe(m), p)
   flags = jax.tree.leaves(tree_lib.prunable_flags(plain, prunable))
   mask_leaves = jax.tree.leaves(masks) if masks is not None else [None] * len(with_paths)
   arrays: dict[str, np.ndarray] = {}
   meta = []
   for i, ((p, leaf), flag, mask) in enumerate(zip(with_paths, flags, mask_leaves)):
-    quantized = quantize_lib._is_quantized(leaf)
-    x = np.asarray(leaf.values if quantized else leaf)
-    entry = {"path": tree_lib.path_str(p), "shape": list(x.shape), "dtype": x.dtype.name}
+    quantized = quantize_lib.is_quantized(leaf)
+    path_name = tree_lib.path_str(p)
+    value = leaf.values if quantized else leaf
+    if validation.is_traced(value):
+      raise validation.error("params", "concrete arrays (checkpoints are written outside jit)",
+                             validation.Text("a traced value"), path_name)
+    x = np.asarray(value)
+    entry = {"path": path_name, "shape": list(x.shape), "dtype": _dtype_key(x.dtype, path_name)}
     if quantized:
       scale = np.asarray(leaf.scale, np.float32)
       entry["scale_shape"] = list(scale.shape)
@@ -200,7 +253,7 @@ def save_compressed(path: Union[str, os.PathLike], params: PyTree,
       entry["format"] = "dense"
       arrays[f"{i}.dense"] = _raw(x)
     meta.append(entry)
-  header = {"version": _FORMAT_VERSION, "leaves": meta}
+  header = {"format": _FORMAT_NAME, "version": _FORMAT_VERSION, "leaves": meta}
   arrays["__meta__"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
   path = os.fspath(path)
   if not path.endswith(".npz"):
@@ -209,44 +262,84 @@ def save_compressed(path: Union[str, os.PathLike], params: PyTree,
   return os.path.getsize(path)
 
 
+def _entry(f: Any, name: str) -> np.ndarray:
+  """One raw byte array of the archive."""
+  if name not in f.files:
+    raise _NotACheckpoint(f"it has no {name} entry")
+  try:
+    x = f[name]
+  except ValueError as e:  # numpy refuses pickled object arrays under allow_pickle=False
+    raise _NotACheckpoint(f"its {name} entry cannot be read: {e}") from None
+  if x.dtype != np.uint8 or x.ndim != 1:
+    raise _NotACheckpoint(f"its {name} entry is not raw bytes")
+  return x
+
+
+def _read_leaves(f: Any) -> dict[str, Any]:
+  """``{path: array or QuantizedArray}`` from an open archive; `_NotACheckpoint` otherwise."""
+  header = json.loads(_entry(f, "__meta__").tobytes().decode())
+  if not isinstance(header, dict) or not isinstance(header.get("leaves"), list):
+    raise _NotACheckpoint("its header lists no leaves")
+  if header.get("version") != _FORMAT_VERSION:
+    raise _NotACheckpoint(f"its format version is {header.get('version')!r}; this jaxprune "
+                          f"reads version {_FORMAT_VERSION}")
+  out = {}
+  for i, entry in enumerate(header["leaves"]):
+    dtype = _dtype(entry["dtype"])
+    shape = tuple(entry["shape"])
+    if entry["format"] == "bitmask":
+      n = int(np.prod(shape))
+      keep = np.unpackbits(_entry(f, f"{i}.mask"), count=n).astype(bool)
+      x = np.zeros(n, dtype)
+      x[keep] = _entry(f, f"{i}.values").view(dtype)
+      x = x.reshape(shape)
+    else:
+      x = _entry(f, f"{i}.dense").view(dtype).reshape(shape)
+    x = _loaded(x)
+    if "scale_shape" in entry:
+      scale = _entry(f, f"{i}.scale").view(np.float32).reshape(entry["scale_shape"])
+      x = quantize_lib.QuantizedArray(values=x, scale=jnp.asarray(scale))
+    out[entry["path"]] = x
+  return out
+
+
 def load_compressed(path: Union[str, os.PathLike], like: Optional[PyTree] = None) -> PyTree:
   """Reads a checkpoint written by `save_compressed`.
 
   Args:
-    path: the ``.npz`` file.
+    path: the ``.npz`` file (``.npz`` is appended when the path without it does not exist).
     like: optional pytree whose structure (and leaf paths) the result takes; its leaves are not
       read. Without it, a ``{path string: array}`` dict is returned.
 
   Returns:
-    The parameters, pruned entries as (+0) zeros, kept entries bitwise as saved; quantized
-    leaves come back as `QuantizedArray`.
+    The parameters, pruned entries as (+0) zeros, kept entries bitwise as saved, in their saved
+    dtype: JAX arrays, or numpy arrays for dtypes JAX would narrow (float64 / int64 without
+    ``jax_enable_x64``) or byte-swap; quantized leaves come back as `QuantizedArray`.
+
+  Raises:
+    FileNotFoundError: when there is no such file.
+    ValueError: when the file is not a jaxprune checkpoint (another ``.npz``, a ``.npy``, a
+      pickle, a truncated file...), or does not match ``like`` (names the leaf).
   """
-  with np.load(os.fspath(path), allow_pickle=False) as f:
-    header = json.loads(f["__meta__"].tobytes().decode())
-    if header.get("version") != _FORMAT_VERSION:
-      raise ValueError(f"path: expected a jaxprune checkpoint version {_FORMAT_VERSION}, got "
-                       f"{header.get('version')}.")
-    out = {}
-    for i, entry in enumerate(header["leaves"]):
-      dtype = jnp.dtype(entry["dtype"])
-      shape = tuple(entry["shape"])
-      if entry["format"] == "bitmask":
-        n = int(np.prod(shape))
-        keep = np.unpackbits(f[f"{i}.mask"], count=n).astype(bool)
-        x = np.zeros(n, dtype)
-        x[keep] = f[f"{i}.values"].view(dtype)
-        x = x.reshape(shape)
-      else:
-        x = f[f"{i}.dense"].view(dtype).reshape(shape)
-      x = jnp.asarray(x)
-      if "scale_shape" in entry:
-        scale = f[f"{i}.scale"].view(np.float32).reshape(entry["scale_shape"])
-        x = quantize_lib.QuantizedArray(values=x, scale=jnp.asarray(scale))
-      out[entry["path"]] = x
+  path = os.fspath(path)
+  if not os.path.exists(path) and os.path.exists(path + ".npz"):
+    path += ".npz"
+  # Opened here, not by np.load, so that the file is closed whatever np.load makes of it.
+  with open(path, "rb") as fh:
+    try:
+      if fh.read(4) != b"PK\x03\x04":
+        raise _NotACheckpoint("it is not an .npz archive")
+      fh.seek(0)
+      with np.load(fh, allow_pickle=False) as f:
+        out = _read_leaves(f)
+    except (_NotACheckpoint, KeyError, IndexError, TypeError, ValueError, OSError, EOFError,
+            zipfile.BadZipFile) as e:  # ValueError covers JSON and Unicode decoding errors
+      raise ValueError(f"path: expected a jaxprune checkpoint written by save_compressed, got "
+                       f"{path!r}, which is not one ({e}).") from None
   if like is None:
     return out
   with_paths, treedef = jax.tree_util.tree_flatten_with_path(
-      like, is_leaf=quantize_lib._is_quantized)
+      like, is_leaf=quantize_lib.is_quantized)
   paths = [tree_lib.path_str(p) for p, _ in with_paths]
   missing = [p for p in paths if p not in out]
   if missing or len(paths) != len(out):
@@ -256,8 +349,8 @@ def load_compressed(path: Union[str, os.PathLike], like: Optional[PyTree] = None
         + (f"leaf {missing[0]} is not in the checkpoint" if missing
            else f"checkpoint leaf {extra[0]} is not in like") + ".")
   for p, (_, leaf) in zip(paths, with_paths):
-    got = out[p].values.shape if quantize_lib._is_quantized(out[p]) else out[p].shape
-    want = leaf.values.shape if quantize_lib._is_quantized(leaf) else np.shape(leaf)
+    got = out[p].values.shape if quantize_lib.is_quantized(out[p]) else out[p].shape
+    want = leaf.values.shape if quantize_lib.is_quantized(leaf) else np.shape(leaf)
     if tuple(want) != tuple(got):
       raise ValueError(f"like: leaf {p} has shape {tuple(want)}, the checkpoint has "
                        f"{tuple(got)}.")

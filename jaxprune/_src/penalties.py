@@ -9,7 +9,7 @@ updates that land on ``prox(z)`` instead, so soft-thresholded entries become exa
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Union
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +17,8 @@ import numpy as np
 import optax
 
 from jaxprune._src import tree as tree_lib
-
-PyTree = Any
-ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
+from jaxprune._src import validation
+from jaxprune._src.types import Array, Prunable, PyTree, ScalarOrSchedule
 
 
 class PenaltyState(NamedTuple):
@@ -32,18 +31,34 @@ def _init(params: PyTree) -> PenaltyState:
   return PenaltyState(count=jnp.zeros((), jnp.int32))
 
 
-def _value(x: ScalarOrSchedule, count: jax.Array) -> jax.Array:
-  return x(count) if callable(x) else x
+def _check_coefficient(value: ScalarOrSchedule, name: str) -> ScalarOrSchedule:
+  """A constant must be a finite number >= 0 (a negative L1 strength grows weights); a schedule
+  is checked where its value is concrete (`_value`)."""
+  if callable(value):
+    return value
+  if np.ndim(value) != 0 and not validation.is_traced(value):
+    raise validation.error(name, "a finite number >= 0 or a schedule count -> number",
+                           validation.Text(f"shape {np.shape(value)}"))
+  return validation.check_nonnegative(value, name)
 
 
-def _require_params(params: PyTree, name: str) -> None:
+def _value(x: ScalarOrSchedule, count: Array, name: str) -> Array:
+  out = x(count) if callable(x) else x
+  if np.ndim(out) != 0:
+    raise validation.error(name, "a scalar per step from the schedule",
+                           validation.Text(f"shape {np.shape(out)}"))
+  return validation.check_nonnegative(out, name)  # a traced value passes unchecked
+
+
+def _require_params(params: PyTree, updates: PyTree, name: str) -> None:
   if params is None:
     raise ValueError(f"{name}: expected the current params as the third argument of update(), "
                      "got None.")
+  tree_lib.check_same_structure(params, updates, "params", "updates")
 
 
 def add_l1(strength: ScalarOrSchedule, *,
-           prunable: tree_lib.Prunable = None) -> optax.GradientTransformation:
+           prunable: Prunable = None) -> optax.GradientTransformation:
   """Adds ``strength * sign(params)`` to the updates: the subgradient of ``strength * ||w||_1``.
 
   Chain it before the optimizer so that the optimizer sees the gradient of
@@ -52,27 +67,36 @@ def add_l1(strength: ScalarOrSchedule, *,
   for exact zeros.
 
   Args:
-    strength: L1 coefficient, or a schedule ``count -> coefficient``.
+    strength: L1 coefficient (a finite number >= 0), or a schedule ``count -> coefficient``
+      (its values are checked where they are concrete, i.e. outside jit).
     prunable: which leaves are penalised: ``None`` (default rule: floating arrays with
       ``ndim >= 2``), a predicate ``(path, leaf) -> bool`` or a pytree of bools.
 
   Returns:
     An `optax.GradientTransformation`; ``update`` requires ``params``.
-  """
 
-  return _per_leaf("add_l1", lambda count: _value(strength, count),
+  Raises:
+    ValueError: for a negative, NaN or infinite coefficient, at construction (constants) or at
+      update (concrete schedule values); for ``updates`` that do not match ``params``.
+  """
+  _check_coefficient(strength, "strength")
+  return _per_leaf("add_l1", lambda count: _value(strength, count, "strength"),
                    lambda path, u, p, lam: (u + lam * jnp.sign(p)).astype(u.dtype), prunable)
 
 
-def _per_leaf(name: str, coefficient: Callable[[jax.Array], jax.Array],
-              leaf_fn: Callable[[tuple, jax.Array, jax.Array, jax.Array], jax.Array],
-              prunable: tree_lib.Prunable) -> optax.GradientTransformation:
+def _per_leaf(name: str, coefficient: Callable[[Array], Array],
+              leaf_fn: Callable[[tuple, Array, Array, Array], Array],
+              prunable: Prunable) -> optax.GradientTransformation:
   """A penalty transformation: ``leaf_fn(path, update, param, coefficient(count))`` on every
   prunable leaf, the updates unchanged on the others, and a step count for schedules."""
 
   def update_fn(updates, state, params=None):
-    _require_params(params, name)
+    _require_params(params, updates, name)
     flags = tree_lib.prunable_flags(params, prunable)
+    for (path, leaf), flag in zip(tree_lib.leaves_with_paths(params), jax.tree.leaves(flags)):
+      if flag and not tree_lib.is_floating(leaf):
+        raise validation.error("params", "floating-point prunable leaves",
+                               validation.Text(f"dtype {getattr(leaf, 'dtype', '?')}"), path)
     c = coefficient(state.count)
     new = jax.tree_util.tree_map_with_path(
         lambda path, u, p, f: leaf_fn(path, u, p, c) if f else u, updates, params, flags)
@@ -81,7 +105,7 @@ def _per_leaf(name: str, coefficient: Callable[[jax.Array], jax.Array],
   return optax.GradientTransformation(_init, update_fn)
 
 
-def _soft_threshold_update(u: jax.Array, p: jax.Array, t: jax.Array) -> jax.Array:
+def _soft_threshold_update(u: Array, p: Array, t: Array) -> Array:
   z = p + u
   shrunk = jnp.sign(z) * jnp.maximum(jnp.abs(z) - t, 0)
   # 0 - p is exactly -p, so p + update is exactly +0 where the threshold zeroes the entry.
@@ -89,7 +113,7 @@ def _soft_threshold_update(u: jax.Array, p: jax.Array, t: jax.Array) -> jax.Arra
 
 
 def proximal_l1(strength: ScalarOrSchedule, learning_rate: ScalarOrSchedule, *,
-                prunable: tree_lib.Prunable = None) -> optax.GradientTransformation:
+                prunable: Prunable = None) -> optax.GradientTransformation:
   """Proximal step of ``strength * ||w||_1``: soft-thresholding after the optimizer.
 
   With ``z = params + updates`` (the optimizer's proposed point) the emitted updates move the
@@ -99,32 +123,37 @@ def proximal_l1(strength: ScalarOrSchedule, learning_rate: ScalarOrSchedule, *,
   is ``step * strength``.
 
   Args:
-    strength: L1 coefficient ``lambda``, or a schedule of the step count.
-    learning_rate: the optimizer's step size, or the same schedule the optimizer uses.
+    strength: L1 coefficient ``lambda`` (a finite number >= 0), or a schedule of the step count.
+    learning_rate: the optimizer's step size (>= 0), or the same schedule the optimizer uses.
     prunable: which leaves get the proximal step (see `add_l1`); other leaves pass through.
 
   Returns:
     An `optax.GradientTransformation`; ``update`` requires ``params``.
+
+  Raises:
+    ValueError: as `add_l1`, for ``strength`` and ``learning_rate``.
 
   References:
     Daubechies, Defrise & De Mol, "An iterative thresholding algorithm for linear inverse
     problems with a sparsity constraint", 2004; Beck & Teboulle, "A fast iterative
     shrinkage-thresholding algorithm for linear inverse problems", 2009 (ISTA).
   """
-
+  _check_coefficient(strength, "strength")
+  _check_coefficient(learning_rate, "learning_rate")
   return _per_leaf("proximal_l1", _threshold(strength, learning_rate),
                    lambda path, u, p, t: _soft_threshold_update(u, p, t), prunable)
 
 
 def _threshold(strength: ScalarOrSchedule,
-               learning_rate: ScalarOrSchedule) -> Callable[[jax.Array], jax.Array]:
+               learning_rate: ScalarOrSchedule) -> Callable[[Array], Array]:
   """The proximal threshold ``step size * coefficient`` at a step count."""
-  return lambda count: _value(learning_rate, count) * _value(strength, count)
+  return lambda count: (_value(learning_rate, count, "learning_rate") *
+                        _value(strength, count, "strength"))
 
 
 def proximal_group_lasso(strength: ScalarOrSchedule, learning_rate: ScalarOrSchedule,
                          axis: int = -1, *,
-                         prunable: tree_lib.Prunable = None) -> optax.GradientTransformation:
+                         prunable: Prunable = None) -> optax.GradientTransformation:
   """Proximal step of the group lasso over slices along ``axis`` (neurons, filters, channels).
 
   Each index along ``axis`` is one group ``g`` (for a Flax ``(in, out)`` kernel or an HWIO conv
@@ -143,19 +172,21 @@ def proximal_group_lasso(strength: ScalarOrSchedule, learning_rate: ScalarOrSche
     An `optax.GradientTransformation`; ``update`` requires ``params``.
 
   Raises:
-    ValueError: at trace time if ``axis`` is out of range for a prunable leaf (names the leaf).
+    ValueError: for a negative, NaN or infinite coefficient; at trace time if ``axis`` is out of
+      range for a prunable leaf (names the leaf).
 
   References:
     Yuan & Lin, "Model selection and estimation in regression with grouped variables", 2006;
     Wen et al., "Learning Structured Sparsity in Deep Neural Networks", NeurIPS 2016.
   """
+  _check_coefficient(strength, "strength")
+  _check_coefficient(learning_rate, "learning_rate")
+  validation.check_int(axis, "axis")
 
   def leaf_update(path, u, p, t):
     ndim = np.ndim(p)
-    if not -ndim <= axis < ndim:
-      raise ValueError(f"proximal_group_lasso: axis {axis} is out of range for leaf "
-                       f"{tree_lib.path_str(path)} of shape {np.shape(p)}.")
-    reduce_axes = tuple(a for a in range(ndim) if a != axis % ndim)
+    group_axis = validation.normalize_axis(axis, ndim, "axis", tree_lib.path_str(path))
+    reduce_axes = tuple(a for a in range(ndim) if a != group_axis)
     z = p + u
     norms = jnp.sqrt(jnp.sum(jnp.square(z.astype(jnp.float32)), reduce_axes, keepdims=True))
     scale = jnp.maximum(1.0 - t / jnp.where(norms > 0, norms, 1.0), 0.0)

@@ -5,8 +5,9 @@ preset                 pattern
 =====================  =======================================================================
 ``"gpu_2:4"``          2 kept in every 4 consecutive weights along the input (reduction) axis,
                        ``axis=-2`` (axis 0 of a Flax ``(in, out)`` kernel, ``I`` of an ``HWIO``
-                       filter): the layout of NVIDIA Ampere+ sparse tensor cores (cuSPARSELt),
-                       a fixed 50% sparsity, ~2x matmul throughput.
+                       filter; ``hardware_mask(..., axis=-1)`` for Equinox ``(out, in)``
+                       weights): the layout of NVIDIA Ampere+ sparse tensor cores
+                       (cuSPARSELt), a fixed 50% sparsity, ~2x matmul throughput.
 ``"tpu_8x128"``        whole ``(8, 128)`` blocks of the two trailing dims: one TPU vector
                        register tile (8 sublanes x 128 lanes), so skipped blocks skip whole
                        loads; block scores are L2 norms.
@@ -26,15 +27,15 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import jax
 import numpy as np
 
 from jaxprune._src import masks as masks_lib
 from jaxprune._src import tree as tree_lib
-
-PyTree = Any
+from jaxprune._src import validation
+from jaxprune._src.types import Prunable, PyTree, Sparsity
 
 
 class HardwarePreset(NamedTuple):
@@ -74,19 +75,34 @@ PRESETS: dict[str, HardwarePreset] = {
 }
 
 
-def _get(preset: str | HardwarePreset) -> HardwarePreset:
+def _get(preset: str | HardwarePreset, axis: Optional[int] = None) -> HardwarePreset:
   if isinstance(preset, HardwarePreset):
-    return preset
-  if preset not in PRESETS:
-    raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}.")
-  return PRESETS[preset]
+    p = preset
+  else:
+    p = PRESETS[validation.check_choice(preset, sorted(PRESETS), "preset")]
+  if axis is not None:
+    if p.kind != "nm":
+      raise validation.error("axis", f"None for the {p.kind} preset {p.name!r} (only N:M "
+                             "presets group along an axis)", axis)
+    p = p._replace(axis=validation.check_int(axis, "axis"))
+  return p
 
 
-def compatible(preset: str | HardwarePreset, shape: tuple[int, ...]) -> bool:
-  """Whether a leaf of ``shape`` can take the preset's pattern without partial groups/blocks."""
-  p = _get(preset)
+def compatible(preset: str | HardwarePreset, shape: tuple[int, ...],
+               axis: Optional[int] = None) -> bool:
+  """Whether a leaf of ``shape`` can take the preset's pattern without partial groups/blocks.
+
+  Args:
+    preset: a key of `PRESETS` or a `HardwarePreset`.
+    shape: the leaf's shape.
+    axis: for N:M presets, the grouping axis if not the preset's own (see `hardware_mask`).
+
+  Returns:
+    True when the pattern fits.
+  """
+  p = _get(preset, axis)
   if p.kind == "nm":
-    return len(shape) >= 2 and shape[p.axis] % p.m == 0
+    return len(shape) >= 2 and -len(shape) <= p.axis < len(shape) and shape[p.axis] % p.m == 0
   if p.kind == "block":
     k = len(p.block_shape)
     return len(shape) >= k and all(d % b == 0 for d, b in zip(shape[-k:], p.block_shape))
@@ -94,9 +110,9 @@ def compatible(preset: str | HardwarePreset, shape: tuple[int, ...]) -> bool:
 
 
 def hardware_mask(scores: PyTree, preset: str | HardwarePreset, *,
-                  sparsity: Optional[float | PyTree] = None, scope: str = "layer",
-                  prunable: tree_lib.Prunable = None,
-                  incompatible: str = "raise") -> PyTree:
+                  sparsity: Optional[Sparsity] = None, scope: str = "layer",
+                  prunable: Prunable = None, incompatible: str = "raise",
+                  axis: Optional[int] = None) -> PyTree:
   """Masks in the pattern of a hardware preset (see the module table).
 
   Args:
@@ -108,13 +124,15 @@ def hardware_mask(scores: PyTree, preset: str | HardwarePreset, *,
     prunable: which leaves are pruned (see `jaxprune.prunable_flags`).
     incompatible: ``"raise"`` (a ValueError naming the leaf whose shape does not fit the
       pattern) or ``"dense"`` (such leaves are left unpruned).
+    axis: for N:M presets, the input (reduction) axis of the kernels when it is not the
+      preset's ``axis=-2`` of Flax's ``(in, out)`` layout: ``axis=-1`` for Equinox / PyTorch
+      ``(out, in)`` weights.
 
   Returns:
     Bool masks with the structure of ``scores``.
   """
-  p = _get(preset)
-  if incompatible not in ("raise", "dense"):
-    raise ValueError(f"incompatible: expected 'raise' or 'dense', got {incompatible!r}.")
+  p = _get(preset, axis)
+  validation.check_choice(incompatible, ("raise", "dense"), "incompatible")
   flags = tree_lib.prunable_flags(scores, prunable)
   if p.kind != "unstructured":
     fixed = []
@@ -124,17 +142,20 @@ def hardware_mask(scores: PyTree, preset: str | HardwarePreset, *,
       if flag and not ok and incompatible == "raise":
         what = (f"axis {p.axis} divisible by {p.m}" if p.kind == "nm" else
                 f"trailing dims divisible by {p.block_shape}")
-        raise ValueError(f"preset {p.name!r}: leaf {tree_lib.path_str(path)} has shape "
-                         f"{np.shape(leaf)}; expected {what} (or incompatible='dense').")
+        raise validation.error(
+            "scores", f"a shape with {what} for preset {p.name!r} (or incompatible='dense')",
+            validation.Text(f"shape {np.shape(leaf)}"), tree_lib.path_str(path))
       fixed.append(flag and ok)
     flags = jax.tree.unflatten(jax.tree.structure(scores), fixed)
   if p.kind == "nm":
-    if sparsity is not None and not np.isclose(float(sparsity), 1 - p.n / p.m):
-      raise ValueError(f"sparsity: preset {p.name!r} fixes it at {1 - p.n / p.m}, got "
-                       f"{sparsity}.")
+    fixed_at = 1 - p.n / p.m
+    if sparsity is not None and not np.isclose(
+        validation.check_fraction(sparsity, "sparsity", allow_traced=False), fixed_at):
+      raise validation.error("sparsity", f"None or {fixed_at} (fixed by preset {p.name!r})",
+                             sparsity)
     return masks_lib.nm_mask(scores, p.n, p.m, axis=p.axis, prunable=flags)
   if sparsity is None:
-    raise ValueError(f"sparsity: preset {p.name!r} needs a sparsity, got None.")
+    raise validation.error("sparsity", f"a fraction for preset {p.name!r}", None)
   if p.kind == "block":
     return masks_lib.block_mask(scores, sparsity, p.block_shape, reduce="l2", scope=scope,
                                 prunable=flags)

@@ -24,8 +24,8 @@ import numpy as np
 
 from jaxprune._src import report as report_lib
 from jaxprune._src import tree as tree_lib
-
-PyTree = Any
+from jaxprune._src import validation
+from jaxprune._src.types import Array, Prunable, PyTree
 
 _QMAX = 127
 
@@ -41,55 +41,107 @@ class QuantizedArray(NamedTuple):
   scale: jax.Array
 
 
-def _is_quantized(x: Any) -> bool:
+def is_quantized(x: Any) -> bool:
+  """Whether ``x`` is a `QuantizedArray` (an ``is_leaf`` for trees holding them)."""
   return isinstance(x, QuantizedArray)
+
+
+def _check_finite(x: Array, name: str, path: Optional[str] = None) -> None:
+  """Refuses concrete non-finite values: int8 cannot hold them, and a channel's scale taken
+  over an inf would round every finite value of the channel to 0."""
+  if validation.is_traced(x) or x.size == 0:
+    return
+  bad = ~np.isfinite(np.asarray(x))
+  if bad.any():
+    index = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise validation.error(name, "finite values to quantize (int8 has no inf or NaN)",
+                           validation.Text(f"{np.asarray(x)[index]} at index {index}"), path)
 
 
 def quantize_array(x: jax.Array, axis: int = -1) -> QuantizedArray:
   """Per-channel symmetric int8 quantization of one array (channels along ``axis``).
 
   Args:
-    x: floating array with ``ndim >= 1``.
+    x: floating array with ``ndim >= 1`` (possibly empty); concrete values must be finite.
     axis: channel axis; each slice along it gets its own scale.
 
   Returns:
-    A `QuantizedArray`. An all-zero channel gets scale 1 (its values are 0).
+    A `QuantizedArray`. An all-zero (or empty) channel gets scale 1 (its values are 0). Under
+    `jax.jit`, where values cannot be checked, the scales come from the finite entries only,
+    so finite values keep their precision; ``±inf`` saturates to ``±127`` and NaN becomes 0.
+
+  Raises:
+    ValueError: for a 0-d or non-floating ``x``, an ``axis`` out of range, or a concrete
+      ``x`` holding inf or NaN (the message gives the first such index).
   """
+  if not tree_lib.is_floating(x):
+    raise validation.error("x", "a floating-point array",
+                           validation.Text(f"dtype {getattr(x, 'dtype', type(x).__name__)}"))
+  if np.ndim(x) == 0:
+    raise validation.error("x", "an array with ndim >= 1 (channels along axis)",
+                           validation.Text("a 0-d array"))
+  axis = validation.normalize_axis(axis, np.ndim(x))
+  _check_finite(x, "x")
+  return _quantize(x, axis)
+
+
+def _quantize(x: Array, axis: int) -> QuantizedArray:
   x = jnp.asarray(x, jnp.float32)
-  axis = axis % x.ndim
   reduce_axes = tuple(d for d in range(x.ndim) if d != axis)
-  amax = jnp.max(jnp.abs(x), axis=reduce_axes, keepdims=True)
+  finite = jnp.isfinite(x)
+  amax = jnp.max(jnp.where(finite, jnp.abs(x), 0.0), axis=reduce_axes, keepdims=True,
+                 initial=0.0)
   scale = jnp.where(amax > 0, amax / _QMAX, 1.0).astype(jnp.float32)
-  q = jnp.clip(jnp.round(x / scale), -_QMAX, _QMAX).astype(jnp.int8)
-  return QuantizedArray(values=q, scale=scale)
+  q = jnp.clip(jnp.round(jnp.where(jnp.isnan(x), 0.0, x) / scale), -_QMAX, _QMAX)
+  return QuantizedArray(values=q.astype(jnp.int8), scale=scale)
 
 
 def dequantize_array(q: QuantizedArray, dtype: Any = jnp.float32) -> jax.Array:
-  """``values * scale`` in ``dtype``."""
+  """``values * scale`` in ``dtype``.
+
+  Args:
+    q: a `QuantizedArray`.
+    dtype: the floating dtype of the result.
+
+  Returns:
+    The dequantized array.
+  """
+  if not is_quantized(q):
+    raise validation.error("q", "a QuantizedArray", validation.Text(type(q).__name__))
   return (q.values.astype(jnp.float32) * q.scale).astype(dtype)
 
 
-def quantize(params: PyTree, *, axis: int = -1, prunable: tree_lib.Prunable = None) -> PyTree:
+def quantize(params: PyTree, *, axis: int = -1, prunable: Prunable = None) -> PyTree:
   """Quantizes every prunable leaf to a `QuantizedArray`; other leaves are returned unchanged.
 
   Args:
     params: parameter pytree (apply masks first, e.g. `jaxprune.strip`, so pruned weights are 0).
     axis: channel axis of the per-channel scales (-1: output features of Flax kernels).
     prunable: which leaves to quantize (see `jaxprune.prunable_flags`). Leaves with ``ndim``
-      below 1 are never quantized.
+      below 1 are never quantized; empty leaves become empty `QuantizedArray` s.
 
   Returns:
     The tree with quantized leaves; `dequantize` inverts it up to the rounding error.
+
+  Raises:
+    ValueError: naming the leaf, for a prunable leaf that is not floating, an ``axis`` out of
+      its range, or concrete inf / NaN values in it (int8 cannot keep them, and refusing keeps
+      them from wiping out the finite values of their channel).
   """
-  tree_lib.check_float(params, "params")
-  flags = tree_lib.prunable_flags(params, prunable)
-  with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
-  for (p, leaf), flag in zip(with_paths, jax.tree.leaves(flags)):
-    if flag and not -np.ndim(leaf) <= axis < max(np.ndim(leaf), 1):
-      raise ValueError(f"axis: expected an axis of leaf {tree_lib.path_str(p)} (ndim "
-                       f"{np.ndim(leaf)}), got {axis}.")
-  return jax.tree.map(
-      lambda x, f: quantize_array(x, axis) if f and np.ndim(x) >= 1 else x, params, flags)
+  validation.check_int(axis, "axis")
+  flags = jax.tree.leaves(tree_lib.prunable_flags(params, prunable))
+  out = []
+  for (path, leaf), flag in zip(tree_lib.leaves_with_paths(params), flags):
+    if not flag or np.ndim(leaf) == 0:
+      out.append(leaf)
+      continue
+    if not tree_lib.is_floating(leaf):
+      raise validation.error("params", "floating-point prunable leaves",
+                             validation.Text(f"dtype {getattr(leaf, 'dtype', '?')}"), path)
+    leaf_axis = validation.normalize_axis(axis, np.ndim(leaf), "axis", path)
+    _check_finite(leaf, "params", path)
+    out.append(_quantize(leaf, leaf_axis))
+  return jax.tree.unflatten(jax.tree.structure(params), out)
 
 
 def dequantize(qparams: PyTree, like: Optional[PyTree] = None) -> PyTree:
@@ -103,11 +155,14 @@ def dequantize(qparams: PyTree, like: Optional[PyTree] = None) -> PyTree:
     The parameter tree with every `QuantizedArray` replaced by ``values * scale``.
   """
   if like is None:
-    return jax.tree.map(lambda x: dequantize_array(x) if _is_quantized(x) else x, qparams,
-                        is_leaf=_is_quantized)
+    return jax.tree.map(lambda x: dequantize_array(x) if is_quantized(x) else x, qparams,
+                        is_leaf=is_quantized)
+  plain = jax.tree.map(lambda x: x.values if is_quantized(x) else x, qparams,
+                       is_leaf=is_quantized)
+  tree_lib.check_same_structure(like, plain, "like", "qparams")
   return jax.tree.map(
-      lambda x, ref: dequantize_array(x, ref.dtype) if _is_quantized(x) else x,
-      qparams, like, is_leaf=_is_quantized)
+      lambda x, ref: dequantize_array(x, ref.dtype) if is_quantized(x) else x,
+      qparams, like, is_leaf=is_quantized)
 
 
 def quantization_error(params: PyTree, qparams: PyTree) -> dict[str, float]:
@@ -127,14 +182,14 @@ def quantization_error(params: PyTree, qparams: PyTree) -> dict[str, float]:
   out: dict[str, float] = {}
   max_abs = max_rel = 0.0
   dense_bytes = bitmask_bytes = 0
-  flat_q = jax.tree.leaves(qparams, is_leaf=_is_quantized)
+  flat_q = jax.tree.leaves(qparams, is_leaf=is_quantized)
   with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
-  if len(flat_q) != len(with_paths):
-    raise ValueError(f"qparams: expected {len(with_paths)} leaves like params, got "
-                     f"{len(flat_q)}.")
+  plain = jax.tree.map(lambda x: x.values if is_quantized(x) else x, qparams,
+                       is_leaf=is_quantized)
+  tree_lib.check_same_structure(params, plain, "params", "qparams")
   for (p, x), q in zip(with_paths, flat_q):
     x = np.asarray(x)
-    if not _is_quantized(q):
+    if not is_quantized(q):
       dense_bytes += x.nbytes
       bitmask_bytes += x.nbytes
       continue

@@ -27,11 +27,13 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.extend.core as jex_core
+import jax.numpy as jnp
 import numpy as np
 
 from jaxprune._src import tree as tree_lib
-
-PyTree = Any
+from jaxprune._src.mask_state import find_masks, holds_masks
+from jaxprune._src import validation
+from jaxprune._src.types import PyTree
 
 _INDEX_BYTES = 4  # int32 column indices and row pointers
 
@@ -326,36 +328,38 @@ def leaf_bytes(shape: Sequence[int], itemsize: int, kept: int) -> tuple[int, int
   return dense, bitmask, csr
 
 
-def _holds_masks(tree: Any) -> bool:
-  return any(hasattr(n, "masks") for n in jax.tree.leaves(tree, is_leaf=_has_masks))
-
-
-def _has_masks(x: Any) -> bool:
-  return hasattr(x, "masks")
-
-
-def find_masks(state: Any, params: PyTree) -> PyTree:
-  """Finds the mask pytree held in an optimizer state.
-
-  Any node of ``state`` (a chain tuple, a ``NamedTuple`` state, an ``inject_hyperparams`` or
-  ``MultiSteps`` wrapper, ...) with a ``masks`` attribute whose tree structure is that of
-  ``params`` qualifies; the first one in traversal order is returned.
-
-  Args:
-    state: an optax state (or any pytree) that contains a state with a ``masks`` field.
-    params: the parameters the masks belong to.
-
-  Returns:
-    The bool mask pytree.
-  """
-  target = jax.tree.structure(params)
-  found = [n.masks for n in jax.tree.leaves(state, is_leaf=_has_masks) if _has_masks(n)]
-  for m in found:
-    if jax.tree.structure(m) == target:
-      return m
-  raise ValueError(
-      "state: expected an optimizer state containing a `masks` field with the structure of "
-      f"params ({target.num_leaves} leaves); found {len(found)} `masks` field(s), none matching.")
+def _check_report_args(params: PyTree, masks: Optional[PyTree],
+                       apply_fn: Optional[Callable[..., Any]], inputs: Any) -> tuple:
+  """Checks `report`'s arguments; returns ``inputs`` as a tuple."""
+  for path, leaf in tree_lib.leaves_with_paths(params):
+    if validation.is_traced(leaf):
+      raise validation.error("params", "concrete arrays (the report runs on the host, outside "
+                             "jit)", validation.Text("a traced value"), path)
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None and isinstance(leaf, (bool, int, float, complex)):
+      dtype = np.asarray(leaf).dtype
+    if dtype is None or not (jnp.issubdtype(dtype, jnp.number) or dtype == np.bool_):
+      got = validation.Text(f"dtype {dtype}") if dtype is not None else validation.describe(leaf)
+      raise validation.error("params", "numeric arrays", got, path)
+  if masks is not None:
+    for path, mask in tree_lib.leaves_with_paths(masks):
+      if getattr(mask, "dtype", None) != np.bool_:
+        raise validation.error("masks", "bool arrays (True = keep)", validation.describe(mask),
+                               path)
+  if apply_fn is None:
+    if not (isinstance(inputs, (tuple, list)) and len(inputs) == 0):
+      raise validation.error("apply_fn", "a function apply_fn(params, *inputs) since inputs "
+                             "are given", None)
+    return ()
+  if not callable(apply_fn):
+    raise validation.error("apply_fn", "a function apply_fn(params, *inputs)",
+                           validation.Text(type(apply_fn).__name__))
+  if not isinstance(inputs, (tuple, list)):
+    got = (f"an array of shape {np.shape(inputs)}" if hasattr(inputs, "shape") else
+           f"a {type(inputs).__name__}")
+    raise ValueError(f"inputs: expected a tuple of the remaining arguments of apply_fn, e.g. "
+                     f"inputs=(x,) for apply_fn(params, x), got {got}.")
+  return tuple(inputs)
 
 
 def report(params: PyTree, *, masks: Optional[PyTree] = None,
@@ -366,28 +370,37 @@ def report(params: PyTree, *, masks: Optional[PyTree] = None,
 
   Args:
     params: parameter pytree (concrete arrays).
-    masks: optional bool masks with the structure of ``params`` (True = keep), or an optax
-      state holding them (see `find_masks`). When given, a prunable leaf's ``kept`` is its mask
-      count; otherwise its number of nonzero entries.
+    masks: optional bool masks with the leaf paths of ``params`` (True = keep), or an optax
+      state holding them (see `find_masks`; an ``nnx.Optimizer``'s ``opt_state`` works). When
+      given, a prunable leaf's ``kept`` is its mask count; otherwise its number of nonzero
+      entries.
     prunable: which leaves are prunable (None: floating, ``ndim >= 2``; a predicate
       ``(path, leaf) -> bool``; or a pytree of bools). Non-prunable leaves count as fully kept
       and stored dense.
-    apply_fn: optional ``apply_fn(params, *inputs)`` whose FLOPs are counted.
-    inputs: the remaining arguments of ``apply_fn`` (a tuple).
+    apply_fn: optional ``apply_fn(params, *inputs)`` whose FLOPs are counted. For Flax NNX,
+      ``lambda state, x: nnx.merge(graphdef, state, rest)(x)`` with ``graphdef, state, rest =
+      nnx.split(model, nnx.Param, ...)``; for Equinox, ``lambda p, x: eqx.combine(p, static)(x)``
+      (see docs/families.md).
+    inputs: the remaining arguments of ``apply_fn``, a tuple: ``inputs=(x,)``, not ``x``.
 
   Returns:
     A `Report`; see the module docstring for the byte and FLOP formulas.
+
+  Raises:
+    ValueError: for masks or an optimizer state that do not match ``params``, non-bool masks,
+      non-numeric or traced leaves (the report runs on the host), or ``inputs`` that is not a
+      tuple; the message names the argument and the leaf.
   """
   if masks is not None:
-    if jax.tree.structure(masks) != jax.tree.structure(params) and _holds_masks(masks):
+    if jax.tree.structure(masks) != jax.tree.structure(params) and holds_masks(masks):
       masks = find_masks(masks, params)
     tree_lib.check_same_structure(params, masks, "params", "masks")
+  inputs = _check_report_args(params, masks, apply_fn, inputs)
   flags = jax.tree.leaves(tree_lib.prunable_flags(params, prunable))
   with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
   mask_leaves = jax.tree.leaves(masks) if masks is not None else [None] * len(with_paths)
 
   if apply_fn is not None:
-    inputs = tuple(inputs)
     flops_dense: Optional[float] = xla_flops(apply_fn, params, *inputs)
     leaf_flops = matmul_flops_by_leaf(apply_fn, params, *inputs)
   else:

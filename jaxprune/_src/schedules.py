@@ -7,31 +7,32 @@ recomputes masks exactly on the steps where the scheduled target differs from th
 current masks were computed for. So a schedule's update steps are simply the steps where its
 value changes; nothing else has to be declared. Every schedule returns 0.0 before it starts (no
 pruning yet).
+
+Arguments are checked where a schedule is built: fractions in [0, 1] and integer steps in
+``[0, 2**31 - 1]`` (the train step counts in int32), given as Python numbers or as concrete
+numpy / JAX scalars; anything else raises a `ValueError` naming the argument.
 """
 
 from __future__ import annotations
 
-import numbers
-from typing import Callable, Union
+import math
 
-import jax
 import jax.numpy as jnp
 
-Array = jax.Array
-Step = Union[int, Array]
-Schedule = Callable[[Step], Array]
+from jaxprune._src import validation
+from jaxprune._src.types import Array, Schedule, Step
+
+# Steps are int32 inside the train step (optax counts are int32): a schedule whose steps do not
+# fit would overflow where it is evaluated, so it is refused where it is built.
+MAX_STEP = 2**31 - 1
 
 
-def _check_fraction(value: float, name: str) -> float:
-  if not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
-    raise ValueError(f"{name}: expected a fraction in [0, 1], got {value!r}.")
-  return float(value)
+def _fraction(value: float, name: str) -> float:
+  return validation.check_fraction(value, name, allow_traced=False)
 
 
-def _check_int(value: int, name: str, minimum: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-    raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}.")
-  return int(value)
+def _step(value: int, name: str, minimum: int = 0) -> int:
+  return validation.check_int(value, name, minimum, MAX_STEP)
 
 
 def constant_schedule(sparsity: float) -> Schedule:
@@ -43,7 +44,7 @@ def constant_schedule(sparsity: float) -> Schedule:
   Returns:
     A schedule ``step -> float32``.
   """
-  s = _check_fraction(sparsity, "sparsity")
+  s = _fraction(sparsity, "sparsity")
 
   def schedule(step: Step) -> Array:
     del step
@@ -62,8 +63,8 @@ def one_shot_schedule(sparsity: float, step: int) -> Schedule:
   Returns:
     A schedule ``step -> float32``.
   """
-  s = _check_fraction(sparsity, "sparsity")
-  at = _check_int(step, "step", 0)
+  s = _fraction(sparsity, "sparsity")
+  at = _step(step, "step")
 
   def schedule(count: Step) -> Array:
     return jnp.where(jnp.asarray(count) >= at, jnp.float32(s), jnp.float32(0.0))
@@ -97,15 +98,16 @@ def polynomial_schedule(init_sparsity: float, final_sparsity: float, begin_step:
     Zhu & Gupta, "To prune, or not to prune: exploring the efficacy of pruning for model
     compression", 2017, eq. (1).
   """
-  s_i = _check_fraction(init_sparsity, "init_sparsity")
-  s_f = _check_fraction(final_sparsity, "final_sparsity")
-  t0 = _check_int(begin_step, "begin_step", 0)
-  te = _check_int(end_step, "end_step", 0)
+  s_i = _fraction(init_sparsity, "init_sparsity")
+  s_f = _fraction(final_sparsity, "final_sparsity")
+  t0 = _step(begin_step, "begin_step")
+  te = _step(end_step, "end_step")
   if te < t0:
-    raise ValueError(f"end_step: expected end_step >= begin_step = {t0}, got {te}.")
-  freq = _check_int(frequency, "frequency", 1)
-  if not isinstance(power, numbers.Real) or not power > 0:
-    raise ValueError(f"power: expected a positive number, got {power!r}.")
+    raise validation.error("end_step", f"end_step >= begin_step = {t0}", te)
+  freq = _step(frequency, "frequency", 1)
+  if not validation.is_real_scalar(power) or not (math.isfinite(power) and power > 0):
+    raise validation.error("power", "a finite number > 0", power)
+  power = float(power)
   span = max(te - t0, 1)
 
   def schedule(step: Step) -> Array:
@@ -142,10 +144,13 @@ def iterative_schedule(fraction: float, every: int, rounds: int, begin_step: int
     Han et al., "Learning both Weights and Connections for Efficient Neural Networks",
     NeurIPS 2015 (iterative pruning and retraining).
   """
-  f = _check_fraction(fraction, "fraction")
-  k = _check_int(every, "every", 1)
-  n = _check_int(rounds, "rounds", 1)
-  t0 = _check_int(begin_step, "begin_step", 0)
+  f = _fraction(fraction, "fraction")
+  k = _step(every, "every", 1)
+  n = _step(rounds, "rounds", 1)
+  t0 = _step(begin_step, "begin_step")
+  if t0 + (n - 1) * k > MAX_STEP:
+    raise validation.error("rounds", f"rounds whose last step begin_step + (rounds - 1) * every "
+                           f"fits int32 (<= {MAX_STEP})", n)
   # Per-round values computed once in float64 then rounded: no pow drift inside jit.
   table = jnp.asarray([0.0] + [1.0 - (1.0 - f) ** r for r in range(1, n + 1)], jnp.float32)
 

@@ -22,11 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune._src import progress as progress_lib
 from jaxprune._src import scores as scores_lib
 from jaxprune._src import select as select_lib
 from jaxprune._src import tree as tree_lib
+from jaxprune._src import validation
+from jaxprune._src.types import Prunable, PyTree
 
-PyTree = Any
 ScoresOrFn = Union[None, PyTree, Callable[[PyTree], PyTree]]
 
 DEFAULT_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -60,17 +62,36 @@ class SensitivityResult(NamedTuple):
 def _resolve_scores(params: PyTree, scores: ScoresOrFn) -> PyTree:
   if scores is None:
     return scores_lib.magnitude(params)
-  if callable(scores):
+  if tree_lib.is_function(scores):  # an Equinox-shaped score tree is callable too, yet data
     return scores(params)
   return scores
+
+
+def _check_grid(sparsities: Any) -> np.ndarray:
+  if isinstance(sparsities, (str, bytes)) or not hasattr(sparsities, "__iter__"):
+    raise validation.error("sparsities", "a sequence of fractions in [0, 1]",
+                           validation.describe(sparsities))
+  values = [validation.check_fraction(s, "sparsities", allow_traced=False)
+            for s in np.asarray(sparsities, dtype=object).reshape(-1)]
+  if not values:
+    raise ValueError("sparsities: expected at least one fraction, got an empty grid.")
+  return np.asarray(sorted(values), np.float64)
+
+
+def _check_metric(out: Any) -> None:
+  """The metric must be a real scalar: a vector would be stored as garbage per point."""
+  if not validation.is_real_scalar(out):
+    raise validation.error("metric_fn", "a real scalar metric (e.g. accuracy or loss)",
+                           validation.describe(out))
 
 
 def sensitivity_analysis(params: PyTree, metric_fn: Callable[[PyTree], jax.Array],
                          sparsities: Sequence[float] = DEFAULT_GRID, *,
                          scores: ScoresOrFn = None,
-                         prunable: tree_lib.Prunable = None,
+                         prunable: Prunable = None,
                          plot_path: Optional[Union[str, os.PathLike]] = None,
-                         metric_name: str = "metric") -> SensitivityResult:
+                         metric_name: str = "metric",
+                         progress: Optional[bool] = None) -> SensitivityResult:
   """Prunes each prunable leaf alone over a grid of sparsities and evaluates ``metric_fn``.
 
   Args:
@@ -84,15 +105,21 @@ def sensitivity_analysis(params: PyTree, metric_fn: Callable[[PyTree], jax.Array
     prunable: which leaves are analysed (see `jaxprune.prunable_flags`).
     plot_path: if given, a PNG of the curves is written there (`plot_sensitivity`).
     metric_name: y-axis label of the plot.
+    progress: a progress bar over the analysed leaves (see `jaxprune.progress`): None for one
+      when tqdm is installed and stderr is a terminal, True or False to force it.
 
   Returns:
     A `SensitivityResult`.
+
+  Raises:
+    ValueError: for a grid value outside [0, 1], a ``metric_fn`` that does not return a real
+      scalar, scores that do not match ``params``, or no prunable leaf.
   """
-  grid = np.asarray(sorted(float(s) for s in sparsities), np.float64)
-  if grid.size == 0:
-    raise ValueError("sparsities: expected at least one fraction, got an empty grid.")
-  for s in grid:
-    select_lib.check_sparsity(float(s), "sparsities")
+  grid = _check_grid(sparsities)
+  show = progress_lib.progress_enabled(progress)
+  if not callable(metric_fn):
+    raise validation.error("metric_fn", "a function params -> scalar",
+                           validation.describe(metric_fn))
   scores = _resolve_scores(params, scores)
   tree_lib.check_same_structure(params, scores, "params", "scores")
   with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -100,7 +127,8 @@ def sensitivity_analysis(params: PyTree, metric_fn: Callable[[PyTree], jax.Array
   flags = jax.tree.leaves(tree_lib.prunable_flags(params, prunable))
   chosen = [i for i, f in enumerate(flags) if f]
   if not chosen:
-    raise ValueError("prunable: no prunable leaf to analyse.")
+    raise validation.error("prunable", "at least one prunable leaf to analyse",
+                           validation.Text("none"))
 
   def prune_leaf(i):
     def branch(leaves, score_leaves, k):
@@ -115,15 +143,23 @@ def sensitivity_analysis(params: PyTree, metric_fn: Callable[[PyTree], jax.Array
   @jax.jit
   def evaluate(leaves, score_leaves, branch_index, k):
     pruned = jax.lax.switch(branch_index, branches, leaves, score_leaves, k)
-    return metric_fn(jax.tree.unflatten(treedef, pruned))
+    out = metric_fn(jax.tree.unflatten(treedef, pruned))
+    _check_metric(out)  # at trace time, so metric_fn is still traced only once
+    return out
 
   score_leaves = jax.tree.leaves(scores)
   baseline = evaluate(leaves, score_leaves, 0, jnp.int32(0))
   # Dispatch every point before reading any back (no host wait per point); pruning nothing
-  # is the baseline, evaluated once rather than once per leaf.
-  values = [[baseline if k == 0 else evaluate(leaves, score_leaves, row, jnp.int32(k))
-             for k in (select_lib.num_to_prune(float(s), int(np.size(leaves[i]))) for s in grid)]
-            for row, i in enumerate(chosen)]
+  # is the baseline, evaluated once rather than once per leaf. With a progress bar, each leaf's
+  # row is waited for so that the bar tracks the work done.
+  values = []
+  for row, i in progress_lib.progress(list(enumerate(chosen)), desc="sensitivity",
+                                      enable=show):
+    counts = (select_lib.num_to_prune(float(s), int(np.size(leaves[i]))) for s in grid)
+    values.append([baseline if k == 0 else evaluate(leaves, score_leaves, row, jnp.int32(k))
+                   for k in counts])
+    if show:
+      jax.block_until_ready(values[-1])
   baseline, values = jax.device_get((baseline, values))
   baseline = float(baseline)
   metrics = np.asarray(values, np.float64).reshape(len(chosen), grid.size)

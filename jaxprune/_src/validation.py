@@ -16,6 +16,23 @@ import numpy as np
 from jaxprune._src.types import PyTree
 
 
+class Text(str):
+  """A description of a value (``"shape (2, 3)"``, ``"dtype int32"``) that `error` shows as is;
+  a plain string is a value and is shown quoted."""
+  __slots__ = ()
+
+  def __repr__(self) -> str:
+    return str(self)
+
+
+def describe(x: Any) -> Text:
+  """A value of the wrong kind as `error` shows it: an array by dtype and shape, anything else
+  by its type."""
+  if hasattr(x, "dtype") and hasattr(x, "shape"):
+    return Text(f"an array of dtype {x.dtype} and shape {tuple(x.shape)}")
+  return Text(f"a {type(x).__name__}")
+
+
 def where(path: Optional[str]) -> str:
   """The message suffix naming a leaf, or nothing."""
   return f" (leaf {path})" if path else ""
@@ -60,11 +77,11 @@ def check_fraction(value: Any, name: str, path: Optional[str] = None, *,
       raise ValueError(f"{name}: expected a concrete fraction in [0, 1], got a traced value"
                        f"{where(path)}.")
     if np.ndim(value) != 0:
-      raise error(name, "a scalar fraction in [0, 1]", f"shape {np.shape(value)}", path)
+      raise error(name, "a scalar fraction in [0, 1]", Text(f"shape {np.shape(value)}"), path)
     return value
   if not is_real_scalar(value):
     shape = np.shape(value) if hasattr(value, "shape") else None
-    got = f"shape {shape}" if shape not in (None, ()) else value
+    got = Text(f"shape {shape}") if shape not in (None, ()) else value
     raise error(name, "a fraction in [0, 1]", got, path)
   out = float(value)
   if not 0.0 <= out <= 1.0:  # also rejects NaN
@@ -137,5 +154,6 @@ def broadcast_prefix(value: PyTree, tree: PyTree, name: str, what: str) -> list:
                      f"parameters' structure, got a tree that does not match: {e}") from None
 
 
-__all__ = ["broadcast_prefix", "check_choice", "check_fraction", "check_int",
-           "check_nonnegative", "error", "is_real_scalar", "is_traced", "normalize_axis", "where"]
+__all__ = ["Text", "broadcast_prefix", "check_choice", "check_fraction", "check_int",
+           "check_nonnegative", "describe", "error", "is_real_scalar", "is_traced",
+           "normalize_axis", "where"]

@@ -1,0 +1,66 @@
+"""Logger scalars from a pruning state: the current target and the sparsity of every leaf.
+
+The names are those of `jaxprune.Report.to_dict` (``sparsity/total``, ``sparsity/<leaf>`` with
+``<leaf>`` from `jaxprune.log_name`), so a run can log both and get one series per name. The
+values are JAX scalars computed from the masks alone (no copy of the parameters to the host):
+the function works inside a jitted train step as well as outside.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune._src import mask_state
+from jaxprune._src import report as report_lib
+from jaxprune._src import tree as tree_lib
+from jaxprune._src.types import Array, Prunable, PyTree
+
+
+def prune_scalars(state: Any, params: PyTree, *, prunable: Prunable = None) -> dict[str, Array]:
+  """Flat ``{name: scalar}`` of a pruning state, for TensorBoard / W&B / CLU style loggers.
+
+  Example::
+
+    updates, opt_state = tx.update(grads, opt_state, params)
+    logger.log(jax.device_get(jp.prune_scalars(opt_state, params)), step=step)
+
+  Args:
+    state: an optimizer state holding masks anywhere (a `jaxprune.PruneState` inside an
+      ``optax.chain``, an ``nnx.Optimizer``'s ``opt_state``...; see `jaxprune.find_masks`).
+    params: the parameters the masks belong to (only their structure, shapes and dtypes are
+      read, so traced parameters work).
+    prunable: the prunable rule the transformation was built with (see
+      `jaxprune.prunable_flags`); only prunable leaves are reported.
+
+  Returns:
+    ``prune/step`` (the state's update count) and ``prune/target`` (the overall sparsity the
+    current masks were computed for) when the state has them, then ``sparsity/total`` (pruned
+    fraction over all prunable entries) and ``sparsity/<leaf>`` per prunable leaf, as float32
+    (``prune/step`` int32) scalars. Empty leaves count as 0.0.
+  """
+  node = mask_state.find_mask_state(state, params)
+  masks = jax.tree.leaves(tree_lib.like(node.masks, params))
+  flags = jax.tree.leaves(tree_lib.prunable_flags(params, prunable))
+  out: dict[str, Array] = {}
+  if hasattr(node, "count"):
+    out["prune/step"] = jnp.asarray(node.count)
+  if hasattr(node, "target"):
+    out["prune/target"] = jnp.asarray(node.target, jnp.float32)
+  chosen = [(path, mask) for (path, _), mask, flag in
+            zip(tree_lib.leaves_with_paths(params), masks, flags) if flag]
+  sizes = [int(np.size(mask)) for _, mask in chosen]
+  # Under jit XLA turns a division by a constant into a product with its reciprocal, one ulp
+  # away from the eager quotient at times; opaque sizes keep jitted and eager values equal.
+  denominators = jax.lax.optimization_barrier(
+      jnp.asarray([max(n, 1) for n in sizes] + [max(sum(sizes), 1)], jnp.float32))
+  # float32 sums: an int32 count of pruned entries would overflow past 2**31 parameters.
+  pruned = [(n - jnp.sum(jnp.asarray(mask, jnp.int32))).astype(jnp.float32)
+            for (_, mask), n in zip(chosen, sizes)]
+  out["sparsity/total"] = sum(pruned, jnp.zeros((), jnp.float32)) / denominators[-1]
+  for i, ((path, _), count) in enumerate(zip(chosen, pruned)):
+    out[f"sparsity/{report_lib.log_name(path)}"] = count / denominators[i]
+  return out
