@@ -87,25 +87,32 @@ def magnitude_prune(apply_fn: ApplyFn, params: PyTree, batches: Sequence[minilm.
   return jp.apply_masks(params, masks)
 
 
-def oneshot_prune(method: str) -> PruneFn:
-  """A `PruneFn` that calls ``jp.oneshot(..., method=method)`` on the encoder kernels.
+def oneshot_prune(spec: str) -> PruneFn:
+  """A `PruneFn` that calls ``jp.oneshot`` on the encoder kernels.
 
   Args:
-    method: the ``method`` argument of ``jp.oneshot``.
+    spec: ``method[+refit][/option...]``: a ``jp.oneshot`` method, ``+refit`` for a
+      least-squares refit of the kept weights, and options that are either a reconstruction
+      ``target`` (``dense``, ``pruned``) or an ``allocation`` (``global``, ``obs``,
+      ``uniform``), e.g. ``wanda+refit/uniform``.
 
   Returns:
     The pruning function.
   """
+  head, *options = spec.split("/")
+  method, _, extra = head.partition("+")
+  kwargs: dict[str, Any] = {"refit": extra == "refit"}
+  for option in options:
+    kwargs["target" if option in ("dense", "pruned") else "allocation"] = option
+
   def prune_fn(apply_fn: ApplyFn, params: PyTree, batches: Sequence[minilm.Batch],
                target: Target) -> PyTree:
-    if not hasattr(jp, "oneshot"):
-      raise ValueError(f"method: {method!r} needs jaxprune.oneshot, which this version lacks.")
     if isinstance(target, tuple):
-      sparsity, pattern = 1.0 - target[0] / target[1], ("nm", target[0], target[1])
+      sparsity, pattern = None, f"{target[0]}:{target[1]}"
     else:
       sparsity, pattern = target, None
     pruned, _ = jp.oneshot(apply_fn, params, batches, sparsity, method=method, pattern=pattern,
-                           prunable=minilm.prunable, token_mask=minilm.token_mask)
+                           prunable=minilm.prunable, token_mask=minilm.token_mask, **kwargs)
     return pruned
   return prune_fn
 

@@ -100,3 +100,5 @@ from jaxprune._src.sharding import state_shardings as state_shardings
 # --- end sharding ---
 
 __version__ = "0.1.0"
+from jaxprune._src.oneshot import oneshot as oneshot
+from jaxprune._src.gauss_newton import gauss_newton_diag as gauss_newton_diag

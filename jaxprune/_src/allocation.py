@@ -100,8 +100,8 @@ def _lower_hull(x: np.ndarray, y: np.ndarray) -> list[int]:
   return hull
 
 
-def _solve(curves: list[tuple[np.ndarray, np.ndarray]], sizes: list[int], costs: list[float],
-           required: float, paths: list[str]) -> list[int]:
+def solve_counts(curves: list[tuple[np.ndarray, np.ndarray]], sizes: list[int], costs: list[float],
+                 required: float, paths: list[str]) -> list[int]:
   """Integer counts minimising the interpolated damage with ``sum c_l k_l >= required``.
 
   With unit costs and an integer ``required`` the sum is met exactly: the floors of the
@@ -270,7 +270,7 @@ def allocate_sparsities(params: PyTree, target: float, *, method: str = "sensiti
 
   grid, damage = degradation_curves(sensitivity, higher_is_better)
   curves = [(grid, damage[l]) for l in range(len(analysed))]
-  counts = _solve(curves, sizes, costs, required, analysed)
+  counts = solve_counts(curves, sizes, costs, required, analysed)
   out = [0.0] * len(paths)
   for p, k, n in zip(analysed, counts, sizes):
     out[index[p]] = k / n

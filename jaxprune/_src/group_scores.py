@@ -204,13 +204,13 @@ def _apply_group_masks(groups: tuple[Group, ...], variables: Any, keep: tuple[Ar
   axis_keep = _axis_keep(groups, keep, jnp)
 
   def mask_leaf(path, x):
-    axes = axis_keep.get(jax.tree_util.keystr(path))
+    axes = axis_keep.get(tree_lib.path_str(path))
     if not axes:
       return x
     m = jnp.ones((), bool)
     for axis, v in axes.items():
       if x.shape[axis] != v.shape[0]:
-        raise ValueError(f"apply_group_masks: leaf {jax.tree_util.keystr(path)} has length "
+        raise ValueError(f"apply_group_masks: leaf {tree_lib.path_str(path)} has length "
                          f"{x.shape[axis]} on axis {axis}, the groups expect {v.shape[0]}")
       shape = [1] * x.ndim
       shape[axis] = -1

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple, Optional
 import jax
 import numpy as np
 
+from jaxprune._src import tree as tree_lib
 from jaxprune._src import group_rules
 from jaxprune._src import jaxpr_walk
 from jaxprune._src.group_graph import Graph, Label, Unsupported
@@ -119,7 +120,7 @@ def make_group(variables: Any, axes: Sequence[tuple[str, int]], name: str | None
 
 def _leaves_by_path(tree: Any) -> dict[str, Any]:
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {jax.tree_util.keystr(p): x for p, x in flat}
+  return {tree_lib.path_str(p): x for p, x in flat}
 
 
 # An axis no group may contain whose length only the equation reading it knows (the stacked axis
@@ -269,7 +270,7 @@ def _trace(apply_fn: Callable[..., Any], variables: Any, args: tuple, kwargs: di
   outs = jaxpr_walk.walk(closed, in_axes, _group_rule(g))
   _pin_values(g, outs, "model output")
   used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
-  leaf_labels = [(jax.tree_util.keystr(path), len(x.labels), x.labels)
+  leaf_labels = [(tree_lib.path_str(path), len(x.labels), x.labels)
                  for (path, _), x, v in zip(flat_vars, in_axes, jaxpr.invars) if id(v) in used]
   return g, leaf_labels
 

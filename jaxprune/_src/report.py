@@ -26,11 +26,11 @@ import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
-import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 
 from jaxprune._src import tree as tree_lib
+from jaxprune._src.flops import matmul_flops_by_leaf, xla_flops
 from jaxprune._src.mask_state import find_masks, holds_masks
 from jaxprune._src import validation
 from jaxprune._src.types import PyTree
@@ -174,148 +174,6 @@ def log_name(path: str | tuple) -> str:
     path = tree_lib.path_str(path)
   parts = [p.strip("'\"") for p in path.replace("]", "[").replace(".", "[").split("[") if p]
   return "/".join(parts)
-
-
-def _cost_flops(compiled: Any) -> float:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older jax returned one dict per device program
-    cost = cost[0] if cost else None
-  if not cost or "flops" not in cost:
-    raise ValueError("apply_fn: XLA cost analysis returned no 'flops' entry on this backend.")
-  return float(cost["flops"])
-
-
-def xla_flops(apply_fn: Callable[..., Any], *args: Any) -> float:
-  """XLA's FLOP count of ``apply_fn(*args)`` (``cost_analysis()['flops']`` of the compiled fn)."""
-  return _cost_flops(jax.jit(apply_fn).lower(*args).compile())
-
-
-# Primitives that move or cast elements without changing which ones are zero: a weight that
-# passes through them is still "the same weight" for density purposes.
-_PASS_THROUGH = frozenset({
-    "convert_element_type", "reshape", "transpose", "copy", "squeeze", "expand_dims",
-    "sharding_constraint", "reduce_precision", "optimization_barrier",
-})
-
-
-def _dot_flops(eqn) -> float:
-  (contract_lhs, _), _ = eqn.params["dimension_numbers"]
-  lhs_shape = eqn.invars[0].aval.shape
-  k = math.prod(lhs_shape[d] for d in contract_lhs)
-  return 2.0 * math.prod(eqn.outvars[0].aval.shape) * k
-
-
-def _valid_taps(in_size: int, out_size: int, k_size: int, stride: int, pad_lo: int,
-                lhs_dil: int, rhs_dil: int) -> int:
-  """Number of (output position, kernel tap) pairs of one spatial dim that read a real input.
-
-  Taps over padding or over the holes of an lhs-dilated input multiply zeros; XLA's cost
-  analysis does not count them, and neither do we.
-  """
-  last = (in_size - 1) * lhs_dil
-  count = 0
-  for o in range(out_size):
-    for k in range(k_size):
-      pos = o * stride - pad_lo + k * rhs_dil
-      count += 0 <= pos <= last and pos % lhs_dil == 0
-  return count
-
-
-def _conv_flops(eqn) -> float:
-  p = eqn.params
-  dn = p["dimension_numbers"]
-  lhs, rhs, out = (v.aval.shape for v in (eqn.invars[0], eqn.invars[1], eqn.outvars[0]))
-  taps = 1
-  for i in range(len(dn.lhs_spec) - 2):
-    taps *= _valid_taps(lhs[dn.lhs_spec[2 + i]], out[dn.out_spec[2 + i]], rhs[dn.rhs_spec[2 + i]],
-                        p["window_strides"][i], p["padding"][i][0], p["lhs_dilation"][i],
-                        p["rhs_dilation"][i])
-  # Per output (batch, feature) pair: one multiply-add per input feature of its group per tap.
-  return 2.0 * out[dn.out_spec[0]] * out[dn.out_spec[1]] * rhs[dn.rhs_spec[1]] * taps
-
-
-def _sub_jaxprs(eqn) -> list[tuple[Any, Optional[list[Any]], float]]:
-  """(jaxpr, outer vars bound to its invars or None, trip multiplier) for higher-order eqns.
-
-  ``scan`` bodies count ``length`` times; ``while`` bodies once (the trip count is unknown at
-  trace time, and XLA's cost analysis counts them once as well).
-  """
-  name = eqn.primitive.name
-  invars = list(eqn.invars)
-  if name == "while":
-    nc, nb = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
-    carry = invars[nc + nb:]
-    return [(eqn.params["cond_jaxpr"].jaxpr, invars[:nc] + carry, 1.0),
-            (eqn.params["body_jaxpr"].jaxpr, invars[nc:], 1.0)]
-  out = []
-  mult = float(eqn.params.get("length", 1)) if name == "scan" else 1.0
-  for value in eqn.params.values():
-    candidates = value if isinstance(value, (tuple, list)) else (value,)
-    for c in candidates:
-      jaxpr = getattr(c, "jaxpr", c)  # ClosedJaxpr -> Jaxpr
-      if not isinstance(jaxpr, jex_core.Jaxpr):
-        continue
-      if len(jaxpr.invars) == len(invars):
-        binding = invars
-      elif name == "cond" and len(jaxpr.invars) == len(invars) - 1:
-        binding = invars[1:]  # the branch index is not passed to branches
-      else:
-        binding = None
-      out.append((jaxpr, binding, mult))
-  return out
-
-
-def _walk(jaxpr, origin: dict, mult: float, acc: dict[int, float]) -> None:
-  """Accumulates into ``acc[leaf index]`` the matmul/conv FLOPs whose weight is that leaf."""
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    src = [origin.get(v) if isinstance(v, jex_core.Var) else None for v in eqn.invars]
-    if name in _PASS_THROUGH and src and src[0] is not None:
-      origin[eqn.outvars[0]] = src[0]
-    elif name in ("dot_general", "conv_general_dilated"):
-      # Prefer the rhs (Flax kernels are the rhs of x @ W and of convolutions).
-      leaf = src[1] if src[1] is not None else src[0]
-      if leaf is not None:
-        flops = _dot_flops(eqn) if name == "dot_general" else _conv_flops(eqn)
-        acc[leaf] = acc.get(leaf, 0.0) + mult * flops
-    else:
-      per_sub = []
-      for sub, binding, m in _sub_jaxprs(eqn):
-        inner = {}
-        if binding is not None:
-          for outer, inner_var in zip(binding, sub.invars):
-            if isinstance(outer, jex_core.Var) and outer in origin:
-              inner[inner_var] = origin[outer]
-        sub_acc: dict[int, float] = {}
-        _walk(sub, inner, mult * m, sub_acc)
-        per_sub.append(sub_acc)
-      # Only one branch of a cond runs: take the costliest per leaf instead of the sum.
-      merge = max if name == "cond" else sum
-      for leaf in {k for d in per_sub for k in d}:
-        acc[leaf] = acc.get(leaf, 0.0) + merge(d.get(leaf, 0.0) for d in per_sub)
-
-
-def matmul_flops_by_leaf(apply_fn: Callable[..., Any], params: PyTree,
-                         *inputs: Any) -> list[float]:
-  """Analytic dot/conv FLOPs of ``apply_fn(params, *inputs)`` attributed to each weight leaf.
-
-  Args:
-    apply_fn: ``apply_fn(params, *inputs)``.
-    params: parameter pytree.
-    *inputs: the remaining arguments.
-
-  Returns:
-    One float per leaf of ``params`` (`jax.tree.leaves` order): ``2 * out_size *
-    contraction_size`` summed over the ``dot_general`` / ``conv_general_dilated`` ops that take
-    the leaf (or a cast / reshape / transpose of it) as an operand, times ``scan`` lengths.
-  """
-  leaves, treedef = jax.tree.flatten(params)
-  closed = jax.make_jaxpr(lambda ls, ins: apply_fn(jax.tree.unflatten(treedef, ls), *ins))(
-      leaves, inputs)
-  origin = {v: i for i, v in enumerate(closed.jaxpr.invars[:len(leaves)])}
-  acc: dict[int, float] = {}
-  _walk(closed.jaxpr, origin, 1.0, acc)
-  return [acc.get(i, 0.0) for i in range(len(leaves))]
 
 
 def leaf_bytes(shape: Sequence[int], itemsize: int, kept: int) -> tuple[int, int, int]:

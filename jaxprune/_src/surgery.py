@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune._src import tree as tree_lib
 from jaxprune._src.group_scores import _axis_keep, _check_groups
 from jaxprune._src.groups import Group
 
@@ -60,16 +61,16 @@ def shrink(variables: Any, groups: Sequence[Group], keep: Sequence[Any]) -> Any:
   keep = _concrete_keep(groups, keep, "shrink")
   axis_keep = _axis_keep(groups, keep, np)
   flat, treedef = jax.tree_util.tree_flatten_with_path(variables)
-  known = {jax.tree_util.keystr(p) for p, _ in flat}
+  known = {tree_lib.path_str(p) for p, _ in flat}
   missing = sorted(set(axis_keep) - known)
   if missing:
     raise ValueError(f"shrink: the groups name leaves {missing} that variables does not have; "
                      "expected the pytree the groups were found on")
   out = []
   for p, x in flat:
-    for axis, k in axis_keep.get(jax.tree_util.keystr(p), {}).items():
+    for axis, k in axis_keep.get(tree_lib.path_str(p), {}).items():
       if np.shape(x)[axis] != k.shape[0]:
-        raise ValueError(f"shrink: leaf {jax.tree_util.keystr(p)} has length {np.shape(x)[axis]} "
+        raise ValueError(f"shrink: leaf {tree_lib.path_str(p)} has length {np.shape(x)[axis]} "
                          f"on axis {axis}, the groups expect {k.shape[0]}")
       x = jnp.take(x, np.nonzero(k)[0], axis=axis)
     out.append(x)

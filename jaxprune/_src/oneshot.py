@@ -1,0 +1,320 @@
+"""One-shot, post-training pruning with calibration data: layer-wise Optimal Brain Surgeon.
+
+Each prunable kernel ``W`` is pruned to minimise its layer's reconstruction error on calibration
+inputs ``X``, ``‖X W − X W'‖²``, whose Hessian is ``H = XᵀX``; the kept weights are updated to
+compensate for the removed ones. The model is pruned stage by stage (`calibration.stages`): a
+kernel's inputs are collected from the model whose earlier kernels are already pruned, and with
+``target="dense"`` each layer is fitted to the dense model's outputs for that layer.
+
+References:
+  Hassibi and Stork, "Second order derivatives for network pruning: Optimal Brain Surgeon",
+  NeurIPS 1993.
+  Frantar and Alistarh, "Optimal Brain Compression", NeurIPS 2022 (exact greedy OBS per output).
+  Frantar and Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot",
+  ICML 2023.
+  Sun et al., "A Simple and Effective Pruning Approach for Large Language Models" (Wanda), 2023.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune._src import allocation as allocation_lib
+from jaxprune._src import calibration as calib_lib
+from jaxprune._src import interpret
+from jaxprune._src import masks as masks_lib
+from jaxprune._src import obc as obc_lib
+from jaxprune._src import obs as obs_lib
+from jaxprune._src import progress as progress_lib
+from jaxprune._src import refit as refit_lib
+from jaxprune._src import sparsegpt as sparsegpt_lib
+from jaxprune._src import tree as tree_lib
+from jaxprune._src import validation
+from jaxprune._src.types import Prunable, PyTree
+
+METHODS = ("magnitude", "wanda", "sparsegpt", "obc")
+TARGETS = ("dense", "pruned")
+ALLOCATIONS = ("global", "obs", "uniform")
+Pattern = Union[None, str, tuple]
+
+
+class Layer(NamedTuple):
+  """What `oneshot` did to one kernel.
+
+  Attributes:
+    path: the kernel's leaf path.
+    sparsity: the fraction of its entries pruned.
+    loss: its layer reconstruction error ``trace(ΔWᵀ H ΔW)`` against the target weights,
+      relative to the target's output energy ``trace(Wᵀ H W)``.
+  """
+  path: str
+  sparsity: float
+  loss: float
+
+
+def parse_pattern(pattern: Pattern) -> Optional[tuple]:
+  """Normalises a sparsity pattern to ``None``, ``("nm", n, m)`` or ``("block", bi, bo)``.
+
+  Args:
+    pattern: ``None`` (unstructured), ``"n:m"`` (e.g. ``"2:4"``: ``n`` of every ``m``
+      consecutive inputs of each output kept), ``(n, m)``, ``("nm", n, m)`` or
+      ``("block", bi, bo)`` (whole ``bi × bo`` tiles of the ``(inputs, outputs)`` matrix).
+
+  Returns:
+    The normalised pattern.
+  """
+  if pattern is None:
+    return None
+  if isinstance(pattern, str):
+    n, sep, m = pattern.partition(":")
+    if not sep or not n.strip().isdigit() or not m.strip().isdigit():
+      raise validation.error("pattern", "None, 'n:m', (n, m), ('nm', n, m) or "
+                             "('block', rows, cols)", pattern)
+    pattern = ("nm", int(n), int(m))
+  if isinstance(pattern, tuple) and len(pattern) == 2:
+    pattern = ("nm",) + pattern
+  if (not isinstance(pattern, tuple) or len(pattern) != 3 or pattern[0] not in ("nm", "block")):
+    raise validation.error("pattern", "None, 'n:m', (n, m), ('nm', n, m) or "
+                           "('block', rows, cols)", pattern)
+  kind, a, b = pattern
+  if kind == "nm":
+    m = validation.check_int(b, "pattern m", 1)
+    n = validation.check_int(a, "pattern n", 0, m)
+    return ("nm", n, m)
+  return ("block", validation.check_int(a, "pattern rows", 1),
+          validation.check_int(b, "pattern cols", 1))
+
+
+def _materialise(batches: Iterable[Any]) -> list:
+  out = list(batches)
+  if not out:
+    raise ValueError("batches: expected at least one calibration batch, got an empty iterable.")
+  return out
+
+
+def _layer_sparsities(params: PyTree, paths: Sequence[str], sparsity: Any, pattern: Optional[tuple],
+                      allocation: Any) -> dict[str, float]:
+  """Per-kernel sparsities: from the pattern, a global magnitude ranking, or given per leaf."""
+  leaves = dict(tree_lib.leaves_with_paths(params))
+  if pattern is not None and pattern[0] == "nm":
+    implied = 1.0 - pattern[1] / pattern[2]
+    if sparsity is not None and not math.isclose(float(sparsity), implied):
+      raise validation.error("sparsity", f"None or {implied} for pattern {pattern[1]}:{pattern[2]}",
+                             sparsity)
+    return {p: implied for p in paths}
+  if isinstance(allocation, Mapping):
+    missing = [p for p in paths if p not in allocation]
+    if missing:
+      raise validation.error("allocation", "a sparsity for every pruned kernel", "none",
+                             missing[0])
+    return {p: validation.check_fraction(allocation[p], "allocation", p) for p in paths}
+  sparsity = validation.check_fraction(sparsity, "sparsity", allow_traced=False)
+  if allocation == "uniform":
+    return {p: sparsity for p in paths}
+  if allocation == "global":
+    # Exactly round(s·N) over all pruned kernels, by magnitude: the layer sizes this picks are
+    # what the per-layer solvers then reach exactly.
+    scores = {p: jnp.abs(leaves[p]).astype(jnp.float32) for p in paths}
+    kept = masks_lib.unstructured_mask(scores, sparsity, scope="global")
+    return {p: 1.0 - int(jnp.sum(kept[p])) / leaves[p].size for p in paths}
+  raise AssertionError(allocation)
+
+
+def _as_count(sparsity: float, size: int) -> int:
+  return int(round(sparsity * size))
+
+
+def _mask(scores: jax.Array, sparsity: float, pattern: Optional[tuple]) -> jax.Array:
+  """The library's own selection on an ``(inputs, outputs)`` score matrix: exact counts, ties."""
+  if pattern is None:
+    return masks_lib.unstructured_mask(scores, sparsity)
+  if pattern[0] == "nm":
+    return masks_lib.nm_mask(scores, pattern[1], pattern[2], axis=0)
+  return masks_lib.block_mask(scores, sparsity, (pattern[1], pattern[2]), reduce="l1")
+
+
+def solve_layer(method: str, w: jax.Array, h: jax.Array, sparsity: float,
+                pattern: Optional[tuple] = None, *, refit: bool = False, damp: float = 0.01,
+                block_size: int = 128) -> tuple[jax.Array, jax.Array]:
+  """Prunes one kernel in its ``(inputs, outputs)`` view with one of `METHODS`.
+
+  Args:
+    method: one of `METHODS`.
+    w: ``(d_in, d_out)`` float32 kernel.
+    h: ``(d_in, d_in)`` calibration Gram matrix ``XᵀX``.
+    sparsity: fraction of the entries (or, with a block pattern, of the tiles) to prune.
+    pattern: a `parse_pattern` result.
+    refit: least-squares refit of the kept weights after the mask is chosen.
+    damp: relative dampening of ``h``.
+    block_size: SparseGPT's column block.
+
+  Returns:
+    ``(w', mask)``, ``w'`` zero where the bool mask is False.
+  """
+  if method in ("magnitude", "wanda"):
+    scores = jnp.abs(w) if method == "magnitude" else obs_lib.wanda(w, h)
+    mask = _mask(scores, sparsity, pattern)
+    w_new = refit_lib.refit(w, h, mask, damp=damp) if refit else jnp.where(mask, w, 0)
+    return w_new, mask
+  if method == "sparsegpt":
+    w_new, mask = sparsegpt_lib.sparsegpt(w, h, sparsity, pattern=pattern, block_size=block_size,
+                                          damp=damp)
+  else:
+    w_new, mask = obc_lib.obc(w, h, sparsity, pattern=pattern, damp=damp)
+  if refit:
+    w_new = refit_lib.refit(w, h, mask, damp=damp)
+  return jnp.where(mask, w_new, 0), mask
+
+
+def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Iterable[Any],
+            sparsity: Optional[float] = None, *, method: str = "sparsegpt",
+            pattern: Pattern = None, prunable: Prunable = None,
+            allocation: Union[str, Mapping[str, float]] = "global", refit: bool = False,
+            target: str = "dense", sequential: bool = True,
+            token_mask: Optional[Callable[[Any], jax.Array]] = None, damp: float = 0.01,
+            block_size: int = 128, progress: Optional[bool] = None,
+            return_layers: bool = False) -> Any:
+  """Prunes a trained model at once from calibration data, updating the kept weights.
+
+  Example::
+
+    params, masks = jp.oneshot(lambda p, x: model.apply({"params": p}, x), params,
+                               calibration_batches, 0.9, method="obc")
+    # fine-tune with the masks kept:
+    tx = optax.chain(optax.adam(1e-4), jp.prune(0.9, masks=masks))
+
+  Args:
+    apply_fn: ``apply_fn(params, batch)``; every prunable kernel must be an operand of a
+      ``dot_general`` or ``conv_general_dilated`` in it.
+    params: the trained parameters (not modified).
+    batches: calibration batches (an iterable; read once per pruning stage).
+    sparsity: fraction of the prunable entries to prune; ``None`` with an N:M pattern.
+    method: ``"sparsegpt"`` (blocked OBS with lazy updates, default), ``"obc"`` (exact greedy
+      OBS per output, for small layers), ``"wanda"`` (``|w|·‖x‖`` mask) or ``"magnitude"``
+      (``|w|`` mask); the last two update no weight unless ``refit``.
+    pattern: ``None``, ``"2:4"``-style N:M along the inputs, or ``("block", rows, cols)``.
+    prunable: which leaves are pruned (see `jaxprune.unstructured_mask`).
+    allocation: how ``sparsity`` is split across kernels: ``"global"`` (one magnitude ranking
+      over all kernels picks each kernel's count, ``round(s·N)`` in total), ``"obs"`` (counts
+      minimising the sum of relative layer reconstruction errors, measured with the method's
+      solver on the dense model's calibration inputs), ``"uniform"`` (the same fraction per
+      kernel), or a mapping from leaf path to fraction.
+    refit: after the mask is chosen, set the kept weights to their least-squares optimum.
+    target: ``"dense"`` fits each layer to the dense model's outputs for that layer (its inputs
+      still come from the pruned model); ``"pruned"`` to the outputs its own inputs give.
+    sequential: collect each stage's inputs from the already-pruned model (else all from the
+      dense model in one pass).
+    token_mask: ``batch -> mask`` of the positions to calibrate on (e.g. no padding).
+    damp: dampening, ``H + damp·mean(diag H)·I``.
+    block_size: SparseGPT's column block.
+    progress: a progress bar over kernels (default: when stderr is a terminal).
+    return_layers: also return one `Layer` record per kernel.
+
+  Returns:
+    ``(params, masks)`` (and the `Layer` list with ``return_layers``): new parameters with the
+    pruned entries exactly 0, and bool masks (True = keep; all True on unpruned leaves).
+  """
+  validation.check_choice(method, METHODS, "method")
+  validation.check_choice(target, TARGETS, "target")
+  if not isinstance(allocation, Mapping):
+    validation.check_choice(allocation, ALLOCATIONS, "allocation")
+  pattern = parse_pattern(pattern)
+  if sparsity is None and (pattern is None or pattern[0] != "nm") and not isinstance(
+      allocation, Mapping):
+    raise validation.error("sparsity", "a fraction in [0, 1]", None)
+  damp = float(validation.check_nonnegative(damp, "damp"))
+  block_size = validation.check_int(block_size, "block_size", 1)
+  batches = _materialise(batches)
+  dense = params
+  traced = interpret.trace(apply_fn, params, batches[0])
+  sites = {p: v[0] for p, v in calib_lib.select_sites(traced, params, None, prunable).items()}
+  paths = list(sites)
+  if allocation == "obs" and (pattern is None or pattern[0] != "nm"):
+    per_layer = _obs_allocation(apply_fn, params, batches, sites, float(
+        validation.check_fraction(sparsity, "sparsity", allow_traced=False)), method, pattern,
+                                refit, token_mask, damp, block_size)
+  else:
+    per_layer = _layer_sparsities(params, paths, sparsity, pattern, allocation)
+  for path in paths:
+    if pattern is not None:
+      obs_lib.parse_pattern(pattern, (sites[path].d_in, sites[path].d_out), f"pattern ({path})")
+  stages = (calib_lib.stages(apply_fn, params, batches[0], paths) if sequential else [paths])
+
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  index = {tree_lib.path_str(p): i for i, (p, _) in enumerate(flat)}
+  new_leaves = [x for _, x in flat]
+  mask_leaves: list[Any] = [jnp.ones(jnp.shape(x), bool) for _, x in flat]
+  layers: list[Layer] = []
+  bar = iter(progress_lib.progress(range(len(paths)), desc="oneshot", enable=progress))
+  for stage in stages:
+    current = jax.tree.unflatten(treedef, new_leaves)
+    cal = calib_lib.calibrate(apply_fn, current, batches, kernels=stage, token_mask=token_mask,
+                              reference_params=dense if target == "dense" else None)
+    for path in stage:
+      next(bar, None)
+      i, site, s = index[path], sites[path], per_layer[path]
+      leaf = new_leaves[i]
+      if _as_count(s, leaf.size) == 0:
+        layers.append(Layer(path, 0.0, 0.0))
+        continue
+      h = cal[path].h
+      w = interpret.to_matrix(leaf, site).astype(jnp.float32)
+      if target == "dense" and cal[path].cross is not None:
+        w = obs_lib.dense_target(interpret.to_matrix(flat[i][1], site).astype(jnp.float32), h,
+                                 cal[path].cross, damp=damp)
+      w_new, mask = solve_layer(method, w, h, s, pattern, refit=refit, damp=damp,
+                                block_size=block_size)
+      energy = float(jnp.sum(w * (h @ w)))
+      loss = float(obs_lib.layer_loss(w, w_new, h)) / max(energy, 1e-30)
+      new_leaves[i] = interpret.from_matrix(w_new, site, leaf.shape).astype(leaf.dtype)
+      mask_leaves[i] = interpret.from_matrix(mask, site, leaf.shape)
+      layers.append(Layer(path, 1.0 - float(jnp.mean(mask)), loss))
+  next(bar, None)
+  out = (jax.tree.unflatten(treedef, new_leaves), jax.tree.unflatten(treedef, mask_leaves))
+  return out + (layers,) if return_layers else out
+
+
+OBS_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
+
+
+def _obs_allocation(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: list,
+                    sites: Mapping[str, Any], sparsity: float, method: str,
+                    pattern: Optional[tuple], refit: bool,
+                    token_mask: Optional[Callable[[Any], jax.Array]], damp: float,
+                    block_size: int) -> dict[str, float]:
+  """Per-kernel sparsities minimising the summed relative layer errors at ``round(s·N)``.
+
+  Each kernel's relative reconstruction error is measured with the method's own solver on the
+  dense model's calibration inputs at the sparsities of `OBS_GRID`; the allocation then takes
+  the cheapest error per pruned entry first over the curves' lower convex hulls (the
+  equal-slope solution of `jaxprune.allocate_sparsities`), with exactly ``round(s·N)`` entries.
+  """
+  leaves = dict(tree_lib.leaves_with_paths(params))
+  paths = list(sites)
+  cal = calib_lib.calibrate(apply_fn, params, batches, kernels=paths, token_mask=token_mask)
+  grid = np.asarray(OBS_GRID)
+  curves, sizes = [], []
+  for path in paths:
+    site = sites[path]
+    w = interpret.to_matrix(leaves[path], site).astype(jnp.float32)
+    h = cal[path].h
+    energy = max(float(jnp.sum(w * (h @ w))), 1e-30)
+    if method == "obc" and not refit:
+      losses = obc_lib.obc_losses(obc_lib.obc_path(w, h, pattern=pattern, damp=damp), grid)
+      errors = [float(e) / energy for e in losses]
+    else:
+      errors = [0.0] + [
+          float(obs_lib.layer_loss(w, solve_layer(method, w, h, float(s), pattern, refit=refit,
+                                                  damp=damp, block_size=block_size)[0], h))
+          / energy for s in grid[1:]]
+    curves.append((grid, np.maximum.accumulate(np.asarray(errors))))
+    sizes.append(int(leaves[path].size))
+  total = sum(sizes)
+  counts = allocation_lib.solve_counts(curves, sizes, [1.0] * len(sizes),
+                                       float(round(sparsity * total)), paths)
+  return {p: k / n for p, k, n in zip(paths, counts, sizes)}
