@@ -102,3 +102,4 @@ from jaxprune._src.sharding import state_shardings as state_shardings
 __version__ = "0.1.0"
 from jaxprune._src.oneshot import oneshot as oneshot
 from jaxprune._src.gauss_newton import gauss_newton_diag as gauss_newton_diag
+from jaxprune._src.oneshot import wanda_scores as wanda_scores

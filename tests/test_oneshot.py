@@ -158,3 +158,15 @@ def test_bad_input(setup):
   odd = {"w": jnp.ones((10, 4))}
   with pytest.raises(ValueError, match="w"):
     jp.oneshot(lambda p, x: x[:, :10] @ p["w"], odd, batches, pattern="2:4")
+
+
+def test_wanda_scores_pytree(setup):
+  params, batches, x = setup
+  scores = jp.wanda_scores(apply_fn, params, batches)
+  norms = np.sqrt(np.sum(np.asarray(x, np.float64) ** 2, axis=0))
+  expected = np.abs(np.asarray(params["fc1"]["kernel"])) * norms[:, None]
+  np.testing.assert_allclose(np.asarray(scores["fc1"]["kernel"]), expected, rtol=1e-4)
+  np.testing.assert_array_equal(np.asarray(scores["fc1"]["bias"]),
+                                np.abs(np.asarray(params["fc1"]["bias"])))
+  masks = jp.unstructured_mask(scores, 0.5)
+  assert int(jnp.sum(~masks["fc2"]["kernel"])) == round(0.5 * params["fc2"]["kernel"].size)

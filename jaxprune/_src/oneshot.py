@@ -171,6 +171,41 @@ def solve_layer(method: str, w: jax.Array, h: jax.Array, sparsity: float,
   return jnp.where(mask, w_new, 0), mask
 
 
+def wanda_scores(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Iterable[Any],
+                 *, prunable: Prunable = None,
+                 token_mask: Optional[Callable[[Any], jax.Array]] = None) -> PyTree:
+  """Wanda importance ``|w_ij|·‖X_i‖₂`` of every prunable kernel, as an ordinary score pytree.
+
+  ``‖X_i‖₂`` is the norm of input feature ``i`` of the kernel over the calibration tokens (Sun
+  et al., "A Simple and Effective Pruning Approach for Large Language Models", 2023). The result
+  has the structure of ``params`` and works with `jaxprune.unstructured_mask`, `nm_mask` and as
+  fixed scores for `jaxprune.prune`; unprunable leaves score ``|w|``.
+
+  Args:
+    apply_fn: ``apply_fn(params, batch)``.
+    params: the parameters.
+    batches: calibration batches.
+    prunable: which leaves are scored from calibration (see `jaxprune.unstructured_mask`).
+    token_mask: ``batch -> mask`` of the positions to calibrate on.
+
+  Returns:
+    float32 scores shaped like ``params``.
+  """
+  cal = calib_lib.calibrate(apply_fn, params, _materialise(batches), token_mask=token_mask,
+                            prunable=prunable)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  out = []
+  for p, x in flat:
+    path = tree_lib.path_str(p)
+    if path in cal:
+      site = cal[path].site
+      w = interpret.to_matrix(x, site).astype(jnp.float32)
+      out.append(interpret.from_matrix(obs_lib.wanda(w, cal[path].h), site, x.shape))
+    else:
+      out.append(jnp.abs(jnp.asarray(x)).astype(jnp.float32))
+  return jax.tree.unflatten(treedef, out)
+
+
 def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Iterable[Any],
             sparsity: Optional[float] = None, *, method: str = "sparsegpt",
             pattern: Pattern = None, prunable: Prunable = None,
