@@ -1,6 +1,6 @@
 """Exact, sort-free selection of the k lowest scores over a list of arrays.
 
-Sorting 5·10⁷ scores to find a threshold takes ~1300 passes' worth of time on a CPU, and on a
+Sorting a parameter-sized score vector to find a threshold costs many passes over it, and on a
 sharded vector `jnp.sort` all-gathers it. Instead the scores are mapped to order-preserving
 `uint32` keys and the k-th smallest key is found by a two-pass radix select: a 2¹⁶-bin histogram
 of the high 16 bits locates the bin holding the k-th key, a second histogram of the low 16 bits
@@ -334,6 +334,8 @@ def _select(scores: list[ScoreLike], k: Array, positions: list) -> list[Array]:
   if sum(int(s.size) for s in scores) > _SORT_MAX:
     return _prune_lowest_impl(scores, k, positions, [None] * len(scores), None)
   sizes = [int(s.size) for s in scores]
+  if not sum(sizes):
+    return [jnp.zeros(s.shape, bool) for s in scores]
   offsets = np.cumsum([0] + sizes[:-1]).tolist()
   keys = [score_keys(_score_reader(s)(0, n)) for s, n in zip(scores, sizes)]
   pos = [_position_reader(p, o, tuple(s.shape))(0, n)
@@ -341,7 +343,7 @@ def _select(scores: list[ScoreLike], k: Array, positions: list) -> list[Array]:
   # Pruning order: ascending key, then descending position; the k-th entry in that order is the
   # last one pruned.
   order_keys, order_pos = lax.sort((jnp.concatenate(keys), ~jnp.concatenate(pos)), num_keys=2)
-  last = jnp.clip(k - 1, 0, max(sum(sizes) - 1, 0))
+  last = jnp.clip(k - 1, 0, sum(sizes) - 1)
   t, cut = order_keys[last], ~order_pos[last]
   return [((k > 0) & ((x < t) | ((x == t) & (q >= cut)))).reshape(s.shape)
           for x, q, s in zip(keys, pos, scores)]

@@ -101,6 +101,56 @@ def _maybe_update(changed: Array, update: Callable[[PyTree], PyTree], masks: PyT
                         (changed, masks))[1]
 
 
+def _resolve(params: PyTree, prunable: Prunable, overrides: Any) -> tuple[list, list]:
+  """Prunable flags, and per leaf its override schedule or None (host side, at trace time)."""
+  flags = jax.tree.leaves(tree_lib.prunable_flags(params, prunable))
+  values = policy.leaf_overrides(params, flags, overrides)
+  paths = [p for p, _ in tree_lib.leaves_with_paths(params)]
+  return flags, [None if v is None else as_schedule(v, f"overrides[{p!r}]")
+                 for v, p in zip(values, paths)]
+
+
+def _hessian(score: Any, params: PyTree, key: Array, loss_fn: Optional[Callable[..., Array]],
+             batch: Any, num_probes: int) -> PyTree:
+  """Hutchinson estimate of the Hessian diagonal of ``loss_fn(params[, batch])``."""
+  if loss_fn is None:
+    raise validation.error("loss_fn", f"a loss function passed to update for score={score!r}",
+                           None)
+  args = () if batch is None else (batch,)
+  return scores_lib.hessian_diag(loss_fn, params, *args, key=key, num_probes=num_probes)
+
+
+def _scores(score: Union[str, ScoreFn], params: PyTree, flags: list, key: Array,
+            hess: Optional[PyTree], num_probes: int, grad: Optional[PyTree],
+            loss_fn: Optional[Callable[..., Array]], batch: Any, extra: dict) -> Optional[PyTree]:
+  """The scores of `prune`'s ``score``: elementwise ones lazily (`Elementwise`), None for
+  magnitude (the policy's default); unprunable leaves hold their param (never read)."""
+  if callable(score):
+    given = {k: v for k, v in (("grad", grad), ("loss_fn", loss_fn), ("batch", batch))
+             if v is not None}
+    return score(params, **given, **extra)
+  if score == "magnitude":
+    return None
+  leaves, treedef = jax.tree.flatten(params)
+  if score == "random":
+    return jax.tree.unflatten(treedef, [
+        jax.random.uniform(jax.random.fold_in(key, i), np.shape(p)) if f else p
+        for i, (p, f) in enumerate(zip(leaves, flags))])
+  if score in ("gradient", "taylor"):
+    if grad is None:
+      raise validation.error("grad", f"the raw gradients passed to update for score={score!r}",
+                             None)
+    tree_lib.check_same_structure(params, grad, "params", "grad")
+    by_leaf = jax.tree.leaves(grad)
+  else:
+    by_leaf = jax.tree.leaves(_hessian(score, params, key, loss_fn, batch, num_probes)
+                              if hess is None else hess)
+  with_params = score in ("taylor", "obd")
+  return jax.tree.unflatten(treedef, [
+      elementwise.Elementwise(_ELEMENTWISE[score], (p, x) if with_params else (x,)) if f else p
+      for p, f, x in zip(leaves, flags, by_leaf)])
+
+
 def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
           scope: str = "layer", distribution: policy.Distribution = "uniform",
           overrides: Optional[Any] = None, prunable: Prunable = None,
@@ -172,16 +222,8 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
   seed = validation.check_int(seed, "seed")
   accumulate = bool(average_hessian) and score in _HESSIAN_SCORES
 
-  def resolve(params):
-    """Flags, and per leaf its override schedule or None (host side, at trace time)."""
-    flags = jax.tree.leaves(tree_lib.prunable_flags(params, prunable))
-    values = policy.leaf_overrides(params, flags, overrides)
-    paths = [p for p, _ in tree_lib.leaves_with_paths(params)]
-    return flags, [None if v is None else as_schedule(v, f"overrides[{p!r}]")
-                   for v, p in zip(values, paths)]
-
   def init_fn(params: PyTree) -> PruneState:
-    flags, leaf_schedules = resolve(params)
+    flags, leaf_schedules = _resolve(params, prunable, overrides)
     for (path, leaf), flag in zip(tree_lib.leaves_with_paths(params), flags):
       if flag and not tree_lib.is_floating(leaf):
         raise validation.error("params", "floating-point prunable leaves",
@@ -200,46 +242,13 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
             for p, f in zip(jax.tree.leaves(params), flags)]) if accumulate else ()),
         hess_steps=jnp.zeros((), jnp.int32))
 
-  def hessian(params, key, loss_fn, batch):
-    if loss_fn is None:
-      raise validation.error("loss_fn", f"a loss function passed to update for score={score!r}",
-                             None)
-    args = () if batch is None else (batch,)
-    return scores_lib.hessian_diag(loss_fn, params, *args, key=key, num_probes=num_probes)
-
-  def score_tree(params, flags, key, hess, grad, loss_fn, batch, extra):
-    """The scores, elementwise ones lazily (`Elementwise`), or None for magnitude."""
-    if callable(score):
-      given = {k: v for k, v in (("grad", grad), ("loss_fn", loss_fn), ("batch", batch))
-               if v is not None}
-      return score(params, **given, **extra)
-    if score == "magnitude":
-      return None
-    leaves, treedef = jax.tree.flatten(params)
-    if score == "random":
-      return jax.tree.unflatten(treedef, [
-          jax.random.uniform(jax.random.fold_in(key, i), np.shape(p)) if f else p
-          for i, (p, f) in enumerate(zip(leaves, flags))])
-    if score in ("gradient", "taylor"):
-      if grad is None:
-        raise validation.error("grad", f"the raw gradients passed to update for score={score!r}",
-                               None)
-      tree_lib.check_same_structure(params, grad, "params", "grad")
-      operands = zip(*(([leaves] if score == "taylor" else []) + [jax.tree.leaves(grad)]))
-    else:
-      hess = hessian(params, key, loss_fn, batch) if hess is None else hess
-      operands = zip(*(([leaves] if score == "obd" else []) + [jax.tree.leaves(hess)]))
-    return jax.tree.unflatten(treedef, [
-        elementwise.Elementwise(_ELEMENTWISE[score], ops) if f else p
-        for p, f, ops in zip(leaves, flags, operands)])
-
   def update_fn(updates, state: PruneState, params=None, *, grad=None, loss_fn=None, batch=None,
                 **extra):
     if params is None:
       raise validation.error("params", "the current params as the third argument of update",
                              None)
     tree_lib.check_same_structure(params, state.masks, "params", "state.masks")
-    flags, leaf_schedules = resolve(params)
+    flags, leaf_schedules = _resolve(params, prunable, overrides)
     target = _evaluate(target_schedule, state.count, state.target)
     chosen = [(i, s) for i, s in enumerate(leaf_schedules) if s is not None]
     override_targets = tuple(_evaluate(s, state.count, old)
@@ -251,7 +260,7 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
     key, sub = jax.random.split(state.key) if randomized else (state.key, state.key)
     hess_sum, hess_steps = state.hess_sum, state.hess_steps
     if accumulate:
-      h = hessian(params, sub, loss_fn, batch)
+      h = _hessian(score, params, sub, loss_fn, batch, num_probes)
       hess_sum = jax.tree.map(lambda a, x, f: a + jnp.asarray(x, jnp.float32) if f else a,
                               hess_sum, h, tree_lib.prunable_flags(params, prunable))
       hess_steps = hess_steps + 1
@@ -262,7 +271,7 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
       if accumulate:  # unprunable leaves hold a scalar placeholder; their scores are unused
         hess = jax.tree.map(lambda a, p: jnp.broadcast_to(a / hess_steps, np.shape(p)),
                             hess_sum, params)
-      scores = score_tree(params, flags, sub, hess, grad, loss_fn, batch, extra)
+      scores = _scores(score, params, flags, sub, hess, num_probes, grad, loss_fn, batch, extra)
       return policy.pruning_masks(
           params, target, scores=scores, scope=scope, distribution=distribution,
           overrides={paths[i]: t for (i, _), t in zip(chosen, override_targets)} or None,
