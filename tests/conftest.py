@@ -19,11 +19,14 @@ def assert_trees_equal(a: Any, b: Any) -> None:
     np.testing.assert_array_equal(x, y)
 
 
+_JITTED: dict = {}  # one jit wrapper per function: repeated checks reuse its compilations
+
+
 def jit_eager(fn: Callable[..., Any], *args: Any) -> Any:
   """Runs ``fn(*args)`` eagerly and as ``jax.jit(fn)(*args)`` (array and number arguments traced),
   asserts the results are identical, and returns the eager one."""
   eager = fn(*args)
-  jitted = jax.jit(fn)(*args)
+  jitted = _JITTED.setdefault(fn, jax.jit(fn))(*args)
   assert_trees_equal(eager, jitted)
   return eager
 

@@ -90,13 +90,17 @@ def test_erk_scale_zero_is_uniform():
   assert _counts(params, a) == _counts(params, b)
 
 
+_TRACED = {fn: jax.jit(lambda t, fn=fn: fn(_params(), t))
+           for fn in (distribution.uniform_sparsities, distribution.erk_sparsities)}
+
+
 @pytest.mark.parametrize("s", [0.3, 0.8, 0.97])
 def test_traced_sparsity_gives_the_concrete_split(s):
   # Under jit the target is a traced float32: the same largest-remainder split, as float32.
   params = _params()
-  for fn in (distribution.uniform_sparsities, distribution.erk_sparsities):
+  for fn, traced_fn in _TRACED.items():
     concrete = fn(params, s)
-    traced = jax.jit(lambda t, fn=fn: fn(params, t))(jnp.float32(s))
+    traced = traced_fn(jnp.float32(s))
     assert all(isinstance(x, float) for x in jax.tree.leaves(concrete))
     assert all(jnp.asarray(x).dtype == jnp.float32 for x in jax.tree.leaves(traced))
     assert _counts(params, concrete) == _counts(params, jax.tree.map(float, traced))

@@ -56,8 +56,9 @@ def test_global_scope_exact_count_and_reference(seed, s, ties):
 
 def test_jit_equals_eager_and_python_float_semantics(check_jit_eager):
   scores = _tree(3, ties=True)
+  by_global = lambda x, s: jp.unstructured_mask(x, s, scope="global")
   for s in [0.0, 0.3, 0.5, 1.0]:  # a Python float eagerly, a traced float32 under jit
-    check_jit_eager(lambda x, s: jp.unstructured_mask(x, s, scope="global"), scores, s)
+    check_jit_eager(by_global, scores, s)
     check_jit_eager(jp.unstructured_mask, scores, {"conv": s, "dense": 1 - s, "embed": s})
 
 
@@ -177,7 +178,7 @@ def test_nm_matches_reference(x, nm):
 
 
 def test_nm_default_axis_is_input_axis_of_conv_kernel(check_jit_eager):
-  x = jax.random.normal(jax.random.key(0), (3, 3, 8, 5))
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 3, 8, 5)), jnp.float32)
   got = np.asarray(check_jit_eager(jp.nm_mask, {"k": x})["k"])
   np.testing.assert_array_equal(got, reference.nm_keep(np.asarray(x), 2, 4, axis=2))
   # numpy integers are accepted for n and m
@@ -212,7 +213,7 @@ def test_block_mask_reference_and_partial_blocks():
 
 
 def test_block_mask_on_conv_uses_trailing_dims(check_jit_eager):
-  x = jax.random.normal(jax.random.key(3), (3, 3, 4, 8))
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(3, 3, 4, 8)), jnp.float32)
   m = np.asarray(check_jit_eager(lambda s: jp.block_mask(s, 0.25, (2, 4), reduce="l2"), {"k": x})
                  ["k"])
   assert (~m).sum() == round(0.25 * 36) * 8

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import reference
-from jaxprune._src import distribution, schedules
+from jaxprune._src import distribution, schedules, select
 from jaxprune._src import masks as jp_masks
 from jaxprune._src.policy import NMPattern
 from jaxprune._src.transform import prune
@@ -377,11 +377,13 @@ def test_mask_update_adds_no_parameter_sized_scratch(score, scope):
   assert re.search(r"= pred\[1024,1024\]\S* copy\(", hlo)  # in the update branch only
 
 
-def test_chunked_mask_updates_on_large_kernels_match_reference():
-  # A kernel longer than two selection chunks (2^18 entries), with exact ties: mask updates
-  # the second one ranking the already-pruned entries first (monotone), in layer and global scope.
+def test_chunked_mask_updates_on_large_kernels_match_reference(monkeypatch):
+  # A kernel spanning several selection chunks (4096 entries here; shapes used by no other test,
+  # so no selection compiled with the default chunk is reused), with exact ties: two mask
+  # updates, the second ranking the already-pruned entries first (monotone), in both scopes.
+  monkeypatch.setattr(select, "_CHUNK", 4096)
   rng = np.random.default_rng(7)
-  params = {"big": jnp.asarray(rng.integers(-40, 41, size=(800, 700)), jnp.float32),
+  params = {"big": jnp.asarray(rng.integers(-40, 41, size=(150, 121)), jnp.float32),
             "small": jnp.asarray(rng.normal(size=(30, 20)), jnp.float32)}
   sched = schedules.polynomial_schedule(0.0, 0.8, begin_step=0, end_step=2, frequency=1)
   zeros = jax.tree.map(jnp.zeros_like, params)

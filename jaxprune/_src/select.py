@@ -19,8 +19,8 @@ bins and the histogram, never a parameter-sized array. With `Elementwise` scores
 scores themselves are computed per chunk from their inputs (``|w|`` from ``w``), which is how
 `jaxprune.prune` updates masks inside a train step without raising its memory footprint.
 
-Selections over at most 2¹⁴ entries (unsharded) sort the keys and positions instead: the same
-order and the same result, cheaper at that size than four 2¹⁶-bin histograms.
+On a single device, selections over at most 2¹⁴ entries sort the keys and positions instead:
+the same order and the same result, cheaper at that size than four 2¹⁶-bin histograms.
 """
 
 from __future__ import annotations
@@ -331,7 +331,9 @@ _SORT_MAX = 1 << 14
 
 
 def _select(scores: list[ScoreLike], k: Array, positions: list) -> list[Array]:
-  if sum(int(s.size) for s in scores) > _SORT_MAX:
+  # With several devices the arrays may be sharded under GSPMD, where a sort gathers them and
+  # the histograms do not (for leaves split along their leading dimension).
+  if sum(int(s.size) for s in scores) > _SORT_MAX or jax.device_count() > 1:
     return _prune_lowest_impl(scores, k, positions, [None] * len(scores), None)
   sizes = [int(s.size) for s in scores]
   if not sum(sizes):
