@@ -6,14 +6,14 @@ transformations keep pruned weights at exactly zero inside jitted train steps.
 """
 
 # --- core: scores, masks, selection (issue 2) ---
-from jaxprune._src.masks import LeafSummary
+from jaxprune._src.summary import LeafSummary
 from jaxprune._src.masks import apply_masks
 from jaxprune._src.masks import block_mask
-from jaxprune._src.masks import format_summary
+from jaxprune._src.summary import format_summary
 from jaxprune._src.masks import nm_mask
-from jaxprune._src.masks import sparsity
+from jaxprune._src.summary import sparsity
 from jaxprune._src.masks import structured_mask
-from jaxprune._src.masks import summarize
+from jaxprune._src.summary import summarize
 from jaxprune._src.masks import unstructured_mask
 from jaxprune._src.scores import curvature
 from jaxprune._src.scores import gradient
@@ -22,7 +22,7 @@ from jaxprune._src.scores import magnitude
 from jaxprune._src.scores import obd
 from jaxprune._src.scores import random_scores
 from jaxprune._src.scores import taylor
-from jaxprune._src.select import Elementwise
+from jaxprune._src.elementwise import Elementwise
 from jaxprune._src.select import prune_lowest
 from jaxprune._src.select import score_keys
 from jaxprune._src.tree import default_prunable
@@ -42,6 +42,9 @@ from jaxprune._src.schedules import one_shot_schedule
 from jaxprune._src.schedules import polynomial_schedule
 from jaxprune._src.transform import PruneState
 from jaxprune._src.transform import prune
+from jaxprune._src.policy import BlockPattern
+from jaxprune._src.policy import NMPattern
+from jaxprune._src.policy import pruning_masks
 # --- end optax ---
 
 # --- structured pruning and surgery (issue 5) ---

@@ -90,23 +90,52 @@ def test_erk_scale_zero_is_uniform():
   assert _counts(params, a) == _counts(params, b)
 
 
-def test_erk_fractions_traced_matches_concrete():
+_TRACED = {fn: jax.jit(lambda t, fn=fn: fn(_params(), t))
+           for fn in (distribution.uniform_sparsities, distribution.erk_sparsities)}
+
+
+@pytest.mark.parametrize("s", [0.3, 0.8, 0.97])
+def test_traced_sparsity_gives_the_concrete_split(s):
+  # Under jit the target is a traced float32: the same largest-remainder split, as float32.
   params = _params()
-  shapes = [x.shape for x in jax.tree.leaves(params) if x.ndim >= 2]
-  want = distribution.erk_sparsities(params, 0.8)
-  got = jax.jit(lambda s: distribution.erk_fractions(shapes, s))(jnp.float32(0.8))
-  # Order of jax.tree.leaves: conv, dense1/kernel, dense2/kernel.
-  np.testing.assert_allclose(
-      np.asarray(got), [want["conv"], want["dense1"]["kernel"], want["dense2"]["kernel"]],
-      atol=1e-3)
+  for fn, traced_fn in _TRACED.items():
+    concrete = fn(params, s)
+    traced = traced_fn(jnp.float32(s))
+    assert all(isinstance(x, float) for x in jax.tree.leaves(concrete))
+    assert all(jnp.asarray(x).dtype == jnp.float32 for x in jax.tree.leaves(traced))
+    assert _counts(params, concrete) == _counts(params, jax.tree.map(float, traced))
+    assert _total_pruned(params, traced) == round(np.float32(s) * N_PRUNABLE)
 
 
-@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
+def test_traced_erk_keeps_capped_leaves_dense():
+  params = {"small": jnp.zeros((2, 2)), "big": jnp.zeros((100, 100))}
+  traced = jax.jit(lambda t: distribution.erk_sparsities(params, t))(0.5)
+  assert float(traced["small"]) == 0.0
+  assert round(float(traced["big"]) * 10000) == round(0.5 * 10004)
+
+
+def test_one_signature_for_every_distribution():
+  # fn(params, sparsity, *, prunable): the exported functions and a user's one are interchangeable.
+  params = _params()
+  only_dense = lambda path, x: "dense" in jax.tree_util.keystr(path) and x.ndim >= 2
+  for fn in (distribution.uniform_sparsities, distribution.erk_sparsities):
+    fracs = fn(params, 0.5, prunable=only_dense)
+    assert fracs["conv"] == 0.0 and fracs["dense1"]["bias"] == 0.0
+    n = 288 * 64 + 64 * 10
+    assert _total_pruned(params, fracs) == round(0.5 * n)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "0.5", None, jnp.ones(2)])
 def test_bad_sparsity_raises(bad):
-  with pytest.raises(ValueError, match="sparsity"):
-    distribution.uniform_sparsities(_params(), bad)
-  with pytest.raises(ValueError, match="sparsity"):
-    distribution.erk_sparsities(_params(), bad)
+  for fn in (distribution.uniform_sparsities, distribution.erk_sparsities):
+    with pytest.raises(ValueError, match=r"^sparsity: expected a fraction in \[0, 1\], got"):
+      fn(_params(), bad)
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), "1"])
+def test_bad_erk_scale_raises(bad):
+  with pytest.raises(ValueError, match=r"^scale: expected a finite number >= 0, got"):
+    distribution.erk_sparsities(_params(), 0.5, scale=bad)
 
 
 @hypothesis.settings(max_examples=40, deadline=None)

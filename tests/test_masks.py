@@ -54,12 +54,12 @@ def test_global_scope_exact_count_and_reference(seed, s, ties):
     np.testing.assert_array_equal(np.asarray(g), ~e)
 
 
-def test_jit_equals_eager_and_python_float_semantics():
+def test_jit_equals_eager_and_python_float_semantics(check_jit_eager):
   scores = _tree(3, ties=True)
-  for s in [0.0, 0.3, 0.5, 1.0]:
-    eager = jp.unstructured_mask(scores, s, scope="global")
-    jitted = _global(scores, s)
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), eager, jitted)
+  by_global = lambda x, s: jp.unstructured_mask(x, s, scope="global")
+  for s in [0.0, 0.3, 0.5, 1.0]:  # a Python float eagerly, a traced float32 under jit
+    check_jit_eager(by_global, scores, s)
+    check_jit_eager(jp.unstructured_mask, scores, {"conv": s, "dense": 1 - s, "embed": s})
 
 
 def test_all_equal_scores_prune_the_last_entries():
@@ -116,14 +116,24 @@ def test_bf16_scores_and_masks_are_bool_leaf_shaped():
     assert m.dtype == jnp.bool_ and m.shape == x.shape
 
 
-def test_empty_and_single_entry_leaves():
-  scores = {"empty": jnp.zeros((0, 4)), "one": jnp.ones((1, 1)), "w": jnp.arange(6.).reshape(2, 3)}
+def test_empty_and_single_entry_leaves(check_jit_eager):
+  # A size-0 leaf between others: jitted layer scope had indexed its (empty) mask to order the
+  # selections one after another.
+  scores = {"a": jnp.arange(6.).reshape(3, 2), "empty": jnp.zeros((0, 4)), "one": jnp.ones((1, 1)),
+            "w": jnp.arange(6.).reshape(2, 3)}
   for scope in ("layer", "global"):
-    m = jp.unstructured_mask(scores, 0.5, scope=scope)
-    assert m["empty"].shape == (0, 4)
+    m = check_jit_eager(lambda x, s, scope=scope: jp.unstructured_mask(x, s, scope=scope), scores,
+                        0.5)
+    assert m["empty"].shape == (0, 4) and m["empty"].dtype == jnp.bool_
   m = jp.unstructured_mask(scores, 0.5)
   assert bool(m["one"][0, 0])  # round(0.5) == 0
+  np.testing.assert_array_equal(m["w"].ravel(), [0, 0, 0, 1, 1, 1])
   assert not bool(jp.unstructured_mask(scores, 1.0)["one"][0, 0])
+  blocks = check_jit_eager(lambda x: jp.block_mask(x, 0.5, (1, 2), allow_partial=True), scores)
+  np.testing.assert_array_equal(blocks["w"], [[False, False, False], [True, True, True]])
+  assert blocks["empty"].shape == (0, 4)
+  units = check_jit_eager(lambda x: jp.structured_mask(x, 0.5, axis=0), scores)
+  np.testing.assert_array_equal(units["a"].ravel(), [0, 0, 0, 0, 1, 1])
 
 
 # --- structured ---
@@ -136,7 +146,7 @@ def _np_unit_scores(x, axis, norm):
 @pytest.mark.parametrize("axis, norm", [(-1, "l2"), (-1, "l1"), (-2, "l2"), (0, "l1")])
 def test_structured_matches_reference(axis, norm):
   scores = _tree(6, ties=True)
-  masks = jp.structured_mask(scores, 0.5, axis=axis, norm=norm)
+  masks = jp.structured_mask(scores, 0.5, axis=axis, reduce=norm)
   for x, m in [(scores["conv"]["kernel"], masks["conv"]["kernel"]),
                (scores["dense"]["kernel"], masks["dense"]["kernel"])]:
     units = _np_unit_scores(x, axis, norm)
@@ -148,7 +158,7 @@ def test_structured_matches_reference(axis, norm):
 
 def test_structured_global_counts_units_over_leaves():
   scores = {"a": jnp.ones((3, 4)), "b": jnp.full((5, 6), 2.0)}
-  masks = jp.structured_mask(scores, 0.5, scope="global", norm="l1")
+  masks = jp.structured_mask(scores, 0.5, scope="global", reduce="l1")
   # unit L1 norms: a -> 3 (x4), b -> 10 (x6); 5 of 10 units go: all of a, then the last b unit
   assert not np.asarray(masks["a"]).any()
   np.testing.assert_array_equal(np.asarray(masks["b"])[0], [1, 1, 1, 1, 1, 0])
@@ -167,13 +177,26 @@ def test_nm_matches_reference(x, nm):
   assert np.all(got.reshape(8 // m, m, 3).sum(1) == n)
 
 
-def test_nm_default_axis_is_input_axis_of_conv_kernel():
-  x = jax.random.normal(jax.random.key(0), (3, 3, 8, 5))
-  got = np.asarray(jp.nm_mask({"k": x})["k"])
+def test_nm_default_axis_is_input_axis_of_conv_kernel(check_jit_eager):
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 3, 8, 5)), jnp.float32)
+  got = np.asarray(check_jit_eager(jp.nm_mask, {"k": x})["k"])
   np.testing.assert_array_equal(got, reference.nm_keep(np.asarray(x), 2, 4, axis=2))
+  # numpy integers are accepted for n and m
+  np.testing.assert_array_equal(jp.nm_mask({"k": x}, np.int64(2), np.int32(4))["k"], got)
 
 
 # --- blocks ---
+
+def test_block_mask_max_scores_partial_edge_blocks_by_their_entries():
+  # Padding had been -inf before taking |.|: every partial edge block scored +inf under "max".
+  x = np.arange(24, dtype=np.float32).reshape(4, 6) - 11
+  got = np.asarray(jp.block_mask({"w": x}, 0.5, (3, 4), reduce="max", allow_partial=True)["w"])
+  maxes = np.array([[np.abs(x[:3, :4]).max(), np.abs(x[:3, 4:]).max()],
+                    [np.abs(x[3:, :4]).max(), np.abs(x[3:, 4:]).max()]], np.float32)
+  assert maxes.tolist() == [[11, 7], [10, 12]]
+  np.testing.assert_array_equal(got, np.kron(reference.unit_keep(maxes, 0.5),
+                                             np.ones((3, 4), bool))[:4, :6])
+
 
 def test_block_mask_reference_and_partial_blocks():
   x = np.arange(24, dtype=np.float32).reshape(4, 6) - 11
@@ -189,9 +212,10 @@ def test_block_mask_reference_and_partial_blocks():
   np.testing.assert_array_equal(part, expected)
 
 
-def test_block_mask_on_conv_uses_trailing_dims():
-  x = jax.random.normal(jax.random.key(3), (3, 3, 4, 8))
-  m = np.asarray(jp.block_mask({"k": x}, 0.25, (2, 4), reduce="l2")["k"])
+def test_block_mask_on_conv_uses_trailing_dims(check_jit_eager):
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(3, 3, 4, 8)), jnp.float32)
+  m = np.asarray(check_jit_eager(lambda s: jp.block_mask(s, 0.25, (2, 4), reduce="l2"), {"k": x})
+                 ["k"])
   assert (~m).sum() == round(0.25 * 36) * 8
   blocks = m.reshape(3, 3, 2, 2, 2, 4)
   assert np.all(blocks.all(axis=(3, 5)) == blocks.any(axis=(3, 5)))  # constant in each block
@@ -220,17 +244,26 @@ def test_apply_masks_sparsity_and_summary():
 
 # --- bad input ---
 
-@pytest.mark.parametrize("bad", [-0.5, 1.5, float("nan")])
+@pytest.mark.parametrize("bad", [-0.5, 1.5, float("nan"), "0.5", jnp.ones(2)])
 def test_bad_sparsity(bad):
-  with pytest.raises(ValueError, match="sparsity.*expected a fraction in"):
+  with pytest.raises(ValueError, match=r"^sparsity: expected a fraction in \[0, 1\], got "):
     jp.unstructured_mask(_tree(), bad)
-  with pytest.raises(ValueError, match=r"sparsity for leaf \['dense'\]\['kernel'\]"):
+  with pytest.raises(ValueError, match=r"sparsity: expected a fraction in \[0, 1\], got .* "
+                                       r"\(leaf \['dense'\]\['kernel'\]\)\.$"):
     jp.unstructured_mask(_tree(), {"conv": 0.1, "dense": bad, "embed": 0.0})
+  with pytest.raises(ValueError, match=r"^sparsity: expected a fraction in \[0, 1\], got "):
+    jp.block_mask(_tree(), bad, (1, 2))
+
+
+def test_missing_sparsity_is_named():
+  for fn in (jp.unstructured_mask, jp.structured_mask):
+    with pytest.raises(ValueError, match=r"^sparsity: expected a fraction in \[0, 1\], got None"):
+      fn(_tree(), None)
 
 
 def test_bad_inputs_name_the_leaf():
-  with pytest.raises(ValueError, match=r"scores: expected floating-point arrays, got dtype int32 "
-                                       r"at leaf \['i'\]"):
+  with pytest.raises(ValueError, match=r"scores: expected floating-point arrays, got 'dtype int32' "
+                                       r"\(leaf \['i'\]\)"):
     jp.unstructured_mask({"i": jnp.ones((2, 2), jnp.int32)}, 0.5)
   with pytest.raises(ValueError, match="scope"):
     jp.unstructured_mask(_tree(), 0.5, scope="network")
@@ -238,20 +271,27 @@ def test_bad_inputs_name_the_leaf():
     jp.apply_masks({"a": jnp.ones(2), "b": jnp.ones(2)}, {"a": jnp.ones(2, bool)})
   with pytest.raises(ValueError, match=r"leaf \['a'\] has shape \(2,\) in params and \(3,\)"):
     jp.apply_masks({"a": jnp.ones(2)}, {"a": jnp.ones(3, bool)})
-  with pytest.raises(ValueError, match="expected 0 <= n <= m"):
+  with pytest.raises(ValueError, match=r"n: expected an integer >= 0 and <= 4, got 5\."):
     jp.nm_mask(_tree(), 5, 4)
-  with pytest.raises(ValueError, match=r"axis: expected an axis in \[-2, 2\) for leaf "
-                                       r"\['dense'\]\['kernel'\]"):
+  with pytest.raises(ValueError, match=r"axis: expected an axis in \[-2, 2\) for 2 dimensions, got "
+                                       r"3 \(leaf \['dense'\]\['kernel'\]\)"):
     jp.structured_mask(_tree(), 0.5, axis=3, prunable=lambda p, x: x.ndim == 2)
-  with pytest.raises(ValueError, match=r"leaf \['dense'\]\['kernel'\] has size 10 along axis -1, "
-                                       r"expected a multiple of m=4"):
+  with pytest.raises(ValueError, match=r"axis: expected an integer axis, got 1\.0 \(leaf "):
+    jp.structured_mask(_tree(), 0.5, axis=1.0)
+  with pytest.raises(ValueError, match=r"m: expected a divisor of 10, the size along axis -1, got "
+                                       r"4 \(leaf \['dense'\]\['kernel'\]\)"):
     jp.nm_mask(_tree(), 2, 4, axis=-1, prunable=lambda p, x: x.ndim == 2)
-  with pytest.raises(ValueError, match=r"leaf \['dense'\]\['kernel'\] has shape \(32, 10\), not "
-                                       r"divisible by block"):
+  with pytest.raises(ValueError, match=r"block_shape: expected a divisor of shape \(32, 10\) \(or "
+                                       r"allow_partial=True\), got \(8, 4\) \(leaf \['dense'\]"):
     jp.block_mask(_tree(), 0.5, (8, 4), prunable=lambda p, x: x.ndim == 2)
-  with pytest.raises(ValueError, match="block_shape.*more dims than leaf"):
-    jp.block_mask(_tree(), 0.5, (1, 1, 1, 1, 1))
-  with pytest.raises(ValueError, match="with scope='global' expected one fraction"):
+  with pytest.raises(ValueError, match=r"block_shape: expected at most 2 dims for shape"):
+    jp.block_mask(_tree(), 0.5, (1, 1, 1), prunable=lambda p, x: x.ndim == 2)
+  for bad in (2, (), (2, 0), (2.0, 1), "ab"):
+    with pytest.raises(ValueError, match=r"^block_shape: expected "):
+      jp.block_mask(_tree(), 0.5, bad)
+  with pytest.raises(ValueError, match=r"^reduce: expected one of \('l1', 'l2'\), got 'max'"):
+    jp.structured_mask(_tree(), 0.5, reduce="max")
+  with pytest.raises(ValueError, match="sparsity: expected one fraction with scope='global'"):
     jp.unstructured_mask(_tree(), {"conv": 0.1, "dense": 0.2, "embed": 0.3}, scope="global")
 
 

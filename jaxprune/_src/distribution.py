@@ -1,60 +1,50 @@
 """Sparsity distributions: how one overall target is split across the prunable leaves.
 
-Two distributions are provided, each in two forms:
+Every distribution has one signature, ``fn(params, sparsity, *, prunable=None) -> per-leaf
+sparsities`` (a pytree with the params' structure, 0 on unprunable leaves), so `uniform_sparsities`,
+`erk_sparsities` and a user's own function are interchangeable wherever a distribution is taken
+(`jaxprune.pruning_masks`, `jaxprune.prune`).
 
-* `uniform_sparsities` / `erk_sparsities` take a concrete Python float and return a pytree of
-  Python floats, rounded so that the pruned counts add up to ``round(s * N)`` over the prunable
-  leaves (largest-remainder rounding). They are meant for analysis code and for building
-  per-leaf targets by hand.
-* `erk_fractions` computes the same ERK split inside a jitted step from a traced target (float32,
-  no count rounding); `jaxprune.prune` uses it when the target comes from a schedule.
+The split is rounded so that the pruned counts add up to ``round(s * N)`` over the prunable leaves
+(largest-remainder rounding). A concrete ``sparsity`` gives Python floats computed exactly; a
+traced one (a schedule's value inside a jitted step) gives float32 scalars by the same rule, equal
+to the concrete result unless an exact share lies within float32 rounding of a rounding boundary.
 """
 
 from __future__ import annotations
 
 import fractions
 import math
-from typing import Any, Sequence
+from typing import Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune._src import select
 from jaxprune._src import tree as tree_lib
+from jaxprune._src import validation
+from jaxprune._src.types import Array, Prunable, PyTree
 
-PyTree = Any
-
-
-def _check_fraction(value: Any, name: str) -> float:
-  if isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) != 0:
-    raise ValueError(f"{name}: expected a scalar fraction in [0, 1], got shape {np.shape(value)}.")
-  try:
-    value = float(value)
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    raise ValueError(
-        f"{name}: expected a concrete Python number in [0, 1], got {type(value).__name__} "
-        "(use erk_fractions inside jit).") from None
-  if not 0.0 <= value <= 1.0:  # False for NaN as well
-    raise ValueError(f"{name}: expected a fraction in [0, 1], got {value}.")
-  return value
+Fraction = Union[float, Array]
 
 
-def _prunable_leaves(params: PyTree, prunable: tree_lib.Prunable):
-  """Flattens ``params`` and returns (leaves with paths, treedef, per-leaf flags)."""
-  flags = tree_lib.prunable_flags(params, prunable)
-  with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
-  flag_leaves = jax.tree.leaves(flags)
-  return with_paths, treedef, flag_leaves
+def _prunable_shapes(params: PyTree, prunable: Prunable):
+  """``(treedef, flags, indices of the prunable leaves, their shapes)``."""
+  leaves, treedef = jax.tree.flatten(params)
+  flags = jax.tree.leaves(tree_lib.prunable_flags(params, prunable))
+  idx = [i for i, f in enumerate(flags) if f]
+  return treedef, len(leaves), idx, [tuple(np.shape(leaves[i])) for i in idx]
 
 
-def _largest_remainder(exact: Sequence[fractions.Fraction], sizes: Sequence[int],
+def _largest_remainder(exact: Sequence[fractions.Fraction], caps: Sequence[int],
                        total: int) -> list[int]:
-  """Integer counts ``k_i`` near ``exact[i]`` with ``sum(k_i) == total`` and ``0 <= k_i <= n_i``.
+  """Integer counts ``k_i`` near ``exact[i]``, ``sum(k_i) == total``, ``0 <= k_i <= caps[i]``.
 
   Starts from the floors and hands the missing units to the largest fractional parts (earlier
   leaves first among equal remainders), so every count stays within one of its exact share.
   """
-  counts = [min(max(math.floor(e), 0), n) for e, n in zip(exact, sizes)]
+  counts = [min(max(math.floor(e), 0), n) for e, n in zip(exact, caps)]
   missing = total - sum(counts)
   order = sorted(range(len(exact)), key=lambda i: (-(exact[i] - math.floor(exact[i])), i))
   step = 1 if missing > 0 else -1
@@ -63,52 +53,109 @@ def _largest_remainder(exact: Sequence[fractions.Fraction], sizes: Sequence[int]
     for i in (order if step > 0 else reversed(order)):
       if missing == 0:
         break
-      if 0 <= counts[i] + step <= sizes[i]:
+      if 0 <= counts[i] + step <= caps[i]:
         counts[i] += step
         missing -= step
         moved = True
-    if not moved:  # cannot happen when 0 <= total <= sum(sizes); guards an infinite loop
+    if not moved:  # cannot happen when 0 <= total <= sum(caps); guards an infinite loop
       break
   return counts
 
 
-def _as_fractions_tree(with_paths, treedef, flag_leaves, counts: dict[int, int]) -> PyTree:
-  out = []
-  for i, ((_, leaf), flag) in enumerate(zip(with_paths, flag_leaves)):
-    n = int(np.size(leaf))
-    out.append(counts[i] / n if flag and n else 0.0)
+def _largest_remainder_traced(exact: Array, caps: Array, total: Array) -> Array:
+  """`_largest_remainder` in float32 for a traced target (one pass: at most one unit per leaf)."""
+  floors = jnp.clip(jnp.floor(exact), 0.0, caps)
+  missing = total.astype(jnp.float32) - jnp.sum(floors)
+  order = jnp.argsort(-(exact - jnp.floor(exact)), stable=True)
+  up = (floors < caps)[order]
+  give = up & (jnp.cumsum(up) <= missing)
+  down = (floors > 0)[order[::-1]]
+  take = down & (jnp.cumsum(down) <= -missing)
+  delta = (jnp.zeros_like(floors).at[order].add(give.astype(jnp.float32))
+           - jnp.zeros_like(floors).at[order[::-1]].add(take.astype(jnp.float32)))
+  return floors + delta
+
+
+def _as_tree(treedef, num_leaves: int, idx: Sequence[int], values: Sequence[Fraction]) -> PyTree:
+  out: list[Fraction] = [0.0] * num_leaves
+  for i, v in zip(idx, values):
+    out[i] = v
   return jax.tree.unflatten(treedef, out)
 
 
-def uniform_sparsities(params: PyTree, sparsity: float, *,
-                       prunable: tree_lib.Prunable = None) -> PyTree:
+def _split(shapes: Sequence[tuple[int, ...]], sparsity: Fraction,
+           densities: Union[None, np.ndarray, Array]) -> list[Fraction]:
+  """Per-leaf sparsities with pruned counts adding up to ``round(s * N)``.
+
+  Args:
+    shapes: prunable leaf shapes.
+    sparsity: overall target (Python float, or a traced float32 scalar).
+    densities: per-leaf kept fractions before rounding (None: ``1 - s`` everywhere); a leaf of
+      density 1 prunes nothing.
+  """
+  sizes = [math.prod(sh) for sh in shapes]
+  if not sizes:
+    return []
+  if not validation.is_traced(sparsity) and not validation.is_traced(densities):
+    s = float(sparsity)
+    total = round(s * sum(sizes))
+    if densities is None:
+      exact = [fractions.Fraction(s) * n for n in sizes]
+      caps = sizes
+    else:
+      dense = [bool(d >= 1.0) for d in densities]
+      exact = [fractions.Fraction(0) if dn else fractions.Fraction(float(1.0 - d)) * n
+               for d, n, dn in zip(densities, sizes, dense)]
+      # Dense leaves are pinned at zero pruned (capacity 0) so rounding never prunes them.
+      caps = [0 if dn else n for n, dn in zip(sizes, dense)]
+      if sum(caps) < total:  # only through float round-off near s == 0
+        caps = sizes
+    counts = _largest_remainder(exact, caps, total)
+    return [k / n if n else 0.0 for k, n in zip(counts, sizes)]
+  s = jnp.asarray(sparsity, jnp.float32)
+  n = jnp.asarray(sizes, jnp.float32)
+  total = select.num_to_prune(s, sum(sizes))
+  if densities is None:
+    exact, caps = s * n, n
+  else:
+    d = jnp.asarray(densities, jnp.float32)
+    exact = jnp.where(d >= 1.0, 0.0, (1.0 - d) * n)
+    caps = jnp.where(d >= 1.0, 0.0, n)
+    caps = jnp.where(jnp.sum(caps) < total, n, caps)
+  counts = _largest_remainder_traced(exact, caps, total)
+  fracs = counts / jnp.maximum(n, 1.0)
+  return [fracs[j] for j in range(len(sizes))]
+
+
+def uniform_sparsities(params: PyTree, sparsity: Fraction, *,
+                       prunable: Prunable = None) -> PyTree:
   """The same sparsity for every prunable leaf, rounded so the pruned total is ``round(s*N)``.
 
   Each leaf gets ``k_i / n_i`` where ``k_i`` is within one of ``s * n_i`` and the ``k_i`` add up
-  to ``round(s * N)`` (``N`` the number of prunable entries, Python rounding). Pass the result as
-  the per-leaf ``sparsity`` of `jaxprune.unstructured_mask` (layer scope) to prune exactly
-  ``k_i`` entries of each leaf.
+  to ``round(s * N)`` (``N`` the number of prunable entries, Python rounding). Passed as the
+  per-leaf ``sparsity`` of `jaxprune.unstructured_mask` (layer scope) it prunes exactly ``k_i``
+  entries of each leaf. (``distribution="uniform"`` in `jaxprune.pruning_masks` instead rounds
+  each leaf on its own, ``round(s * n_i)``, the layer-scope rule.)
+
+  Example::
+
+    jp.uniform_sparsities([jnp.zeros((1, 3))] * 3, 0.5)   # [2/3, 1/3, 1/3]: 4 = round(4.5)
 
   Args:
     params: parameter pytree (only shapes and dtypes are read).
-    sparsity: overall fraction of prunable entries to prune, in [0, 1].
+    sparsity: overall fraction of prunable entries to prune, in [0, 1]; may be traced.
     prunable: ``None`` (default rule), a predicate ``(path, leaf) -> bool`` or a pytree of bools.
 
   Returns:
-    A pytree with the structure of ``params`` of Python floats; 0.0 for leaves that are not
-    prunable.
+    A pytree with the structure of ``params``: Python floats for a concrete ``sparsity``, float32
+    scalars for a traced one; 0.0 for leaves that are not prunable.
 
   Raises:
-    ValueError: if ``sparsity`` is not a concrete number in [0, 1].
+    ValueError: if a concrete ``sparsity`` is not a number in [0, 1].
   """
-  s = _check_fraction(sparsity, "sparsity")
-  with_paths, treedef, flags = _prunable_leaves(params, prunable)
-  idx = [i for i, f in enumerate(flags) if f]
-  sizes = [int(np.size(with_paths[i][1])) for i in idx]
-  total = round(s * sum(sizes))
-  exact = [fractions.Fraction(s) * n for n in sizes]
-  counts = dict(zip(idx, _largest_remainder(exact, sizes, total)))
-  return _as_fractions_tree(with_paths, treedef, flags, counts)
+  s = validation.check_fraction(sparsity, "sparsity")
+  treedef, num_leaves, idx, shapes = _prunable_shapes(params, prunable)
+  return _as_tree(treedef, num_leaves, idx, _split(shapes, s, None))
 
 
 def erk_raw_scores(shape: Sequence[int], scale: float = 1.0) -> float:
@@ -150,7 +197,7 @@ def _erk_densities(sizes, raws, density, xp, iters: int):
   return xp.where(dense, 1.0, xp.clip(eps * raws, 0.0, 1.0))
 
 
-def erk_sparsities(params: PyTree, sparsity: float, *, prunable: tree_lib.Prunable = None,
+def erk_sparsities(params: PyTree, sparsity: Fraction, *, prunable: Prunable = None,
                    scale: float = 1.0) -> PyTree:
   """Erdős–Rényi-Kernel split of an overall sparsity over the prunable leaves.
 
@@ -160,66 +207,44 @@ def erk_sparsities(params: PyTree, sparsity: float, *, prunable: tree_lib.Prunab
   `uniform_sparsities`: the pruned total over prunable leaves is ``round(s * N)``, dense
   leaves prune nothing.
 
+  Example::
+
+    fracs = jp.erk_sparsities(params, 0.9)          # smaller layers stay denser
+    masks = jp.pruning_masks(params, 0.9, distribution=jp.erk_sparsities)
+
   Args:
     params: parameter pytree (only shapes are read).
-    sparsity: overall fraction of prunable entries to prune, in [0, 1].
+    sparsity: overall fraction of prunable entries to prune, in [0, 1]; may be traced.
     prunable: ``None`` (default rule), a predicate ``(path, leaf) -> bool`` or a pytree of bools.
     scale: exponent on the ERK ratio (1.0: ERK; 0.0: uniform).
 
   Returns:
-    A pytree with the structure of ``params`` of Python floats (per-leaf sparsities); 0.0 for
-    leaves that are not prunable.
+    A pytree with the structure of ``params`` of per-leaf sparsities (Python floats for a
+    concrete ``sparsity``, float32 scalars for a traced one); 0.0 for leaves that are not
+    prunable.
 
   Raises:
-    ValueError: if ``sparsity`` is not a concrete number in [0, 1] or ``scale`` is negative.
+    ValueError: if a concrete ``sparsity`` is not a number in [0, 1] or ``scale`` is negative.
 
   References:
     Evci et al., "Rigging the Lottery: Making All Tickets Winners", ICML 2020 (ERK);
     Mocanu et al., "Scalable training of artificial neural networks with adaptive sparse
     connectivity inspired by network science", Nature Communications 2018 (Erdős–Rényi).
   """
-  s = _check_fraction(sparsity, "sparsity")
-  if not scale >= 0.0:
-    raise ValueError(f"scale: expected a non-negative exponent, got {scale}.")
-  with_paths, treedef, flags = _prunable_leaves(params, prunable)
-  idx = [i for i, f in enumerate(flags) if f]
-  shapes = [tuple(np.shape(with_paths[i][1])) for i in idx]
-  sizes = [math.prod(sh) for sh in shapes]
+  s = validation.check_fraction(sparsity, "sparsity")
+  validation.check_nonnegative(scale, "scale")
+  treedef, num_leaves, idx, shapes = _prunable_shapes(params, prunable)
   if not idx:
-    return _as_fractions_tree(with_paths, treedef, flags, {})
+    return _as_tree(treedef, num_leaves, idx, [])
+  sizes = [math.prod(sh) for sh in shapes]
   raws = [erk_raw_scores(sh, scale) for sh in shapes]
-  dens = _erk_densities(np.asarray(sizes, np.float64), np.asarray(raws, np.float64), 1.0 - s,
-                        np, len(idx))
-  total = round(s * sum(sizes))
-  dense = [bool(d >= 1.0) for d in dens]
-  exact = [fractions.Fraction(0) if dn else fractions.Fraction(float(1.0 - d)) * n
-           for d, n, dn in zip(dens, sizes, dense)]
-  # Dense leaves are pinned at zero pruned (capacity 0) so rounding never prunes them.
-  caps = [0 if dn else n for n, dn in zip(sizes, dense)]
-  if sum(caps) < total:  # only through float round-off near s == 0; fall back to all leaves
-    caps = sizes
-  counts = dict(zip(idx, _largest_remainder(exact, caps, total)))
-  return _as_fractions_tree(with_paths, treedef, flags, counts)
+  if validation.is_traced(s):
+    dens = _erk_densities(jnp.asarray(sizes, jnp.float32), jnp.asarray(raws, jnp.float32),
+                          1.0 - jnp.asarray(s, jnp.float32), jnp, len(idx))
+  else:
+    dens = _erk_densities(np.asarray(sizes, np.float64), np.asarray(raws, np.float64), 1.0 - s,
+                          np, len(idx))
+  return _as_tree(treedef, num_leaves, idx, _split(shapes, s, dens))
 
 
-def erk_fractions(shapes: Sequence[Sequence[int]], sparsity: jax.Array,
-                  scale: float = 1.0) -> jax.Array:
-  """ERK per-leaf sparsities for a (possibly traced) overall target, in float32.
-
-  The jit-friendly counterpart of `erk_sparsities` for a list of leaf shapes: same densities,
-  no integer rounding (the mask function rounds each leaf's count).
-
-  Args:
-    shapes: shapes of the prunable leaves, in leaf order.
-    sparsity: overall target in [0, 1]; a float32 scalar, may be traced.
-    scale: exponent on the ERK ratio.
-
-  Returns:
-    float32 array of per-leaf sparsities, one per shape.
-  """
-  sizes = [float(math.prod(sh)) for sh in shapes]
-  raws = [erk_raw_scores(sh, scale) for sh in shapes]
-  density = 1.0 - jnp.asarray(sparsity, jnp.float32)
-  dens = _erk_densities(jnp.asarray(sizes, jnp.float32), jnp.asarray(raws, jnp.float32), density,
-                        jnp, len(shapes))
-  return jnp.clip(1.0 - dens, 0.0, 1.0)
+__all__ = ["erk_raw_scores", "erk_sparsities", "uniform_sparsities"]

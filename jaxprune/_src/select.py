@@ -1,6 +1,6 @@
 """Exact, sort-free selection of the k lowest scores over a list of arrays.
 
-Sorting 5·10⁷ scores to find a threshold takes ~1300 passes' worth of time on a CPU, and on a
+Sorting a parameter-sized score vector to find a threshold costs many passes over it, and on a
 sharded vector `jnp.sort` all-gathers it. Instead the scores are mapped to order-preserving
 `uint32` keys and the k-th smallest key is found by a two-pass radix select: a 2¹⁶-bin histogram
 of the high 16 bits locates the bin holding the k-th key, a second histogram of the low 16 bits
@@ -18,20 +18,25 @@ Every pass reads the scores in chunks (2¹⁸ entries on CPU, 2²⁴ on accelera
 bins and the histogram, never a parameter-sized array. With `Elementwise` scores even the
 scores themselves are computed per chunk from their inputs (``|w|`` from ``w``), which is how
 `jaxprune.prune` updates masks inside a train step without raising its memory footprint.
+
+On a single device, selections over at most 2¹⁴ entries sort the keys and positions instead:
+the same order and the same result, cheaper at that size than four 2¹⁶-bin histograms.
 """
 
 from __future__ import annotations
 
 import functools
-import numbers
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-Array = jax.Array
+from jaxprune._src import validation
+from jaxprune._src.elementwise import Elementwise, ScoreLike, join_elementwise, split_elementwise
+from jaxprune._src.types import Array
+
 CountReducer = Callable[[Array], Array]
 
 _RADIX_BITS = 16
@@ -63,33 +68,11 @@ def score_keys(x: Array) -> Array:
   return jnp.where(jnp.isnan(x), jnp.uint32(0), keys)
 
 
-def _is_concrete(x) -> bool:
-  return not isinstance(x, jax.core.Tracer)
+# Kept for modules that still import the old name; `validation.check_fraction` is the check.
+check_sparsity = validation.check_fraction
 
 
-def check_sparsity(sparsity, name: str = "sparsity", path: Optional[str] = None) -> None:
-  """Raises a ValueError if a concrete ``sparsity`` is NaN or outside [0, 1].
-
-  Traced values cannot be checked at trace time; `num_to_prune` clips them instead.
-
-  Args:
-    sparsity: a fraction.
-    name: argument name for the message.
-    path: leaf path for the message, if the value belongs to one leaf.
-  """
-  if not _is_concrete(sparsity):
-    return
-  arr = np.asarray(sparsity)
-  if arr.shape != ():
-    where = f" for leaf {path}" if path else ""
-    raise ValueError(f"{name}{where}: expected a scalar fraction in [0, 1], got shape {arr.shape}.")
-  value = float(arr)
-  if not 0.0 <= value <= 1.0:  # also rejects NaN
-    where = f" for leaf {path}" if path else ""
-    raise ValueError(f"{name}{where}: expected a fraction in [0, 1], got {value!r}.")
-
-
-def num_to_prune(sparsity, n: int, name: str = "sparsity",
+def num_to_prune(sparsity: Any, n: int, name: str = "sparsity",
                  path: Optional[str] = None) -> Union[int, Array]:
   """Number of entries to prune out of ``n``: ``round(sparsity * n)``, half to even.
 
@@ -107,14 +90,26 @@ def num_to_prune(sparsity, n: int, name: str = "sparsity",
     A Python int for concrete input, else an int32 scalar array.
   """
   if n > _MAX_COUNT:
-    raise ValueError(f"{name}: selection counts are int32; got {n} candidate entries, "
-                     f"more than {_MAX_COUNT}.")
-  if _is_concrete(sparsity):
-    check_sparsity(sparsity, name, path)
-    return int(round(float(np.asarray(sparsity)) * n))
-  s = jnp.asarray(sparsity, jnp.float32)
+    raise validation.error(name, f"a selection over at most {_MAX_COUNT} entries (int32 counts)",
+                           f"{n} entries", path)
+  s = validation.check_fraction(sparsity, name, path)
+  if not validation.is_traced(s):
+    return int(round(s * n))
+  s = jnp.asarray(s, jnp.float32)
   s = jnp.where(jnp.isnan(s), 0.0, jnp.clip(s, 0.0, 1.0))
   return jnp.clip(jnp.round(s * n), 0, n).astype(jnp.int32)
+
+
+def _check_count(k: Any, total: int) -> Union[int, Array]:
+  """``k`` as a Python int checked against ``[0, total]``, or an integer tracer as is."""
+  dtype = getattr(k, "dtype", None)
+  if validation.is_traced(k):
+    if np.ndim(k) != 0 or not jnp.issubdtype(dtype, jnp.integer):
+      raise validation.error("k", "an integer scalar", f"{dtype}{list(np.shape(k))}")
+    return k
+  if dtype is not None and np.ndim(k) == 0 and jnp.issubdtype(dtype, jnp.integer):
+    k = int(k)  # concrete integer arrays are counts too
+  return validation.check_int(k, "k", 0, total)
 
 
 # Entries per chunk on CPU: one chunk's keys and bins (2 MiB) stay in cache, and the selection's
@@ -122,7 +117,7 @@ def num_to_prune(sparsity, n: int, name: str = "sparsity",
 _CHUNK = 1 << 18
 # On GPU and TPU each loop iteration has a fixed cost (on GPU the loop predicate goes back to
 # the host), so chunks are larger there: 2^24 entries, 128 MiB of keys and bins, keep a 10^9-entry
-# selection to 60 iterations per pass. (Not measured: no accelerator was available.)
+# selection to 60 iterations per pass.
 _ACCELERATOR_CHUNK = 1 << 24
 
 
@@ -130,66 +125,6 @@ def _chunk_size() -> int:
   return _CHUNK if jax.default_backend() == "cpu" else _ACCELERATOR_CHUNK
 
 
-class Elementwise:
-  """Scores ``fn(*operands)`` of an elementwise ``fn``, computed a chunk at a time.
-
-  A selection reads its scores four or five times. Given as arrays, the scores (and their keys)
-  are parameter-sized temporaries; given as ``Elementwise``, each read recomputes them from the
-  operands one chunk at a time, so a mask update inside a train step needs no parameter-sized
-  scratch memory beyond its inputs and its output masks.
-
-  Attributes:
-    fn: maps the operands to float scores of their shape, entry by entry: a selection calls it
-      on flat chunks (1-D arrays of equal length), `evaluate` on the whole operands.
-    operands: arrays of one shape.
-  """
-
-  def __init__(self, fn: Callable[..., Array], operands: Sequence[Array]):
-    operands = tuple(jnp.asarray(o) for o in operands)
-    if not operands:
-      raise ValueError("Elementwise: expected at least one operand, got none.")
-    shapes = {o.shape for o in operands}
-    if len(shapes) != 1:
-      raise ValueError(f"Elementwise: expected operands of one shape, got shapes "
-                       f"{[o.shape for o in operands]}.")
-    self.fn = fn
-    self.operands = operands
-    self._dtype = None
-
-  @property
-  def shape(self) -> tuple[int, ...]:
-    return self.operands[0].shape
-
-  @property
-  def size(self) -> int:
-    return int(np.prod(self.shape, dtype=np.int64))
-
-  @property
-  def ndim(self) -> int:
-    return len(self.shape)
-
-  @property
-  def dtype(self) -> np.dtype:
-    """The scores' dtype (traced abstractly, without computing anything)."""
-    if self._dtype is None:
-      chunks = [jax.ShapeDtypeStruct((1,), o.dtype) for o in self.operands]
-      self._dtype = jax.eval_shape(self.fn, *chunks).dtype
-    return self._dtype
-
-  def evaluate(self) -> Array:
-    """The scores as one array shaped like the operands: ``fn`` applied to them whole.
-
-    The operands are not flattened, so sharded operands keep their layout (flattening an array
-    split along an inner dimension would gather it).
-    """
-    out = self.fn(*self.operands)
-    if jnp.shape(out) != self.shape:
-      raise ValueError(f"Elementwise: fn must map operands of shape {self.shape} to scores of "
-                       f"the same shape, got shape {jnp.shape(out)}.")
-    return out
-
-
-ScoreLike = Union[Array, Elementwise]
 # (start, size) -> values of the flat entries [start, start + size); ``start`` is a Python int
 # or a traced int32 loop index, ``size`` static.
 _Reader = Callable[[Union[int, Array], int], Array]
@@ -348,7 +283,8 @@ def prune_lowest(scores: Sequence[ScoreLike], k: Union[int, Array], *,
 
   Args:
     scores: float arrays (any shapes), or `Elementwise` scores computed chunk by chunk.
-    k: number to prune, ``0 <= k <= total size``; int or traced int32 (clipped to that range).
+    k: number to prune, ``0 <= k <= total size``: a Python or numpy integer, or an integer
+      scalar array (a traced one is clipped to that range).
     positions: per scores array, its entries' ``uint32`` positions, unique over all arrays: an
       array shaped like the scores, or a function from flat (row-major) indices into the array
       (a ``uint32`` vector) to their positions. Default: the entry's index in the concatenation
@@ -375,19 +311,44 @@ def prune_lowest(scores: Sequence[ScoreLike], k: Union[int, Array], *,
                               reduce_counts)
   total = sum(int(s.size) for s in scores)
   if total > _MAX_COUNT:
-    raise ValueError(f"prune_lowest: at most {_MAX_COUNT} entries per selection, got {total}.")
-  if isinstance(k, numbers.Integral):
-    if not 0 <= k <= total:
-      raise ValueError(f"prune_lowest: k must be in [0, {total}], got {k}.")
-    if k == 0:
-      return [jnp.zeros(s.shape, bool) for s in scores]
+    raise validation.error("scores", f"at most {_MAX_COUNT} entries per selection (int32 counts)",
+                           f"{total} entries")
+  k = _check_count(k, total)
+  if isinstance(k, int) and k == 0:
+    return [jnp.zeros(s.shape, bool) for s in scores]
   k = jnp.clip(jnp.asarray(k, jnp.int32), 0, total)
   if any(callable(p) for p in positions):  # functions cannot be jit arguments
-    return _prune_lowest_impl(scores, k, positions, [None] * len(scores), None)
+    return _select(scores, k, positions)
   # One compiled program per structure: eager callers (one-shot pruning outside jit) would
   # otherwise dispatch the selection op by op. Inside an outer jit this inlines.
   fns, operands = split_elementwise(scores)
   return _prune_lowest_compiled(fns, operands, k, positions)
+
+
+# Selections over at most this many entries sort their keys instead: the same exact rule, and
+# for small arrays cheaper than four 2^16-bin histograms, to run and to compile.
+_SORT_MAX = 1 << 14
+
+
+def _select(scores: list[ScoreLike], k: Array, positions: list) -> list[Array]:
+  # With several devices the arrays may be sharded under GSPMD, where a sort gathers them and
+  # the histograms do not (for leaves split along their leading dimension).
+  if sum(int(s.size) for s in scores) > _SORT_MAX or jax.device_count() > 1:
+    return _prune_lowest_impl(scores, k, positions, [None] * len(scores), None)
+  sizes = [int(s.size) for s in scores]
+  if not sum(sizes):
+    return [jnp.zeros(s.shape, bool) for s in scores]
+  offsets = np.cumsum([0] + sizes[:-1]).tolist()
+  keys = [score_keys(_score_reader(s)(0, n)) for s, n in zip(scores, sizes)]
+  pos = [_position_reader(p, o, tuple(s.shape))(0, n)
+         for p, o, s, n in zip(positions, offsets, scores, sizes)]
+  # Pruning order: ascending key, then descending position; the k-th entry in that order is the
+  # last one pruned.
+  order_keys, order_pos = lax.sort((jnp.concatenate(keys), ~jnp.concatenate(pos)), num_keys=2)
+  last = jnp.clip(k - 1, 0, sum(sizes) - 1)
+  t, cut = order_keys[last], ~order_pos[last]
+  return [((k > 0) & ((x < t) | ((x == t) & (q >= cut)))).reshape(s.shape)
+          for x, q, s in zip(keys, pos, scores)]
 
 
 def _prune_lowest_impl(scores: list[ScoreLike], k: Array, positions: list, counted: list,
@@ -426,22 +387,6 @@ def _prune_lowest_impl(scores: list[ScoreLike], k: Array, positions: list, count
   return out
 
 
-def split_elementwise(scores: Sequence[ScoreLike]) -> tuple[tuple, list[tuple[Array, ...]]]:
-  """``(fns, operands)``: per entry its ``fn`` (None for an array) and its operand arrays.
-
-  The static/array split that lets `Elementwise` scores cross a `jax.jit` or `jax.shard_map`
-  boundary; `join_elementwise` undoes it.
-  """
-  fns = tuple(s.fn if isinstance(s, Elementwise) else None for s in scores)
-  operands = [s.operands if isinstance(s, Elementwise) else (s,) for s in scores]
-  return fns, operands
-
-
-def join_elementwise(fns: Sequence, operands: Sequence[Sequence[Array]]) -> list[ScoreLike]:
-  return [ops[0] if fn is None else Elementwise(fn, ops) for fn, ops in zip(fns, operands)]
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _prune_lowest_compiled(fns: tuple, operands: list, k: Array, positions: list) -> list[Array]:
-  scores = join_elementwise(fns, operands)
-  return _prune_lowest_impl(scores, k, positions, [None] * len(scores), None)
+  return _select(join_elementwise(fns, operands), k, positions)

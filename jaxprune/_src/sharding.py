@@ -34,13 +34,13 @@ import optax
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jaxprune._src import elementwise
 from jaxprune._src import masks as masks_lib
 from jaxprune._src import scores as scores_lib
 from jaxprune._src import select
 from jaxprune._src import tree as tree_lib
+from jaxprune._src.types import Array, PyTree, Sparsity
 
-Array = jax.Array
-PyTree = Any
 AnyMesh = Union[Mesh, jax.sharding.AbstractMesh]
 Specs = Union[None, PartitionSpec, NamedSharding, PyTree]
 
@@ -59,7 +59,7 @@ def _axis_names(entry: Any) -> tuple[str, ...]:
 
 def _array_of(x: Any) -> Any:
   """The array whose layout a leaf has: the first operand of `Elementwise` scores."""
-  return x.operands[0] if isinstance(x, select.Elementwise) else x
+  return x.operands[0] if isinstance(x, elementwise.Elementwise) else x
 
 
 def _mesh_of(leaves: Sequence[Any], specs: Sequence[Any]) -> Optional[AnyMesh]:
@@ -208,7 +208,7 @@ def _is_primary(spec: PartitionSpec, mesh: AnyMesh) -> Array:
   return primary
 
 
-def sharded_unstructured_mask(scores: PyTree, sparsity: masks_lib.Sparsity,
+def sharded_unstructured_mask(scores: PyTree, sparsity: Sparsity,
                               mesh: Optional[AnyMesh] = None, *, scope: str = "layer",
                               prunable: tree_lib.Prunable = None, specs: Specs = None) -> PyTree:
   """`unstructured_mask` for scores sharded over a mesh: per-shard histograms, one psum per pass.
@@ -241,21 +241,17 @@ def sharded_unstructured_mask(scores: PyTree, sparsity: masks_lib.Sparsity,
   References:
     The selection is a two-pass radix select; see `jaxprune._src.select`.
   """
-  masks_lib._check_scope(scope)
-  leaves, paths, flags, treedef = masks_lib._prepare(scores, prunable, keep_elementwise=True)
+  masks_lib.check_scope(scope)
+  leaves, paths, flags, treedef = masks_lib.prepare(scores, prunable)
   mesh, spec_tree = resolve_specs(scores, mesh, specs)
   spec_list = tuple(jax.tree.leaves(spec_tree, is_leaf=_is_spec_leaf))
   idx = tuple(i for i, f in enumerate(flags) if f)
-  sizes = [leaves[i].size for i in idx]
-  sps = masks_lib._sparsities(sparsity, scores, treedef, list(idx), scope)
-  if scope == "layer":
-    ks = [select.num_to_prune(sp, n, "sparsity", paths[i]) for sp, n, i in zip(sps, sizes, idx)]
-  else:
-    ks = [select.num_to_prune(sps[0], sum(sizes), "sparsity")] if idx else []
+  ks = masks_lib.leaf_counts(sparsity, scores, {i: leaves[i].size for i in idx}, paths, scope)
+  ks = ks if idx else []
   # Counts enter shard_map as one replicated vector: concrete or traced alike.
   k_vec = jnp.stack([jnp.asarray(k, jnp.int32) for k in ks]) if ks else jnp.zeros((0,), jnp.int32)
   shapes = tuple(tuple(x.shape) for x in leaves)
-  fns, operands = select.split_elementwise([leaves[i] for i in idx])
+  fns, operands = elementwise.split_elementwise([leaves[i] for i in idx])
   selection = _sharded_selection(shapes, spec_list, idx, scope, mesh, fns,
                                  tuple(len(o) for o in operands))
   return jax.tree.unflatten(treedef, selection(k_vec, *[x for o in operands for x in o]))
@@ -277,7 +273,7 @@ def _sharded_selection(shapes: tuple, spec_list: tuple, idx: tuple, scope: str, 
 
   def body(k_vec, *flat_blocks):
     ends = np.cumsum(arities).tolist()
-    blocks = select.join_elementwise(
+    blocks = elementwise.join_elementwise(
         fns, [flat_blocks[e - a:e] for a, e in zip(arities, ends)])
     counted = [_is_primary(spec_list[i], mesh) for i in idx]
     if scope == "layer":

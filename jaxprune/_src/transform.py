@@ -1,23 +1,24 @@
-"""`prune`: gradual magnitude / gradient / Hessian pruning as an optax transformation.
+"""`prune`: gradual pruning as an optax transformation, chained after the optimizer.
 
-Chained last, after the optimizer, `prune` keeps a boolean mask per parameter in its state,
-recomputes the masks inside the jitted step whenever the sparsity schedule's value changes, and
-rewrites the updates so that the parameters after `optax.apply_updates` are exactly zero wherever
-the mask is False:
+Each ``update`` reads the sparsity schedule, recomputes the masks with `pruning_masks` when its
+value moved, and rewrites the updates so that ``optax.apply_updates`` leaves the parameters
+exactly zero wherever the mask is False:
 
     updates' = where(mask, updates, -params)      # params + (-params) == +0.0 exactly
 
 This holds on the very step a mask changes and on every step after it, whatever momentum, Adam
-moments or weight decay the inner optimizer carries, so no separate "apply the masks" call is
-needed after the update. Masks are monotone: once pruned, an entry stays pruned.
+moments or weight decay the inner optimizer carries. Masks are monotone: once pruned, an entry
+stays pruned.
+
+A weight that is inf or NaN when it is pruned cannot be zeroed by an addition (``inf + u`` is
+inf or NaN for every ``u``); where that can happen, mask after applying the updates:
+``params = jp.apply_masks(optax.apply_updates(params, updates),
+optax.tree_utils.tree_get(opt_state, "masks"))``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import numbers
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -25,22 +26,19 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxprune._src import distribution as distribution_lib
-from jaxprune._src import masks as masks_lib
+from jaxprune._src import elementwise
+from jaxprune._src import policy
 from jaxprune._src import scores as scores_lib
-from jaxprune._src import select
-from jaxprune._src import sharding as sharding_lib
 from jaxprune._src import tree as tree_lib
+from jaxprune._src import validation
+from jaxprune._src.types import Array, Prunable, PyTree, Schedule, ScheduleLike
 
-PyTree = Any
-Schedule = Callable[[jax.Array], jax.Array]
-ScheduleLike = Union[float, jax.Array, Schedule]
 ScoreFn = Callable[..., PyTree]
-DistributionFn = Callable[[jax.Array, PyTree], PyTree]
-Overrides = Union[None, Mapping[str, ScheduleLike], Callable[[tuple, Any], Optional[ScheduleLike]]]
-
-SCORES = ("magnitude", "gradient", "taylor", "obd", "hessian", "random")
-_HESSIAN_SCORES = ("obd", "hessian")
+SCORES = ("magnitude", "gradient", "taylor", "obd", "curvature", "random")
+_HESSIAN_SCORES = ("obd", "curvature")
+# Elementwise score functions of one leaf's operands, read chunk by chunk by the selection.
+_ELEMENTWISE = {"gradient": scores_lib.gradient, "taylor": scores_lib.taylor,
+                "obd": scores_lib.obd, "curvature": scores_lib.curvature}
 
 
 class PruneState(NamedTuple):
@@ -59,108 +57,105 @@ class PruneState(NamedTuple):
       ``average_hessian=True``.
     hess_steps: number of estimates in ``hess_sum`` (int32).
   """
-  count: jax.Array
-  target: jax.Array
+  count: Array
+  target: Array
   override_targets: tuple
   masks: PyTree
-  key: jax.Array
+  key: Array
   hess_sum: PyTree
-  hess_steps: jax.Array
+  hess_steps: Array
 
 
-def _as_schedule(value: ScheduleLike, name: str) -> Schedule:
-  """A float / array becomes a constant schedule; a callable is used as is."""
+def as_schedule(value: ScheduleLike, name: str) -> Schedule:
+  """A fraction becomes a constant schedule; a callable is used as is."""
   if callable(value):
     return value
-  if not isinstance(value, (numbers.Real, jax.Array, np.ndarray)) or np.ndim(value) != 0:
-    raise ValueError(f"{name}: expected a sparsity in [0, 1] or a schedule step -> sparsity, "
-                     f"got {type(value).__name__}.")
-  select.check_sparsity(value, name)  # concrete values: in [0, 1], not NaN; tracers pass
-  const = value
+  const = validation.check_fraction(value, name)  # concrete: in [0, 1]; tracers pass
   return lambda count: jnp.asarray(const, jnp.float32)
 
 
-def _eval(schedule: Schedule, count: jax.Array) -> jax.Array:
+def check_schedule_start(schedule: Schedule, name: str) -> None:
+  """Evaluates a schedule at step 0 and checks the value where it is concrete."""
+  value = schedule(np.int32(0))
+  if np.shape(value) != ():
+    raise validation.error(name, "a scalar sparsity per step", f"shape {np.shape(value)}")
+  validation.check_fraction(value, name)
+
+
+def _evaluate(schedule: Schedule, count: Array, current: Array) -> Array:
+  """The schedule's value, clipped to [0, 1]; NaN leaves the current target (masks unchanged)."""
   s = jnp.asarray(schedule(count), jnp.float32)
   if s.shape != ():
-    raise ValueError(f"schedule: expected a scalar sparsity per step, got shape {s.shape}.")
-  # NaN would make every later comparison 'changed'; treat it as 'no pruning' and clip the rest.
-  return jnp.clip(jnp.where(jnp.isnan(s), 0.0, s), 0.0, 1.0)
+    raise validation.error("schedule", "a scalar sparsity per step", f"shape {s.shape}")
+  return jnp.where(jnp.isnan(s), current, jnp.clip(s, 0.0, 1.0))
 
 
-def _resolve_overrides(params: PyTree, flags: PyTree,
-                       overrides: Overrides) -> tuple[list[Optional[int]], list[Schedule]]:
-  """Per leaf (in leaf order): the index of its override schedule, or None."""
-  with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
-  flag_leaves = jax.tree.leaves(flags)
-  paths = [tree_lib.path_str(p) for p, _ in with_paths]
-  per_leaf: list[Optional[ScheduleLike]] = [None] * len(paths)
-  if overrides is None:
-    pass
-  elif callable(overrides):
-    per_leaf = [overrides(p, x) for p, x in with_paths]
-  elif isinstance(overrides, Mapping):
-    unknown = [k for k in overrides if k not in paths]
-    if unknown:
-      raise ValueError(f"overrides: expected keys that are leaf paths of the params such as "
-                       f"{paths[:3]}, got unknown path {unknown[0]!r}.")
-    per_leaf = [overrides.get(p) for p in paths]
-  else:
-    raise ValueError("overrides: expected None, a mapping from leaf path to sparsity/schedule or a "
-                     f"callable (path, leaf) -> sparsity/schedule/None; got "
-                     f"{type(overrides).__name__}.")
-  index: list[Optional[int]] = []
-  schedules: list[Schedule] = []
-  for path, flag, value in zip(paths, flag_leaves, per_leaf):
-    if value is None:
-      index.append(None)
-      continue
-    if not flag:
-      raise ValueError(f"overrides: leaf {path} is not prunable; got a sparsity override for it.")
-    index.append(len(schedules))
-    schedules.append(_as_schedule(value, f"overrides[{path!r}]"))
-  return index, schedules
+def _maybe_update(changed: Array, update: Callable[[PyTree], PyTree], masks: PyTree) -> PyTree:
+  """``update(masks)`` if ``changed`` else ``masks``, updating the masks' buffers in place.
 
-
-@dataclasses.dataclass(frozen=True)
-class _RankedScores:
-  """``fn(*operands)`` where ``keep``, NaN where pruned: the score a mask update ranks by.
-
-  Already-pruned entries (NaN) rank below every number, so the k lowest include every pruned
-  entry whenever k allows; live NaN scores become -inf to stay above them. Hashable by ``fn``,
-  so that selections cached per score function (the sharded one) are reused across traces.
+  A loop that runs once or not at all: XLA keeps a while loop's carry in one buffer, whereas a
+  conditional's result is a new buffer that the untaken branch fills with a copy of the masks
+  on every step.
   """
-  fn: Optional[Callable[..., jax.Array]]  # None: the first operand already holds the scores
-
-  def __call__(self, keep: jax.Array, *operands: jax.Array) -> jax.Array:
-    s = jnp.asarray(operands[0] if self.fn is None else self.fn(*operands), jnp.float32)
-    s = jnp.where(jnp.isnan(s), -jnp.inf, s)
-    return jnp.where(keep, s, jnp.nan)
+  return lax.while_loop(lambda c: c[0], lambda c: (jnp.bool_(False), update(c[1])),
+                        (changed, masks))[1]
 
 
-def _no_scores(keep: jax.Array) -> jax.Array:
-  """Placeholder scores of unprunable leaves; the selections never read them."""
-  return jnp.zeros(keep.shape, jnp.float32)
+def _resolve(params: PyTree, prunable: Prunable, overrides: Any) -> tuple[list, list]:
+  """Prunable flags, and per leaf its override schedule or None (host side, at trace time)."""
+  flags = jax.tree.leaves(tree_lib.prunable_flags(params, prunable))
+  values = policy.leaf_overrides(params, flags, overrides)
+  paths = [p for p, _ in tree_lib.leaves_with_paths(params)]
+  return flags, [None if v is None else as_schedule(v, f"overrides[{p!r}]")
+                 for v, p in zip(values, paths)]
 
 
-def _reads_elementwise(mask_fn: Callable[..., PyTree]) -> bool:
-  """Whether ``mask_fn`` is one of the library's unstructured selections (possibly a partial),
-  which read `select.Elementwise` score leaves chunk by chunk; other mask functions get arrays."""
-  base = mask_fn.func if isinstance(mask_fn, functools.partial) else mask_fn
-  return base in (masks_lib.unstructured_mask, sharding_lib.sharded_unstructured_mask)
+def _hessian(score: Any, params: PyTree, key: Array, loss_fn: Optional[Callable[..., Array]],
+             batch: Any, num_probes: int) -> PyTree:
+  """Hutchinson estimate of the Hessian diagonal of ``loss_fn(params[, batch])``."""
+  if loss_fn is None:
+    raise validation.error("loss_fn", f"a loss function passed to update for score={score!r}",
+                           None)
+  args = () if batch is None else (batch,)
+  return scores_lib.hessian_diag(loss_fn, params, *args, key=key, num_probes=num_probes)
 
 
-def prune(schedule: ScheduleLike,
-          score: Union[str, ScoreFn] = "magnitude",
-          *,
-          scope: str = "layer",
-          distribution: Union[str, DistributionFn] = "uniform",
-          overrides: Overrides = None,
-          prunable: tree_lib.Prunable = None,
-          num_probes: int = 8,
-          average_hessian: bool = False,
-          seed: int = 0,
-          mask_fn: Optional[Callable[..., PyTree]] = None) -> optax.GradientTransformationExtraArgs:
+def _scores(score: Union[str, ScoreFn], params: PyTree, flags: list, key: Array,
+            hess: Optional[PyTree], num_probes: int, grad: Optional[PyTree],
+            loss_fn: Optional[Callable[..., Array]], batch: Any, extra: dict) -> Optional[PyTree]:
+  """The scores of `prune`'s ``score``: elementwise ones lazily (`Elementwise`), None for
+  magnitude (the policy's default); unprunable leaves hold their param (never read)."""
+  if callable(score):
+    given = {k: v for k, v in (("grad", grad), ("loss_fn", loss_fn), ("batch", batch))
+             if v is not None}
+    return score(params, **given, **extra)
+  if score == "magnitude":
+    return None
+  leaves, treedef = jax.tree.flatten(params)
+  if score == "random":
+    return jax.tree.unflatten(treedef, [
+        jax.random.uniform(jax.random.fold_in(key, i), np.shape(p)) if f else p
+        for i, (p, f) in enumerate(zip(leaves, flags))])
+  if score in ("gradient", "taylor"):
+    if grad is None:
+      raise validation.error("grad", f"the raw gradients passed to update for score={score!r}",
+                             None)
+    tree_lib.check_same_structure(params, grad, "params", "grad")
+    by_leaf = jax.tree.leaves(grad)
+  else:
+    by_leaf = jax.tree.leaves(_hessian(score, params, key, loss_fn, batch, num_probes)
+                              if hess is None else hess)
+  with_params = score in ("taylor", "obd")
+  return jax.tree.unflatten(treedef, [
+      elementwise.Elementwise(_ELEMENTWISE[score], (p, x) if with_params else (x,)) if f else p
+      for p, f, x in zip(leaves, flags, by_leaf)])
+
+
+def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
+          scope: str = "layer", distribution: policy.Distribution = "uniform",
+          overrides: Optional[Any] = None, prunable: Prunable = None,
+          pattern: policy.Pattern = "unstructured", num_probes: int = 8,
+          average_hessian: bool = False, seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """Gradual pruning inside the jitted train step; chain it after the optimizer.
 
   Example::
@@ -170,248 +165,133 @@ def prune(schedule: ScheduleLike,
     updates, state = tx.update(grads, state, params)
     params = optax.apply_updates(params, updates)   # exactly 0 where pruned
 
-  At each ``update`` the schedule is evaluated at the step count. When its value differs from
-  the target of the current masks (for a staircase schedule such as `polynomial_schedule`:
-  exactly on its update steps), new masks are computed under `jax.lax.cond` — no retrace and no
-  host sync — from the scores of the current params; entries already pruned rank below every
-  score, and the new masks are intersected with the old ones, so pruning is monotone. The
-  emitted updates are ``where(mask, updates, -params)`` on prunable leaves and the inner
-  optimizer's updates unchanged elsewhere.
+  At each ``update`` the schedule is evaluated at the step count (clipped to [0, 1]; a NaN value
+  keeps the current masks). When it differs from the target of the current masks (for a
+  staircase such as `polynomial_schedule`: exactly on its update steps) the masks are
+  recomputed in the step, without retrace or host sync, by `pruning_masks` from the scores of
+  the current params, with the current masks as ``previous`` (monotone). The updates become
+  ``where(mask, updates, -params)`` on prunable leaves and stay unchanged elsewhere.
 
-  Scores (``score``):
+  Scores (``score``), named as the score functions:
     * ``"magnitude"``: ``|w|`` (default).
-    * ``"gradient"``: ``|g|``; ``"taylor"``: ``|w * g|``. Pass the raw gradients as ``grad=``
-      to ``update`` (optax's extra-argument name, as in its line searches; it does not clash
-      with ``nnx.Optimizer.update(model, grads, **kwargs)``); ``grads=`` is accepted too.
-    * ``"obd"``: ``0.5 * h * w**2``; ``"hessian"``: ``|h|``, with ``h`` a Hutchinson estimate
-      of the Hessian diagonal of ``loss_fn(params, batch)``. Pass ``loss_fn=`` and ``batch=`` to
-      ``update`` (without ``batch=``, ``loss_fn(params)`` is used). With
-      ``average_hessian=True`` ``h`` is estimated at every step and averaged over the steps
-      since the last mask update (one Hessian-vector product per probe per step);
-      otherwise it is estimated only on mask-update steps.
-    * ``"random"``: uniform random scores from the state's key (random pruning baseline).
-    * a callable ``fn(params, **extra_args) -> scores`` (same structure as the params, higher
-      is more important); it receives every extra argument given to ``update``.
+    * ``"gradient"``: ``|g|``; ``"taylor"``: ``|w * g|``; the raw gradients come as ``grad=``.
+    * ``"obd"``: ``0.5 * h * w**2``; ``"curvature"``: ``|h|``, with ``h`` a Hutchinson estimate of
+      the Hessian diagonal of ``loss_fn(params, batch)`` (``loss_fn(params)`` without ``batch=``).
+      With ``average_hessian=True`` it is estimated every step and averaged since the last mask
+      update; otherwise only on mask-update steps.
+    * ``"random"``: uniform random scores from the state's key (the baseline to beat).
+    * a callable ``fn(params, **extra_args) -> scores`` (params' structure, higher = keep); it
+      receives every extra argument given to ``update``.
 
   Args:
-    schedule: ``step -> sparsity`` (e.g. `polynomial_schedule`), or a constant sparsity. Under
-      ``optax.inject_hyperparams`` the injected value is used as a constant per step.
-    score: one of ``"magnitude"``, ``"gradient"``, ``"taylor"``, ``"obd"``, ``"hessian"``,
-      ``"random"``, or a callable (see above).
-    scope: ``"layer"`` (each leaf pruned to its own sparsity) or ``"global"`` (one threshold
-      over all prunable leaves not overridden).
-    distribution: for ``scope="layer"``, how the overall target is split across leaves:
-      ``"uniform"``, ``"erk"`` (Erdős–Rényi-Kernel: density ∝ sum(shape) / prod(shape)), or a
-      callable ``(target, params) -> per-leaf sparsities`` (a pytree prefix of the params; may
-      be traced). Must be ``"uniform"`` with ``scope="global"``.
-    overrides: per-leaf sparsities that replace the distribution for some leaves: a mapping from
-      leaf path (as `jax.tree_util.keystr` renders it, e.g. ``"['dense1']['kernel']"``) to a
-      constant sparsity or a schedule, or a callable ``(path, leaf) -> sparsity | schedule |
-      None``. Overridden leaves are pruned per leaf in either scope.
-    prunable: which leaves are pruned: ``None`` (floating arrays with ``ndim >= 2``), a predicate
-      ``(path, leaf) -> bool`` or a pytree of bools.
-    num_probes: Hutchinson probes per Hessian estimate.
+    schedule: ``step -> sparsity`` (e.g. `polynomial_schedule`) or a constant sparsity; checked
+      at ``init`` on step 0 where its value is concrete.
+    score: one of ``SCORES`` or a callable (see above).
+    scope: ``"layer"`` or ``"global"`` (see `pruning_masks`).
+    distribution: ``"uniform"``, ``"erk"`` or ``fn(params, sparsity, *, prunable)`` (see
+      `pruning_masks`); ``"uniform"`` with ``scope="global"``.
+    overrides: per-leaf sparsities or schedules: a mapping from leaf path to a fraction or a
+      schedule, or a callable ``(path, leaf) -> fraction | schedule | None``.
+    prunable: None (floating arrays with ``ndim >= 2``), a predicate ``(path, leaf) -> bool`` or
+      a pytree of bools.
+    pattern: ``"unstructured"``, an `NMPattern`, a `BlockPattern` or a mask function (see
+      `pruning_masks`; for sharded params ``functools.partial(jp.sharded_unstructured_mask,
+      mesh=mesh, specs=param_specs)``).
+    num_probes: Hutchinson probes per Hessian estimate (a positive integer).
     average_hessian: average the Hessian diagonal over the steps between mask updates.
     seed: seed of the state's PRNG key (random scores, Hessian probes).
-    mask_fn: the selection, called as ``mask_fn(scores, sparsity, scope=..., prunable=...)``;
-      default `unstructured_mask`. For parameters sharded over a mesh pass
-      ``functools.partial(jp.sharded_unstructured_mask, mesh=mesh, specs=param_specs)`` so that
-      only histograms cross devices (see docs/sharding.md).
 
   Returns:
-    An `optax.GradientTransformationExtraArgs` whose ``update(updates, state, params, *,
-    grad=None, loss_fn=None, batch=None, **ignored)`` requires ``params``; state `PruneState`.
-    Under ``optax.inject_hyperparams`` list the integer/boolean options that must stay static:
-    ``static_args=("num_probes", "seed", "average_hessian")``.
+    An `optax.GradientTransformationExtraArgs` with ``update(updates, state, params, *,
+    grad=None, loss_fn=None, batch=None, **extra_args)``; ``params`` is required. State:
+    `PruneState`. Under ``optax.inject_hyperparams`` keep the integer and boolean options
+    static: ``static_args=("num_probes", "seed", "average_hessian")``.
 
   References:
     Zhu & Gupta, "To prune, or not to prune", 2017 (gradual magnitude pruning);
-    Han et al., "Learning both Weights and Connections for Efficient Neural Networks", 2015;
     LeCun, Denker & Solla, "Optimal Brain Damage", NeurIPS 1989 (OBD saliency);
-    Molchanov et al., "Importance Estimation for Neural Network Pruning", CVPR 2019 (Taylor);
-    Evci et al., "Rigging the Lottery", ICML 2020 (ERK distribution).
+    Molchanov et al., "Importance Estimation for Neural Network Pruning", CVPR 2019 (Taylor).
   """
-  target_schedule = _as_schedule(schedule, "schedule")
-  if isinstance(score, str):
-    if score not in SCORES:
-      raise ValueError(f"score: expected one of {SCORES} or a callable, got {score!r}.")
-  elif not callable(score):
-    raise ValueError(f"score: expected one of {SCORES} or a callable, got "
-                     f"{type(score).__name__}.")
-  if scope not in ("layer", "global"):
-    raise ValueError(f"scope: expected 'layer' or 'global', got {scope!r}.")
-  if isinstance(distribution, str):
-    if distribution not in ("uniform", "erk"):
-      raise ValueError(
-          f"distribution: expected 'uniform', 'erk' or a callable, got {distribution!r}.")
-  elif not callable(distribution):
-    raise ValueError(f"distribution: expected 'uniform', 'erk' or a callable, got "
-                     f"{type(distribution).__name__}.")
-  if scope == "global" and distribution != "uniform":
-    raise ValueError(f"distribution: a global threshold has no per-leaf distribution; expected "
-                     f"'uniform' with scope='global', got {distribution!r}.")
-  if not isinstance(num_probes, numbers.Integral) or num_probes < 1:
-    raise ValueError(f"num_probes: expected a positive integer, got {num_probes!r}.")
+  target_schedule = as_schedule(schedule, "schedule")
+  if not callable(score):
+    validation.check_choice(score, SCORES, "score")
+  validation.check_choice(scope, ("layer", "global"), "scope")
+  policy.check_distribution(distribution, scope)
+  pattern = policy.check_pattern(pattern)
+  num_probes = validation.check_int(num_probes, "num_probes", 1)
+  seed = validation.check_int(seed, "seed")
   accumulate = bool(average_hessian) and score in _HESSIAN_SCORES
-  select_masks = masks_lib.unstructured_mask if mask_fn is None else mask_fn
 
   def init_fn(params: PyTree) -> PruneState:
-    flags = tree_lib.prunable_flags(params, prunable)
-    for (path, leaf), flag in zip(tree_lib.leaves_with_paths(params), jax.tree.leaves(flags)):
+    flags, leaf_schedules = _resolve(params, prunable, overrides)
+    for (path, leaf), flag in zip(tree_lib.leaves_with_paths(params), flags):
       if flag and not tree_lib.is_floating(leaf):
-        raise ValueError(f"prune: expected floating-point prunable leaves, got dtype "
-                         f"{getattr(leaf, 'dtype', type(leaf).__name__)} at leaf {path}.")
-    _, override_schedules = _resolve_overrides(params, flags, overrides)
-    masks = jax.tree.map(lambda p: jnp.ones(np.shape(p), jnp.bool_), params)
-    hess_sum = (jax.tree.map(
-        lambda p, f: jnp.zeros(np.shape(p) if f else (), jnp.float32), params, flags)
-                if accumulate else ())
+        raise validation.error("params", "floating-point prunable leaves",
+                               f"dtype {getattr(leaf, 'dtype', type(leaf).__name__)}", path)
+    override_schedules = [s for s in leaf_schedules if s is not None]
+    check_schedule_start(target_schedule, "schedule")
+    for s in override_schedules:
+      check_schedule_start(s, "overrides")
     return PruneState(
-        count=jnp.zeros((), jnp.int32),
-        target=jnp.zeros((), jnp.float32),
+        count=jnp.zeros((), jnp.int32), target=jnp.zeros((), jnp.float32),
         override_targets=tuple(jnp.zeros((), jnp.float32) for _ in override_schedules),
-        masks=masks,
+        masks=jax.tree.map(lambda p: jnp.ones(np.shape(p), jnp.bool_), params),
         key=jax.random.PRNGKey(seed),
-        hess_sum=hess_sum,
+        hess_sum=(jax.tree.unflatten(jax.tree.structure(params), [
+            jnp.zeros(np.shape(p) if f else (), jnp.float32)
+            for p, f in zip(jax.tree.leaves(params), flags)]) if accumulate else ()),
         hess_steps=jnp.zeros((), jnp.int32))
 
-  def hessian_estimate(params, key, extra_args):
-    loss_fn = extra_args.get("loss_fn")
-    if loss_fn is None:
-      raise ValueError(f"prune(score={score!r}): expected loss_fn= (and batch=) extra arguments "
-                       f"to update (Hessian of loss_fn(params, batch)); got {sorted(extra_args)}.")
-    args = (extra_args["batch"],) if "batch" in extra_args else ()
-    return scores_lib.hessian_diag(loss_fn, params, *args, key=key, num_probes=num_probes)
-
-  def score_inputs(params, key, hess, extra_args):
-    """``(fn, trees)``: the scores are ``fn(*leaves)`` leaf by leaf, elementwise."""
-    if callable(score):
-      return None, (score(params, **extra_args),)
-    if score == "magnitude":
-      return scores_lib.magnitude, (params,)
-    if score == "random":
-      return None, (scores_lib.random_scores(params, key),)
-    if score in ("gradient", "taylor"):
-      grads = extra_args.get("grad", extra_args.get("grads"))
-      if grads is None:
-        raise ValueError(f"prune(score={score!r}): expected grad= extra argument to update "
-                         f"(the raw gradients); got {sorted(extra_args)}.")
-      tree_lib.check_same_structure(params, grads, "params", "grad")
-      return ((scores_lib.gradient, (grads,)) if score == "gradient" else
-              (scores_lib.taylor, (params, grads)))
-    if hess is None:
-      hess = hessian_estimate(params, key, extra_args)
-    return ((scores_lib.obd, (params, hess)) if score == "obd" else
-            (scores_lib.curvature, (hess,)))
-
-  def leaf_sparsities(params, flags, override_index, target, override_targets):
-    """Per-leaf sparsity pytree (traced float32 scalars; 0 on unprunable leaves)."""
-    leaves, treedef = jax.tree.flatten(params)
-    flag_leaves = jax.tree.leaves(flags)
-    free = [i for i, f in enumerate(flag_leaves) if f and override_index[i] is None]
-    per_leaf = [jnp.zeros((), jnp.float32)] * len(leaves)
-    if distribution == "uniform":
-      for i in free:
-        per_leaf[i] = target
-    elif distribution == "erk":
-      if free:
-        fr = distribution_lib.erk_fractions([np.shape(leaves[i]) for i in free], target)
-        for j, i in enumerate(free):
-          per_leaf[i] = fr[j]
-    else:
-      user = jax.tree.broadcast(distribution(target, params), params)
-      user_leaves = jax.tree.leaves(user)
-      for i in free:
-        per_leaf[i] = jnp.clip(jnp.asarray(user_leaves[i], jnp.float32), 0.0, 1.0)
-    for i, o in enumerate(override_index):
-      if o is not None:
-        per_leaf[i] = override_targets[o]
-    return jax.tree.unflatten(treedef, per_leaf)
-
-  def new_masks(params, old_masks, flags, override_index, target, override_targets, key, hess,
-                extra_args):
-    fn, trees = score_inputs(params, key, hess, extra_args)
-    for tree in trees:
-      tree_lib.check_same_structure(params, tree, "params", "scores")
-    treedef = jax.tree.structure(params)
-    rank = _RankedScores(fn)
-    # Elementwise scores are recomputed chunk by chunk inside the selection: a mask update needs
-    # no parameter-sized scratch memory (which, on XLA:CPU, slowed every step by 1.4x).
-    scores = [select.Elementwise(rank, ops) if f else select.Elementwise(_no_scores, ops[:1])
-              for f, ops in zip(jax.tree.leaves(flags),
-                                zip(jax.tree.leaves(old_masks), *map(jax.tree.leaves, trees)))]
-    if not _reads_elementwise(select_masks):
-      scores = [s.evaluate() for s in scores]  # a custom selection gets whole arrays
-    scores = jax.tree.unflatten(treedef, scores)
-
-    def masks_for(sparsity, scope, chosen):
-      return select_masks(scores, sparsity, scope=scope, prunable=chosen)
-
-    per_leaf = leaf_sparsities(params, flags, override_index, target, override_targets)
-    overridden = jax.tree.unflatten(treedef, [o is not None for o in override_index])
-    if scope == "layer":
-      masks = masks_for(per_leaf, "layer", flags)
-    else:
-      masks = masks_for(target, "global",
-                        jax.tree.map(lambda f, o: f and not o, flags, overridden))
-      if any(o is not None for o in override_index):
-        masks = jax.tree.map(jnp.logical_and, masks, masks_for(per_leaf, "layer", overridden))
-    return jax.tree.map(jnp.logical_and, masks, old_masks)
-
-  def update_fn(updates, state: PruneState, params=None, **extra_args):
+  def update_fn(updates, state: PruneState, params=None, *, grad=None, loss_fn=None, batch=None,
+                **extra):
     if params is None:
-      raise ValueError("prune: expected the current params as the third argument of update(), "
-                       "got None.")
+      raise validation.error("params", "the current params as the third argument of update",
+                             None)
     tree_lib.check_same_structure(params, state.masks, "params", "state.masks")
-    flags = tree_lib.prunable_flags(params, prunable)
-    override_index, override_schedules = _resolve_overrides(params, flags, overrides)
-    target = _eval(target_schedule, state.count)
-    override_targets = tuple(_eval(s, state.count) for s in override_schedules)
+    flags, leaf_schedules = _resolve(params, prunable, overrides)
+    target = _evaluate(target_schedule, state.count, state.target)
+    chosen = [(i, s) for i, s in enumerate(leaf_schedules) if s is not None]
+    override_targets = tuple(_evaluate(s, state.count, old)
+                             for (_, s), old in zip(chosen, state.override_targets))
     changed = target != state.target
     for new, old in zip(override_targets, state.override_targets):
       changed = changed | (new != old)
-    if score in ("random",) + _HESSIAN_SCORES:
-      key, sub = jax.random.split(state.key)
-    else:  # deterministic scores: skip the per-step split (a few µs on small models)
-      key, sub = state.key, state.key
-
+    randomized = score == "random" or score in _HESSIAN_SCORES
+    key, sub = jax.random.split(state.key) if randomized else (state.key, state.key)
     hess_sum, hess_steps = state.hess_sum, state.hess_steps
     if accumulate:
-      h = hessian_estimate(params, sub, extra_args)
-      hess_sum = jax.tree.map(
-          lambda a, x, f: a + jnp.asarray(x, jnp.float32) if f else a, hess_sum, h, flags)
-      hess_steps = state.hess_steps + 1
+      h = _hessian(score, params, sub, loss_fn, batch, num_probes)
+      hess_sum = jax.tree.map(lambda a, x, f: a + jnp.asarray(x, jnp.float32) if f else a,
+                              hess_sum, h, tree_lib.prunable_flags(params, prunable))
+      hess_steps = hess_steps + 1
+    paths = [p for p, _ in tree_lib.leaves_with_paths(params)]
 
-    def hessian_mean():
-      # Only the mask update reads the average. Unprunable leaves carry a scalar placeholder
-      # in the sum; their scores are never used.
-      if not accumulate:
-        return None
-      return jax.tree.map(
-          lambda a, p, f: a / hess_steps.astype(jnp.float32) if f else jnp.zeros(np.shape(p)),
-          hess_sum, params, flags)
+    def recompute(masks):
+      hess = None
+      if accumulate:  # unprunable leaves hold a scalar placeholder; their scores are unused
+        hess = jax.tree.map(lambda a, p: jnp.broadcast_to(a / hess_steps, np.shape(p)),
+                            hess_sum, params)
+      scores = _scores(score, params, flags, sub, hess, num_probes, grad, loss_fn, batch, extra)
+      return policy.pruning_masks(
+          params, target, scores=scores, scope=scope, distribution=distribution,
+          overrides={paths[i]: t for (i, _), t in zip(chosen, override_targets)} or None,
+          prunable=jax.tree.unflatten(jax.tree.structure(params), flags), pattern=pattern,
+          previous=masks)
 
-    masks = lax.cond(
-        changed,
-        lambda: new_masks(params, state.masks, flags, override_index, target, override_targets,
-                          sub, hessian_mean(), extra_args),
-        lambda: state.masks)
-    if accumulate:
-      # Start a fresh average after each mask update.
-      hess_sum = jax.tree.map(lambda a: jnp.where(changed, jnp.zeros_like(a), a), hess_sum)
+    masks = _maybe_update(changed, recompute, state.masks)
+    if accumulate:  # a fresh average after each mask update
+      hess_sum = jax.tree.map(lambda a: jnp.where(changed, 0.0, a), hess_sum)
       hess_steps = jnp.where(changed, 0, hess_steps)
-
-    # -p (not 0) so that p + update is exactly +0.0, whatever the inner optimizer proposed.
+    # -p, not 0: p + (-p) is exactly +0.0 whatever the inner optimizer proposed.
     new_updates = jax.tree.map(lambda u, p, m, f: jnp.where(m, u, -p) if f else u,
-                               updates, params, masks, flags)
-    new_state = PruneState(
-        count=optax.safe_increment(state.count),
-        target=target,  # equal to state.target unless the masks were just recomputed
-        override_targets=override_targets,
-        masks=masks,
-        key=key,
-        hess_sum=hess_sum,
+                               updates, params, masks,
+                               jax.tree.unflatten(jax.tree.structure(params), flags))
+    return new_updates, PruneState(
+        count=optax.safe_increment(state.count), target=target,
+        override_targets=override_targets, masks=masks, key=key, hess_sum=hess_sum,
         hess_steps=hess_steps)
-    return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+__all__ = ["PruneState", "SCORES", "as_schedule", "check_schedule_start", "prune"]

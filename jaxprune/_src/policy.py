@@ -1,0 +1,303 @@
+"""The pruning policy: parameters, scores and a target sparsity to masks, in one function.
+
+`pruning_masks` is the whole decision a pruning method makes at one point in time:
+
+    per-leaf sparsities = distribution(params, target)       (or a global threshold)
+                          with per-leaf overrides on top
+    masks               = pattern selection over the scores  (unstructured, N:M, blocks)
+                          with already-pruned entries ranked below every score
+
+It is what `jaxprune.prune` runs inside its jitted step when the schedule moves, and what
+one-shot pruning calls directly. It is traceable: the target may be a traced scalar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune._src import distribution as distribution_lib
+from jaxprune._src import elementwise
+from jaxprune._src import masks as masks_lib
+from jaxprune._src import scores as scores_lib
+from jaxprune._src import sharding
+from jaxprune._src import tree as tree_lib
+from jaxprune._src import validation
+from jaxprune._src.types import Array, KeyPath, Prunable, PyTree, Sparsity
+
+
+class NMPattern(NamedTuple):
+  """N:M sparsity: in every ``m`` consecutive entries along ``axis`` keep ``n`` (see `nm_mask`)."""
+  n: int = 2
+  m: int = 4
+  axis: int = -2
+
+
+class BlockPattern(NamedTuple):
+  """Whole blocks of the trailing dims pruned together (see `block_mask`)."""
+  shape: tuple[int, ...]
+  reduce: str = "l1"
+  allow_partial: bool = False
+
+
+MaskFn = Callable[..., PyTree]
+Pattern = Union[str, NMPattern, BlockPattern, MaskFn]
+Distribution = Union[str, Callable[..., PyTree]]
+Overrides = Union[None, Mapping[str, Any], Callable[[KeyPath, Any], Any]]
+DISTRIBUTIONS = ("uniform", "erk")
+
+
+def check_pattern(pattern: Any) -> Pattern:
+  """Checks a pattern: ``"unstructured"``, an `NMPattern`, a `BlockPattern` or a mask function."""
+  if isinstance(pattern, NMPattern):
+    m = validation.check_int(pattern.m, "pattern.m", 1)
+    n = validation.check_int(pattern.n, "pattern.n", 0, m)
+    if isinstance(pattern.axis, bool) or not isinstance(pattern.axis, (int, np.integer)):
+      raise validation.error("pattern.axis", "an integer axis", pattern.axis)
+    return NMPattern(n, m, int(pattern.axis))
+  if isinstance(pattern, BlockPattern):
+    masks_lib.check_reduce(pattern.reduce, name="pattern.reduce")
+    return pattern._replace(shape=masks_lib.check_block_shape(pattern.shape))
+  if pattern == "unstructured" or (callable(pattern) and not isinstance(pattern, str)):
+    return pattern
+  raise validation.error("pattern", "'unstructured', an NMPattern, a BlockPattern or a mask "
+                         "function (scores, sparsity, *, scope, prunable) -> masks", pattern)
+
+
+def check_distribution(distribution: Any, scope: str) -> Distribution:
+  """Checks a distribution name or callable against the scope."""
+  if not callable(distribution):
+    validation.check_choice(distribution, DISTRIBUTIONS, "distribution")
+  if scope == "global" and distribution != "uniform":
+    raise validation.error("distribution", "'uniform' with scope='global' (one threshold has no "
+                           "per-leaf split)", distribution)
+  return distribution
+
+
+def leaf_overrides(params: PyTree, flags: Sequence[bool], overrides: Overrides) -> list:
+  """Per leaf (in leaf order) the override given for it, or None.
+
+  Args:
+    params: the parameter pytree.
+    flags: prunable flag per leaf.
+    overrides: None, a mapping from leaf path (as `jax.tree_util.keystr` renders it) to a value,
+      or a callable ``(path, leaf) -> value | None``.
+
+  Returns:
+    One value or None per leaf; overridden leaves are checked to be prunable.
+  """
+  with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
+  paths = [tree_lib.path_str(p) for p, _ in with_paths]
+  if overrides is None:
+    return [None] * len(paths)
+  if isinstance(overrides, Mapping):
+    unknown = [k for k in overrides if k not in paths]
+    if unknown:
+      raise validation.error("overrides", f"keys that are leaf paths of the params such as "
+                             f"{paths[:3]}", unknown[0])
+    values = [overrides.get(p) for p in paths]
+  elif callable(overrides):
+    values = [overrides(p, x) for p, x in with_paths]
+  else:
+    raise validation.error("overrides", "None, a mapping from leaf path to sparsity or a "
+                           "callable (path, leaf) -> sparsity | None", type(overrides).__name__)
+  for path, flag, value in zip(paths, flags, values):
+    if value is not None and not flag:
+      raise validation.error("overrides", "overrides of prunable leaves only", value, path)
+  return values
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ranked:
+  """``fn(*operands)`` where ``keep``, NaN where already pruned: the scores a policy ranks by.
+
+  Already-pruned entries (NaN) rank below every number, so the lowest scores include every
+  pruned entry whenever the count allows; live NaN scores become ``live_nan`` to stay above
+  them. Hashable by content, so compiled selections are reused across calls.
+  """
+  fn: Optional[Callable[..., Array]]  # None: the first operand already holds the scores
+  live_nan: float
+
+  def __call__(self, keep: Array, *operands: Array) -> Array:
+    s = jnp.asarray(operands[0] if self.fn is None else self.fn(*operands), jnp.float32)
+    return jnp.where(keep, jnp.where(jnp.isnan(s), self.live_nan, s), jnp.nan)
+
+
+def _no_scores(x: Array) -> Array:
+  """Placeholder scores of unprunable leaves; the selections never read them."""
+  return jnp.zeros(x.shape, jnp.float32)
+
+
+def reads_elementwise(mask_fn: MaskFn) -> bool:
+  """Whether ``mask_fn`` (possibly a partial) is one of the library's unstructured selections,
+  which read `Elementwise` score leaves chunk by chunk; other mask functions get arrays."""
+  base = mask_fn.func if isinstance(mask_fn, functools.partial) else mask_fn
+  return base in (masks_lib.unstructured_mask, sharding.sharded_unstructured_mask)
+
+
+def _leaf_scores(params: PyTree, scores: Optional[PyTree], flags: list[bool],
+                 previous: Optional[PyTree], live_nan: float) -> list:
+  """Per leaf: lazy scores of prunable leaves (ranked by ``previous``), placeholders elsewhere."""
+  p_leaves = jax.tree.leaves(params)
+  if scores is None:
+    s_leaves = [elementwise.Elementwise(scores_lib.magnitude, (p,)) if f else None
+                for p, f in zip(p_leaves, flags)]
+  else:
+    tree_lib.check_same_structure(params, scores, "params", "scores")
+    s_leaves = jax.tree.leaves(scores)
+  prev = [None] * len(p_leaves) if previous is None else jax.tree.leaves(previous)
+  out = []
+  for p, s, f, keep in zip(p_leaves, s_leaves, flags, prev):
+    if not f:
+      out.append(elementwise.Elementwise(_no_scores, (p,)))
+    elif keep is None:
+      out.append(s)
+    else:
+      fn, ops = (s.fn, s.operands) if isinstance(s, elementwise.Elementwise) else (None, (s,))
+      out.append(elementwise.Elementwise(_Ranked(fn, live_nan), (jnp.asarray(keep, bool), *ops)))
+  return out
+
+
+def _per_leaf(params: PyTree, target: Any, flags: list[bool], overridden: list,
+              distribution: Distribution) -> list:
+  """Per-leaf sparsity (0 on unprunable leaves) from the distribution and the overrides."""
+  treedef = jax.tree.structure(params)
+  free = [f and o is None for f, o in zip(flags, overridden)]
+  if distribution == "uniform":
+    split = [target] * len(flags)
+  else:
+    fn = distribution_lib.erk_sparsities if distribution == "erk" else distribution
+    split = validation.broadcast_prefix(
+        fn(params, target, prunable=jax.tree.unflatten(treedef, free)), params, "distribution",
+        "a per-leaf sparsity")
+  out = []
+  for (path, _), f, value, o in zip(tree_lib.leaves_with_paths(params), free, split, overridden):
+    if o is not None:
+      out.append(validation.check_fraction(o, "overrides", path))
+    else:
+      out.append(validation.check_fraction(value, "distribution", path) if f else 0.0)
+  return out
+
+
+def pruning_masks(params: PyTree, sparsity: Sparsity, *, scores: Optional[PyTree] = None,
+                  scope: str = "layer", distribution: Distribution = "uniform",
+                  overrides: Overrides = None, prunable: Prunable = None,
+                  pattern: Pattern = "unstructured",
+                  previous: Optional[PyTree] = None) -> PyTree:
+  """Masks that bring ``params`` to a target sparsity: the pruning policy in one function.
+
+  The target is split across the prunable leaves by ``distribution`` (``scope="layer"``) or met
+  by one threshold over them (``scope="global"``); ``overrides`` fix the sparsity of chosen
+  leaves in either scope; the lowest ``scores`` are pruned in the shape ``pattern`` asks for.
+  With ``previous`` masks the entries they prune rank below every score and stay pruned, so
+  successive calls are monotone (gradual pruning). Counts are exact: ``round(s·n)`` per leaf,
+  or ``round(s·N)`` over the globally pruned leaves. Traceable: ``sparsity`` and the override
+  values may be traced (a schedule's value inside a jitted step).
+
+  Example::
+
+    masks = jp.pruning_masks(params, 0.9, distribution="erk")        # magnitude, ERK split
+    params = jp.apply_masks(params, masks)
+    masks = jp.pruning_masks(params, 0.5, scores=jp.taylor(params, grads),
+                             pattern=jp.NMPattern(2, 4), prunable=is_kernel)
+
+  Args:
+    params: parameter pytree; its shapes drive the distribution and its leaves the default
+      prunable rule.
+    sparsity: overall target in [0, 1]; a Python number or a (traced) float scalar.
+    scores: pytree with the params' structure (arrays or `Elementwise`), higher = more important;
+      None for magnitude ``|w|``, computed chunk by chunk without a parameter-sized copy.
+    scope: ``"layer"`` (each leaf to its own sparsity) or ``"global"`` (one threshold over every
+      prunable leaf that is not overridden).
+    distribution: for ``scope="layer"``: ``"uniform"`` (every leaf at the target, each rounded on
+      its own), ``"erk"`` (`erk_sparsities`) or a function with the same signature,
+      ``fn(params, sparsity, *, prunable) -> per-leaf sparsities`` (a pytree prefix of the
+      params; called with a traced ``sparsity`` under jit), e.g. `uniform_sparsities`.
+    overrides: per-leaf sparsities replacing the distribution: a mapping from leaf path (as
+      `jax.tree_util.keystr` renders it, e.g. ``"['dense1']['kernel']"``) to a fraction, or a
+      callable ``(path, leaf) -> fraction | None``. Overridden leaves are pruned per leaf.
+    prunable: which leaves are pruned: None (floating arrays with ``ndim >= 2``), a predicate
+      ``(path, leaf) -> bool`` or a pytree of bools.
+    pattern: ``"unstructured"``; ``NMPattern(n, m, axis)`` (the pattern fixes the sparsity at
+      ``1 - n/m``: a leaf is N:M-pruned when its sparsity is above 0, left dense at 0; layer
+      scope only); ``BlockPattern(shape, reduce, allow_partial)``; or a mask function
+      ``fn(scores, sparsity, *, scope, prunable) -> masks`` such as
+      ``functools.partial(jp.sharded_unstructured_mask, mesh=mesh, specs=specs)``.
+    previous: masks in force (bool pytree with the params' structure), or None.
+
+  Returns:
+    Bool masks with the structure and shapes of ``params`` (True = keep); unprunable leaves are
+    all True, and every entry False in ``previous`` is False.
+
+  Raises:
+    ValueError: on a bad argument, naming it (and the leaf).
+
+  References:
+    Zhu & Gupta, "To prune, or not to prune", 2017 (gradual pruning with monotone masks);
+    Evci et al., "Rigging the Lottery", ICML 2020 (ERK distribution).
+  """
+  masks_lib.check_scope(scope)
+  distribution = check_distribution(distribution, scope)
+  pattern = check_pattern(pattern)
+  if isinstance(pattern, NMPattern) and scope != "layer":
+    raise validation.error("scope", "'layer' with an NMPattern (N:M masks are per group)", scope)
+  if sparsity is None or not jax.tree_util.treedef_is_leaf(jax.tree.structure(sparsity)):
+    raise validation.error("sparsity", "one fraction in [0, 1] (per-leaf fractions go in "
+                           "overrides or a distribution)", sparsity)
+  target = validation.check_fraction(sparsity, "sparsity")
+  treedef = jax.tree.structure(params)
+  flags = jax.tree.leaves(tree_lib.prunable_flags(params, prunable))
+  for (path, leaf), flag in zip(tree_lib.leaves_with_paths(params), flags):
+    if flag and not tree_lib.is_floating(leaf):
+      raise validation.error("params", "floating-point prunable leaves",
+                             f"dtype {getattr(leaf, 'dtype', type(leaf).__name__)}", path)
+  if previous is not None:
+    tree_lib.check_same_structure(params, previous, "params", "previous")
+  overridden = leaf_overrides(params, flags, overrides)
+  per_leaf = _per_leaf(params, target, flags, overridden, distribution)
+  live_nan = 0.0 if isinstance(pattern, BlockPattern) else -np.inf
+  leaves = _leaf_scores(params, scores, flags, previous, live_nan)
+  if callable(pattern) and not reads_elementwise(pattern):
+    leaves = [s.evaluate() if isinstance(s, elementwise.Elementwise) else s for s in leaves]
+  scores_tree = jax.tree.unflatten(treedef, leaves)
+  tree_of = functools.partial(jax.tree.unflatten, treedef)
+
+  if isinstance(pattern, NMPattern):
+    nm = masks_lib.nm_mask(scores_tree, pattern.n, pattern.m, axis=pattern.axis,
+                           prunable=tree_of([f and not _is_zero(s)
+                                             for f, s in zip(flags, per_leaf)]))
+    masks = tree_of([jnp.where(s > 0, m, True) if validation.is_traced(s) else m
+                     for m, s in zip(jax.tree.leaves(nm), per_leaf)])
+  else:
+    if isinstance(pattern, BlockPattern):
+      select_fn = functools.partial(masks_lib.block_mask, block_shape=pattern.shape,
+                                    reduce=pattern.reduce, allow_partial=pattern.allow_partial)
+    else:
+      select_fn = masks_lib.unstructured_mask if pattern == "unstructured" else pattern
+    if scope == "layer":
+      masks = select_fn(scores_tree, tree_of(per_leaf), scope="layer", prunable=tree_of(flags))
+    else:
+      free = [f and o is None for f, o in zip(flags, overridden)]
+      masks = select_fn(scores_tree, target, scope="global", prunable=tree_of(free))
+      if any(o is not None for o in overridden):
+        chosen = tree_of([o is not None for o in overridden])
+        masks = jax.tree.map(jnp.logical_and, masks,
+                             select_fn(scores_tree, tree_of(per_leaf), scope="layer",
+                                       prunable=chosen))
+  if previous is not None:
+    masks = jax.tree.map(lambda m, p: jnp.logical_and(m, jnp.asarray(p, bool)), masks, previous)
+  return masks
+
+
+def _is_zero(s: Any) -> bool:
+  """A concrete zero sparsity (a traced one is decided in the masks)."""
+  return not validation.is_traced(s) and float(s) == 0.0
+
+
+__all__ = ["BlockPattern", "NMPattern", "check_distribution", "check_pattern", "leaf_overrides",
+           "pruning_masks", "reads_elementwise"]
