@@ -130,10 +130,15 @@ def test_masks_plug_into_prune(setup):
   tx = optax.chain(optax.sgd(0.1), jp.prune(0.5, masks=masks))
   state = tx.init(out)
   grads = jax.tree.map(jnp.ones_like, out)
-  updates, _ = tx.update(grads, state, out)
+  updates, state = tx.update(grads, state, out)
   new = optax.apply_updates(out, updates)
   for m, p in zip(jax.tree.leaves(_kernels(masks)), jax.tree.leaves(_kernels(new))):
     np.testing.assert_array_equal(np.asarray(p)[~np.asarray(m)], 0.0)
+  kept = optax.tree_utils.tree_get(state, "masks")
+  for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(masks)):  # not recomputed
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match="masks"):
+    jp.prune(0.5, masks=jax.tree.map(lambda m: m[:1], masks)).init(out)
 
 
 def test_bad_input(setup):

@@ -155,7 +155,8 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
           scope: str = "layer", distribution: policy.Distribution = "uniform",
           overrides: Optional[Any] = None, prunable: Prunable = None,
           pattern: policy.Pattern = "unstructured", num_probes: int = 8,
-          average_hessian: bool = False, seed: int = 0) -> optax.GradientTransformationExtraArgs:
+          average_hessian: bool = False, seed: int = 0,
+          masks: Optional[PyTree] = None) -> optax.GradientTransformationExtraArgs:
   """Gradual pruning inside the jitted train step; chain it after the optimizer.
 
   Example::
@@ -200,6 +201,9 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
     num_probes: Hutchinson probes per Hessian estimate (a positive integer).
     average_hessian: average the Hessian diagonal over the steps between mask updates.
     seed: seed of the state's PRNG key (random scores, Hessian probes).
+    masks: initial masks (bool, the params' structure; e.g. from `jaxprune.oneshot`). The state
+      then starts at the schedule's step-0 target, so a constant schedule keeps these masks
+      while fine-tuning and a rising one prunes further from them.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` with ``update(updates, state, params, *,
@@ -232,10 +236,13 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
     check_schedule_start(target_schedule, "schedule")
     for s in override_schedules:
       check_schedule_start(s, "overrides")
+    start, initial = jnp.zeros((), jnp.float32), _initial_masks(params, masks, flags)
+    if masks is not None:
+      start = jnp.clip(jnp.asarray(target_schedule(jnp.zeros((), jnp.int32)), jnp.float32), 0, 1)
     return PruneState(
-        count=jnp.zeros((), jnp.int32), target=jnp.zeros((), jnp.float32),
+        count=jnp.zeros((), jnp.int32), target=start,
         override_targets=tuple(jnp.zeros((), jnp.float32) for _ in override_schedules),
-        masks=jax.tree.map(lambda p: jnp.ones(np.shape(p), jnp.bool_), params),
+        masks=initial,
         key=jax.random.PRNGKey(seed),
         hess_sum=(jax.tree.unflatten(jax.tree.structure(params), [
             jnp.zeros(np.shape(p) if f else (), jnp.float32)
@@ -292,6 +299,21 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
         hess_steps=hess_steps)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _initial_masks(params: PyTree, masks: Optional[PyTree], flags: list[bool]) -> PyTree:
+  """All-True masks, or the given ones checked against the params (unprunable leaves all True)."""
+  if masks is None:
+    return jax.tree.map(lambda p: jnp.ones(np.shape(p), jnp.bool_), params)
+  tree_lib.check_same_structure(params, masks, "params", "masks")
+  out = []
+  for (path, p), m, flag in zip(tree_lib.leaves_with_paths(params), jax.tree.leaves(masks),
+                                flags):
+    if np.shape(m) != np.shape(p) or jnp.result_type(m) != jnp.bool_:
+      raise validation.error("masks", f"a bool array of shape {np.shape(p)}",
+                             f"{jnp.result_type(m)} {np.shape(m)}", path)
+    out.append(jnp.asarray(m) if flag else jnp.ones(np.shape(p), jnp.bool_))
+  return jax.tree.unflatten(jax.tree.structure(params), out)
 
 
 __all__ = ["PruneState", "SCORES", "as_schedule", "check_schedule_start", "prune"]
