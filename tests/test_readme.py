@@ -40,3 +40,23 @@ def test_readme_snippet_runs():
     assert int((~m).sum()) == round(0.9 * w.size)  # exact target at end_step
     assert np.all(w[~m] == 0.0)                     # exactly zero wherever pruned
     assert np.all(np.asarray(masks[k]["bias"]))     # biases stay dense
+
+
+def test_readme_oneshot_snippet_runs():
+  import flax.linen as nn
+  import optax
+
+  block = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)[1]
+  model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(8)])
+  x = jax.random.normal(jax.random.key(0), (64, 12))
+  params = model.init(jax.random.key(1), x)["params"]
+  scope = {"params": params, "model": model, "calibration_batches": [x[:32], x[32:]],
+           "jp": jp, "optax": optax}
+  exec(block, scope)  # noqa: S102 - the README's own code
+  n = sum(int(np.size(w["kernel"])) for w in params.values())
+  kept = sum(int(np.sum(m["kernel"])) for m in scope["masks"].values())
+  assert n - kept == round(0.9 * n)
+  for w in scope["sparse24"].values():
+    groups = (np.asarray(w["kernel"]) != 0).reshape(-1, 4, w["kernel"].shape[1])
+    assert np.all(groups.sum(axis=1) <= 2)
+  assert isinstance(scope["tx"], optax.GradientTransformation)
