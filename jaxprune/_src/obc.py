@@ -53,14 +53,24 @@ class ObcPath(NamedTuple):
   losses: Array
 
 
-def _phases(size: int, steps: int) -> list[tuple[int, int]]:
+class _Plan(NamedTuple):
+  """Static shape of a path: ``steps`` removals; with N:M, ``quota`` of every ``group`` inputs
+  (``group = 0`` unstructured); ``block`` lazy downdates; compaction above ``min_compact``."""
+  steps: int
+  group: int
+  quota: int
+  block: int
+  min_compact: int
+
+
+def _phases(size: int, plan: _Plan) -> list[tuple[int, int]]:
   """(active inputs, removals) per phase. Compacting the inverse once, after half the inputs are
   gone, does 0.625 of the downdate work of none; halving again saves little more but each phase
   is compiled separately."""
-  half = size // 2 // _BLOCK * _BLOCK
-  if size <= _MIN_COMPACT or steps <= half or half == 0:
-    return [(size, steps)]
-  return [(size, half), (size - half, steps - half)]
+  half = size // 2 // plan.block * plan.block
+  if size <= plan.min_compact or plan.steps <= half or half == 0:
+    return [(size, plan.steps)]
+  return [(size, half), (size - half, plan.steps - half)]
 
 
 class _Column(NamedTuple):
@@ -102,28 +112,27 @@ def _fold(c: _Column) -> _Column:
 
 
 def _run(c: _Column, start: int, count: int, slots: Array, slot_dead: Array,
-         group: int) -> _Column:
-  """``count`` steps from step ``start``, in blocks of ``_BLOCK`` lazy downdates."""
+         plan: _Plan) -> _Column:
+  """``count`` steps from step ``start``, in blocks of ``plan.block`` lazy downdates."""
   def block(b, c):
-    t0 = start + b * _BLOCK
-    body = lambda i, c: _step(t0 + i, i, c, start + count, slots, slot_dead, group)
-    return _fold(lax.fori_loop(0, _BLOCK, body, c))
+    t0 = start + b * plan.block
+    body = lambda i, c: _step(t0 + i, i, c, start + count, slots, slot_dead, plan.group)
+    return _fold(lax.fori_loop(0, plan.block, body, c))
 
-  return lax.fori_loop(0, -(-count // _BLOCK), block, c)
+  return lax.fori_loop(0, -(-count // plan.block), block, c)
 
 
-def _column_path(g: Array, w: Array, dead: Array, steps: int, group: int,
-                 quota: int) -> tuple[Array, Array]:
-  """One column's greedy OBS path. ``g``: inverse of the dampened H; ``group``/``quota``: with
-  N:M, each group of ``group`` consecutive inputs loses exactly ``quota`` of them (else 0)."""
-  d = w.shape[0]
+def _column_path(g: Array, w: Array, dead: Array, plan: _Plan) -> tuple[Array, Array]:
+  """One column's greedy OBS path from ``g``, the inverse of the dampened H."""
+  d, steps, group = w.shape[0], plan.steps, plan.group
   slots = jnp.arange(d)  # original input of each active slot, increasing
-  c = _Column(g, jnp.zeros((d, _BLOCK), g.dtype), jnp.zeros(_BLOCK, g.dtype), jnp.diagonal(g), w,
-              jnp.zeros(d, bool), jnp.full(d // group if group else 1, quota, jnp.int32),
+  c = _Column(g, jnp.zeros((d, plan.block), g.dtype), jnp.zeros(plan.block, g.dtype),
+              jnp.diagonal(g), w, jnp.zeros(d, bool),
+              jnp.full(d // group if group else 1, plan.quota, jnp.int32),
               jnp.zeros(d, jnp.int32), jnp.full(d, jnp.inf, jnp.float32))
   done = 0
-  for size, n in _phases(d, steps):
-    c = _run(c, done, n, slots, dead[slots], group)
+  for size, n in _phases(d, plan):
+    c = _run(c, done, n, slots, dead[slots], plan)
     done += n
     if done < steps:
       keep = jnp.argsort(c.removed, stable=True)[:size - n]
@@ -170,16 +179,16 @@ def obc_path(w: Array, h: Array, *, pattern: obs.Pattern = None, damp: float = 0
     chunk = max(1, _CHUNK_ENTRIES // max(d_in * d_in, 1))
   if not obs._is_int(chunk) or chunk < 1:
     raise ValueError(f"chunk: expected a positive int or None, got {chunk!r}.")
-  return _obc_path(jnp.asarray(w, jnp.float32), h, damp, steps, group, quota,
+  plan = _Plan(steps, group, quota, _BLOCK, _MIN_COMPACT)
+  return _obc_path(jnp.asarray(w, jnp.float32), h, jnp.float32(damp), plan,
                    min(chunk, max(d_out, 1)))
 
 
-@functools.partial(jax.jit, static_argnames=("damp", "steps", "group", "quota", "chunk"))
-def _obc_path(w: Array, h: Array, damp: float, steps: int, group: int, quota: int,
-              chunk: int) -> ObcPath:
+@functools.partial(jax.jit, static_argnames=("plan", "chunk"))
+def _obc_path(w: Array, h: Array, damp: Array, plan: _Plan, chunk: int) -> ObcPath:
   hd, dead = obs.dampen(h, damp)
   g = obs.spd_inverse(hd)
-  column = lambda wj: _column_path(g, wj, dead, steps, group, quota)
+  column = lambda wj: _column_path(g, wj, dead, plan)
   order, losses = obs.map_columns(column, [w.T], chunk)
   return ObcPath(order.T, losses.T)
 
@@ -200,11 +209,13 @@ def _step_ranks(path: ObcPath) -> Array:
   return jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32)).reshape(key.shape)
 
 
-def _counts(path: ObcPath, total: Union[int, Array]) -> Array:
-  """Per-column removal counts that sum to ``total``, chosen greedily by the path losses."""
-  return jnp.sum(_step_ranks(path) < total, axis=0)
+@jax.jit
+def _greedy_mask(path: ObcPath, total: Array) -> Array:
+  """Keep mask with per-column counts that sum to ``total``, chosen greedily by the losses."""
+  return _mask_from_counts(path.order, jnp.sum(_step_ranks(path) < total, axis=0))
 
 
+@jax.jit
 def _mask_from_counts(order: Array, counts: Array) -> Array:
   """Keep mask removing the first ``counts[j]`` inputs of each column's path."""
   d_in, d_out = order.shape
@@ -239,7 +250,7 @@ def obc_mask(path: ObcPath, sparsity: Union[float, Array, None], *,
   if pat.kind == "block":
     raise ValueError(f"pattern: OBC supports None or ('nm', n, m), got {pattern!r}.")
   total = select.num_to_prune(sparsity, d_in * d_out, "sparsity")
-  return _mask_from_counts(path.order, _counts(path, total))
+  return _greedy_mask(ObcPath(*path), jnp.asarray(total, jnp.int32))
 
 
 def obc_losses(path: ObcPath, sparsities: Sequence[float]) -> Array:
@@ -256,15 +267,17 @@ def obc_losses(path: ObcPath, sparsities: Sequence[float]) -> Array:
   Returns:
     float32 ``(len(sparsities),)`` losses.
   """
-  steps, d_out = path.order.shape
+  d_in, d_out = path.order.shape
+  totals = [select.num_to_prune(s, d_in * d_out, "sparsities") for s in sparsities]
+  return _curve(ObcPath(*path), jnp.asarray(totals, jnp.int32).reshape(-1))
+
+
+@jax.jit
+def _curve(path: ObcPath, totals: Array) -> Array:
   cum = jnp.cumsum(path.losses, axis=0)
-  cum = jnp.concatenate([jnp.zeros((1, d_out), cum.dtype), cum])
-  ranks = _step_ranks(path)
-  out = []
-  for s in sparsities:
-    counts = jnp.sum(ranks < select.num_to_prune(s, steps * d_out, "sparsities"), axis=0)
-    out.append(jnp.sum(jnp.take_along_axis(cum, counts[None, :], axis=0)))
-  return jnp.stack(out) if out else jnp.zeros((0,), jnp.float32)
+  cum = jnp.concatenate([jnp.zeros((1, cum.shape[1]), cum.dtype), cum])
+  counts = jnp.sum(_step_ranks(path)[None] < totals[:, None, None], axis=1)
+  return jnp.sum(jnp.take_along_axis(cum, counts, axis=0), axis=1)
 
 
 def obc(w: Array, h: Array, sparsity: Union[float, Array, None], *, pattern: obs.Pattern = None,

@@ -119,7 +119,7 @@ def check_damp(damp: float) -> None:
     raise ValueError(f"damp: expected a float >= 0, got {damp!r}.")
 
 
-def dampen(h: Array, damp: float) -> tuple[Array, Array]:
+def dampen(h: Array, damp: Union[float, Array]) -> tuple[Array, Array]:
   """``H + λI`` with ``λ = damp · mean(diag H)``, after giving dead inputs ``H_ii = 1``.
 
   Args:
@@ -180,30 +180,6 @@ def prune_lowest(scores: Array, count: Union[int, Array]) -> Array:
   order = n - 1 - jnp.argsort(keys[::-1], stable=True)
   rank = jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
   return (rank < count).reshape(scores.shape)
-
-
-def split_count(total: Union[int, Array], ends: Sequence[int], size: int) -> list:
-  """Splits ``total`` over consecutive chunks ending at ``ends`` in proportion to their lengths.
-
-  Each chunk gets the difference of the rounded cumulative targets ``round(total · end / size)``,
-  so the counts sum to ``total`` exactly. A concrete ``total`` is split in exact arithmetic.
-
-  Args:
-    total: int or traced int32 count.
-    ends: increasing chunk ends; the last equals ``size``.
-    size: the length of the whole.
-
-  Returns:
-    One count per chunk (Python ints, or int32 scalars when ``total`` is traced).
-  """
-  if select._is_concrete(total):
-    total = int(total)
-    cum = [0] + [round(total * e / size) for e in ends[:-1]] + [total]
-  else:
-    t = jnp.asarray(total, jnp.float32)
-    cum = ([jnp.int32(0)] + [jnp.round(t * (e / size)).astype(jnp.int32) for e in ends[:-1]]
-           + [jnp.asarray(total, jnp.int32)])
-  return [cum[i + 1] - cum[i] for i in range(len(ends))]
 
 
 def layer_loss(w_old: Array, w_new: Array, h: Array) -> Array:

@@ -3,13 +3,18 @@
 For one output column with kept inputs ``S`` and removed inputs ``R`` the layer loss
 ``(w' - w)ᵀ H (w' - w)`` subject to ``w'_R = 0`` is minimised by
 
-    w'_S = w_S + H_SS⁻¹ H_SR w_R                      (solve on the kept set), or
-    w'   = w - G_:R G_RR⁻¹ w_R,   G = H⁻¹               (solve on the removed set),
+    w'_S = w_S + H_SS⁻¹ H_SR w_R                      (a system on the kept set), or
+    w'   = w - G_:R G_RR⁻¹ w_R,   G = H⁻¹               (a system on the removed set),
 
 the second being the multi-weight Optimal Brain Surgeon step (Hassibi & Stork 1993; Frantar &
-Alistarh 2022, "Optimal Brain Compression", eq. 2). Both are the same optimum; each column uses
-the one with the smaller system, so no system is larger than ``d_in / 2``. The systems of a chunk
-of columns are gathered into one padded batch and solved with one batched Cholesky.
+Alistarh 2022, "Optimal Brain Compression", eq. 2). Both give the same optimum. Direct solves
+gather each column's system into a padded batch and factor it with one batched Cholesky, which
+costs ``|S|³/3`` per column. The removed-set system is well conditioned once each row is scaled
+by its diagonal (the dampening bounds ``G``; measured condition numbers 7-34 at 50 % on MNIST
+pixels and power-law activations, against 1.4-4 · 10³ for the kept-set system), so conjugate
+gradients on it converge in a few dozen iterations, each one matrix product ``G @ Y`` for all
+columns at once. The default uses direct solves for columns that keep at most a quarter of their
+inputs and conjugate gradients for the others.
 """
 
 from __future__ import annotations
@@ -32,15 +37,29 @@ Array = jax.Array
 _BATCH_ENTRIES = 1 << 22
 
 
-def _system_size(mask: Array) -> int:
-  """Static size of the padded systems: the largest ``min(|S|, |R|)`` over columns when the mask
-  is concrete (rounded up to a multiple of 8 to share compilations), else ``d_in // 2``."""
+_METHODS = ("auto", "cholesky")
+# Conjugate-gradient iterations between recomputations of the true residual.
+_CHECK_EVERY = 16
+
+
+def _kept_counts(mask: Array) -> Optional[np.ndarray]:
+  return np.asarray(mask).sum(axis=0) if select._is_concrete(mask) else None
+
+
+def _direct_size(mask: Array, method: str) -> int:
+  """Static size of the padded direct systems (0: no direct solve).
+
+  ``"cholesky"`` solves every column on its smaller side, ``"auto"`` only columns keeping at most
+  ``d_in // 4`` inputs, on the kept side. A concrete mask sizes the systems to the largest one
+  it needs (rounded up to a multiple of 8 to share compilations), a traced one to the bound.
+  """
   d_in = mask.shape[0]
-  if not select._is_concrete(mask):
-    return d_in // 2
-  kept = np.asarray(mask).sum(axis=0)
-  k = int(np.minimum(kept, d_in - kept).max(initial=0))
-  return min(-(-k // 8) * 8, d_in // 2)
+  bound = d_in // 2 if method == "cholesky" else d_in // 4
+  kept = _kept_counts(mask)
+  if kept is None:
+    return bound
+  sizes = np.minimum(kept, d_in - kept) if method == "cholesky" else kept[kept <= bound]
+  return min(-(-int(sizes.max(initial=0)) // 8) * 8, bound)
 
 
 def _cholesky_solve(a: Array, b: Array) -> Array:
@@ -51,29 +70,74 @@ def _cholesky_solve(a: Array, b: Array) -> Array:
   return lax.linalg.triangular_solve(chol, z, left_side=False, lower=True)[0]
 
 
-def _solve_column(both_sides: Array, w: Array, keep: Array, hw_removed: Array,
-                  size: int) -> Array:
-  """The refit of one column (see the module docstring); the smaller side is padded to ``size``."""
+def _direct_column(both_sides: Array, w: Array, keep: Array, hw_removed: Array, on_kept: Array,
+                   active: Array, size: int) -> Array:
+  """One column refit by a direct solve on its kept (``on_kept``) or removed side, padded to
+  ``size``; an inactive column solves an empty system."""
   d = w.shape[0]
-  n_keep = jnp.sum(keep)
-  on_kept = n_keep <= d - n_keep
-  chosen = jnp.where(on_kept, keep, ~keep)
+  chosen = jnp.where(on_kept, keep, ~keep) & active
   idx = jnp.argsort(~chosen, stable=True)[:size]  # the chosen inputs first, in index order
   valid = jnp.arange(size) < jnp.sum(chosen)
-  both = valid[:, None] & valid[None, :]
   rows = jnp.where(on_kept, idx, idx + d)  # the kept side reads H, the removed side G
   a = jnp.take(jnp.take(both_sides, rows, axis=0), idx, axis=1)
-  a = jnp.where(both, a, jnp.eye(size, dtype=a.dtype))
+  a = jnp.where(valid[:, None] & valid[None, :], a, jnp.eye(size, dtype=a.dtype))
   rhs = jnp.where(valid, jnp.where(on_kept, hw_removed[idx], w[idx]), 0.0)
-  y = _cholesky_solve(a, rhs)
-  y = jnp.where(valid, y, 0.0)
+  y = jnp.where(valid, _cholesky_solve(a, rhs), 0.0)
   scattered = jnp.zeros(d, y.dtype).at[idx].add(y)
   delta = jnp.where(on_kept, scattered, -(both_sides[d:] @ scattered))
   return jnp.where(keep, w + delta, 0.0)
 
 
-def refit(w: Array, h: Array, mask: Array, *, damp: float = 0.01,
-          chunk: Optional[int] = None) -> Array:
+def _cg_removed_side(g: Array, w: Array, removed: Array, tol: Array,
+                     max_iter: int) -> tuple[Array, Array]:
+  """Solves ``G_RR y = w_R`` for every column at once by Jacobi-preconditioned conjugate
+  gradients; a column stops once its residual is below ``tol`` times its right side.
+
+  In float32 the updated residual drifts from the true one, so the true residual is recomputed
+  every ``_CHECK_EVERY`` iterations; a column whose true residual did not halve since the last
+  check has reached float32's floor and stops too (iterating on would only amplify rounding).
+
+  Returns:
+    ``y`` (zero off ``R``) and the number of iterations run.
+  """
+  on = removed.astype(w.dtype)
+  b = on * w
+  inv_diag = on / jnp.diagonal(g)[:, None]
+  apply = lambda y: on * (g @ y)
+  norm = lambda r: jnp.linalg.norm(r, axis=0)
+  limit = tol * norm(b)
+  ratio = lambda num, den: jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+
+  def running(state):
+    i, active = state[0], state[-1]
+    return (i < max_iter) & jnp.any(active)
+
+  def step(state):
+    i, y, r, p, rz, checked, active = state
+    q = apply(p)
+    alpha = jnp.where(active, ratio(rz, jnp.sum(p * q, axis=0)), 0.0)
+    y = y + alpha * p
+    check = (i + 1) % _CHECK_EVERY == 0
+    r = lax.cond(check, lambda: b - apply(y), lambda: r - alpha * q)
+    res = norm(r)
+    active = active & (res > limit) & jnp.where(check, res < 0.5 * checked, True)
+    checked = jnp.where(check, res, checked)
+    z = inv_diag * r
+    rz_next = jnp.sum(r * z, axis=0)
+    p = jnp.where(active, z + ratio(rz_next, rz) * p, p)
+    return i + 1, y, r, p, jnp.where(active, rz_next, rz), checked, active
+
+  y = inv_diag * b
+  r = b - apply(y)
+  z = inv_diag * r
+  res = norm(r)
+  state = (jnp.int32(0), y, r, z, jnp.sum(r * z, axis=0), res, res > limit)
+  i, y, *_ = lax.while_loop(running, step, state)
+  return y, i
+
+
+def refit(w: Array, h: Array, mask: Array, *, damp: float = 0.01, method: str = "auto",
+          tol: float = 1e-5, max_iter: int = 1000, chunk: Optional[int] = None) -> Array:
   """The weights minimising the layer loss for a fixed mask.
 
   Each output column ``j`` keeps its inputs ``S`` and zeroes ``R``; the kept weights move to
@@ -82,42 +146,81 @@ def refit(w: Array, h: Array, mask: Array, *, damp: float = 0.01,
   This gives magnitude, Wanda, N:M, block or hardware masks the reconstruction of OBS. Columns
   without a removed entry are returned bit-identical.
 
-  Cost: per column one Cholesky of size ``min(|S|, |R|)``, i.e. ``(d_in/2)³/3`` flops at 50 %
-  and much less far from it. Jittable with a traced ``mask``; a concrete mask sizes the systems
-  to the largest one it needs, a traced one to ``d_in // 2``.
+  Methods: ``"cholesky"`` solves each column directly on its smaller side (``(d_in/2)³/3`` flops
+  per column at 50 %). ``"auto"`` solves columns keeping at most ``d_in / 4`` inputs directly on
+  the kept side and the others by conjugate gradients on the removed side, to a residual of
+  ``tol``: several times faster at moderate sparsity, and as accurate (relative error 1-2 · 10⁻⁵
+  against a float64 solve for both methods, 30-74 % on MNIST pixels and power-law activations).
+  With more than three quarters removed the removed-side system inherits the conditioning of
+  ``H`` and float32 loses accuracy there, hence the direct solves. Jittable with a traced
+  ``mask``; a concrete mask sizes the direct systems to the largest one it needs, a traced one
+  to the bound of the method.
 
   Args:
     w: ``(d_in, d_out)`` kernel.
     h: ``(d_in, d_in)`` Gram matrix ``XᵀX`` of the layer's inputs.
     mask: bool ``(d_in, d_out)``, True = keep.
     damp: relative dampening (see `jaxprune._src.obs.dampen`).
-    chunk: output columns solved together (default: as many as fit 16 MiB per batched array).
+    method: ``"auto"`` or ``"cholesky"``.
+    tol: relative residual at which conjugate gradients stop.
+    max_iter: most conjugate-gradient iterations.
+    chunk: columns per batch of direct solves (default: as many as fit 16 MiB per batch).
 
   Returns:
     float32 kernel, zero where ``mask`` is False.
   """
+  return refit_with_info(w, h, mask, damp=damp, method=method, tol=tol, max_iter=max_iter,
+                         chunk=chunk)[0]
+
+
+def refit_with_info(w: Array, h: Array, mask: Array, *, damp: float = 0.01,
+                    method: str = "auto", tol: float = 1e-5, max_iter: int = 1000,
+                    chunk: Optional[int] = None) -> tuple[Array, Array]:
+  """`refit`, also returning the number of conjugate-gradient iterations run (0 if none)."""
   obs.check_layer(w, h)
   obs.check_mask(mask, np.shape(w))
   obs.check_damp(damp)
-  if chunk is not None and (not obs._is_int(chunk) or chunk < 1):
-    raise ValueError(f"chunk: expected a positive int or None, got {chunk!r}.")
-  w = jnp.asarray(w, jnp.float32)
-  size = _system_size(mask)
-  d_out = w.shape[1]
+  if method not in _METHODS:
+    raise ValueError(f"method: expected one of {_METHODS}, got {method!r}.")
+  for name, v in (("chunk", chunk), ("max_iter", max_iter)):
+    if v is not None and (not obs._is_int(v) or v < 1):
+      raise ValueError(f"{name}: expected a positive int, got {v!r}.")
+  if not tol > 0:
+    raise ValueError(f"tol: expected a positive float, got {tol!r}.")
+  d_in, d_out = np.shape(w)
+  size = _direct_size(mask, method)
+  kept = _kept_counts(mask)
+  use_cg = method == "auto" and (kept is None or bool(np.any((kept > d_in // 4) & (kept < d_in))))
   if chunk is None:
-    chunk = max(1, min(d_out, _BATCH_ENTRIES // max(size * size, 1)))
-  return _refit(w, h, jnp.asarray(mask), damp, size, min(chunk, max(d_out, 1)))
+    chunk = max(1, _BATCH_ENTRIES // max(size * size, 1))
+  return _refit(jnp.asarray(w, jnp.float32), h, jnp.asarray(mask), jnp.float32(damp),
+                jnp.float32(tol), size=size, chunk=min(chunk, max(d_out, 1)),
+                on_smaller_side=method == "cholesky", use_cg=use_cg, max_iter=int(max_iter))
 
 
-@functools.partial(jax.jit, static_argnames=("damp", "size", "chunk"))
-def _refit(w: Array, h: Array, mask: Array, damp: float, size: int, chunk: int) -> Array:
-  if size == 0:  # every column keeps all or nothing
-    return jnp.where(mask, w, 0.0)
+@functools.partial(jax.jit, static_argnames=("size", "chunk", "on_smaller_side", "use_cg",
+                                             "max_iter"))
+def _refit(w: Array, h: Array, mask: Array, damp: Array, tol: Array, *, size: int, chunk: int,
+           on_smaller_side: bool, use_cg: bool, max_iter: int) -> tuple[Array, Array]:
+  d_in = w.shape[0]
   hd, _ = obs.dampen(h, damp)
-  both_sides = jnp.concatenate([hd, obs.spd_inverse(hd)])
-  hw_removed = hd @ jnp.where(mask, 0.0, w)
-
-  column = lambda wj, keepj, hwj: _solve_column(both_sides, wj, keepj, hwj, size)
-  out = obs.map_columns(column, [w.T, mask.T, hw_removed.T], chunk).T
+  g = obs.spd_inverse(hd)
+  n_keep = jnp.sum(mask, axis=0)
+  if on_smaller_side:
+    on_kept, direct = n_keep <= d_in - n_keep, jnp.ones_like(n_keep, bool)
+  else:
+    on_kept, direct = jnp.ones_like(n_keep, bool), n_keep <= d_in // 4
+  out = jnp.where(mask, w, 0.0)
+  iterations = jnp.int32(0)
+  if use_cg:
+    removed = ~mask & ~direct[None, :]
+    y, iterations = _cg_removed_side(g, w, removed, tol, max_iter)
+    out = jnp.where(mask, w - g @ y, 0.0)
+  if size:
+    both_sides = jnp.concatenate([hd, g])
+    hw_removed = hd @ jnp.where(mask, 0.0, w)
+    column = lambda *args: _direct_column(both_sides, *args, size)
+    solved = obs.map_columns(column, [w.T, mask.T, hw_removed.T, on_kept, direct], chunk).T
+    out = jnp.where(direct[None, :], solved, out)
   untouched = jnp.all(mask, axis=0, keepdims=True)
-  return jnp.where(untouched, w, out)
+  return jnp.where(untouched, w, out), iterations

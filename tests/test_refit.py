@@ -1,0 +1,95 @@
+"""Least-squares refit: explicit-X least squares, bit identity, counts of the two solve sides."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxprune._src import obs
+from jaxprune._src import refit as refit_lib
+
+D_IN, D_OUT, TOKENS, DEAD = 16, 8, 64, 5
+
+
+def _problem(seed=0):
+  """Correlated features, one dead input: explicit X, its Gram matrix and a kernel."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(TOKENS, D_IN)) @ (np.eye(D_IN) + 0.4 * rng.normal(size=(D_IN, D_IN)))
+  x[:, DEAD] = 0.0
+  x = x.astype(np.float32)
+  return x, x.T @ x, rng.normal(size=(D_IN, D_OUT)).astype(np.float32)
+
+
+def _lstsq_refit(x, w, keep, damp):
+  """Per column: argmin ‖X w' - X w‖² + Σ_i λ_i (w'_i - w_i)² over w'_S, w'_R = 0, where λ_i is
+  the dampening plus 1 on dead inputs, solved by numpy lstsq on the augmented rows."""
+  h = x.T.astype(np.float64) @ x
+  diag = np.diag(h) + (np.diag(h) == 0)
+  lam = damp * diag.mean() + (np.diag(h) == 0)
+  a = np.vstack([x.astype(np.float64), np.diag(np.sqrt(lam))])
+  out = np.zeros(w.shape)
+  for j in range(w.shape[1]):
+    s = keep[:, j]
+    out[s, j] = np.linalg.lstsq(a[:, s], a @ w[:, j], rcond=None)[0]
+  return out
+
+
+@pytest.mark.parametrize("method", ["auto", "cholesky"])
+@pytest.mark.parametrize("damp", [0.0, 0.01])
+def test_refit_equals_explicit_least_squares(method, damp):
+  x, h, w = _problem()
+  rng = np.random.default_rng(1)
+  # columns from 0 % to 100 % removed: both direct sides and conjugate gradients
+  keep = rng.random(w.shape) >= np.linspace(0.0, 1.0, D_OUT)[None, :]
+  got = np.asarray(refit_lib.refit(w, h, keep, damp=damp, method=method))
+  want = _lstsq_refit(x, w, keep, damp)
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+  assert np.all(got[~keep] == 0)
+  np.testing.assert_array_equal(got[:, 0], w[:, 0])
+
+
+def test_refit_traced_mask_matches_eager_and_cg_converges():
+  """A traced mask pads the direct systems to their bound and must give the same weights."""
+  _, h, w = _problem(2)
+  rng = np.random.default_rng(3)
+  fractions = np.linspace(0.05, 0.95, D_OUT)
+  keep = rng.random(w.shape) >= fractions[None, :]
+  eager = refit_lib.refit(w, h, keep)
+  # three columns at a time: batches of 3, 3 and 2 padded to 3
+  jitted = jax.jit(lambda m: refit_lib.refit(w, h, m, chunk=3))(keep)
+  np.testing.assert_allclose(np.asarray(eager), np.asarray(jitted), rtol=1e-4, atol=1e-4)
+  _, iterations = refit_lib.refit_with_info(w, h, keep)
+  assert 0 < int(iterations) < 50
+
+
+def test_refit_all_kept_is_bit_identical_and_dead_weights_stay():
+  _, h, w = _problem()
+  w = w.copy()
+  w[0, 0] = -0.0
+  keep = np.ones(w.shape, bool)
+  np.testing.assert_array_equal(np.asarray(refit_lib.refit(w, h, keep)).view(np.uint32),
+                                w.view(np.uint32))
+  keep[3, :] = False  # the dead input's weights, when kept, are not touched by compensation
+  out = np.asarray(refit_lib.refit(w, h, keep))
+  np.testing.assert_allclose(out[DEAD], w[DEAD], rtol=1e-6)
+
+
+def test_refit_lowers_loss_below_the_masked_weights():
+  _, h, w = _problem(4)
+  keep = np.abs(w) > np.median(np.abs(w))
+  masked = np.where(keep, w, 0)
+  refitted = refit_lib.refit(w, h, keep)
+  assert float(obs.layer_loss(w, refitted, h)) < 0.8 * float(obs.layer_loss(w, masked, h))
+
+
+def test_refit_bad_input():
+  _, h, w = _problem()
+  with pytest.raises(ValueError, match="mask"):
+    refit_lib.refit(w, h, np.ones((D_IN, D_OUT + 1), bool))
+  with pytest.raises(ValueError, match="mask"):
+    refit_lib.refit(w, h, np.ones(w.shape, np.float32))
+  with pytest.raises(ValueError, match="h: expected shape"):
+    refit_lib.refit(w, h[:-1], np.ones(w.shape, bool))
+  with pytest.raises(ValueError, match="damp"):
+    refit_lib.refit(w, h, np.ones(w.shape, bool), damp=-1.0)
+  with pytest.raises(ValueError, match="method"):
+    refit_lib.refit(w, h, np.ones(w.shape, bool), method="lu")
