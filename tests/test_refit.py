@@ -7,7 +7,7 @@ import pytest
 from jaxprune._src import obs
 from jaxprune._src import refit as refit_lib
 
-D_IN, D_OUT, TOKENS, DEAD = 16, 8, 64, 5
+D_IN, D_OUT, TOKENS, DEAD = 72, 8, 160, 5
 
 
 def _problem(seed=0):
@@ -33,13 +33,17 @@ def _lstsq_refit(x, w, keep, damp):
   return out
 
 
+def _mixed_mask():
+  """Columns from 0 % to 100 % removed: direct solves on both sides and conjugate gradients."""
+  rng = np.random.default_rng(1)
+  return rng.random((D_IN, D_OUT)) >= np.linspace(0.0, 1.0, D_OUT)[None, :]
+
+
 @pytest.mark.parametrize("method", ["auto", "cholesky"])
 @pytest.mark.parametrize("damp", [0.0, 0.01])
 def test_refit_equals_explicit_least_squares(method, damp):
   x, h, w = _problem()
-  rng = np.random.default_rng(1)
-  # columns from 0 % to 100 % removed: both direct sides and conjugate gradients
-  keep = rng.random(w.shape) >= np.linspace(0.0, 1.0, D_OUT)[None, :]
+  keep = _mixed_mask()
   got = np.asarray(refit_lib.refit(w, h, keep, damp=damp, method=method))
   want = _lstsq_refit(x, w, keep, damp)
   np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
@@ -47,18 +51,16 @@ def test_refit_equals_explicit_least_squares(method, damp):
   np.testing.assert_array_equal(got[:, 0], w[:, 0])
 
 
-def test_refit_traced_mask_matches_eager_and_cg_converges():
-  """A traced mask pads the direct systems to their bound and must give the same weights."""
-  _, h, w = _problem(2)
-  rng = np.random.default_rng(3)
-  fractions = np.linspace(0.05, 0.95, D_OUT)
-  keep = rng.random(w.shape) >= fractions[None, :]
-  eager = refit_lib.refit(w, h, keep)
-  # three columns at a time: batches of 3, 3 and 2 padded to 3
-  jitted = jax.jit(lambda m: refit_lib.refit(w, h, m, chunk=3))(keep)
-  np.testing.assert_allclose(np.asarray(eager), np.asarray(jitted), rtol=1e-4, atol=1e-4)
+def test_refit_traced_mask_and_conjugate_gradient_fallback():
+  """Under jit the direct systems are padded to their bound, and without dampening the columns
+  whose removed-side system is too ill-conditioned for float32 are re-solved in the program."""
+  x, h, w = _problem()
+  keep = _mixed_mask()
+  jitted = np.asarray(jax.jit(lambda m: refit_lib.refit(w, h, m, damp=0.0, chunk=3))(keep))
+  want = _lstsq_refit(x, w, keep, 0.0)
+  np.testing.assert_allclose(jitted, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
   _, iterations = refit_lib.refit_with_info(w, h, keep)
-  assert 0 < int(iterations) < 50
+  assert 0 < int(iterations) < 200  # dampened: stopped by the tolerance, not by max_iter
 
 
 def test_refit_all_kept_is_bit_identical_and_dead_weights_stay():

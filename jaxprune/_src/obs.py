@@ -115,6 +115,7 @@ def check_mask(mask: Array, shape: tuple[int, ...]) -> None:
 
 
 def check_damp(damp: float) -> None:
+  """Raises unless ``damp`` is a Python or numpy float ``>= 0`` (it is a static setting)."""
   if not isinstance(damp, (int, float, np.floating)) or not damp >= 0:
     raise ValueError(f"damp: expected a float >= 0, got {damp!r}.")
 
@@ -168,18 +169,24 @@ def map_columns(fn: Callable[..., Any], columns: Sequence[Array], chunk: int) ->
   return jax.tree.map(lambda y: y.reshape((batches * size,) + y.shape[2:])[:n], out)
 
 
-def prune_lowest(scores: Array, count: Union[int, Array]) -> Array:
-  """True for the ``count`` lowest entries of ``scores`` (``count`` may be traced).
+def prune_ranks(scores: Array) -> Array:
+  """Position of every entry in the pruning order, 0 = pruned first.
 
-  The tie rule of `jaxprune.unstructured_mask`: NaN first, then ascending, and among equal scores
-  the later entry (row-major) first. Meant for the small arrays inside a solver, where a sort is
-  cheap and the count may change from step to step.
+  The order of `jaxprune.unstructured_mask`: NaN first, then ascending, and among equal scores
+  the later entry (row-major) first. Sort-based, meant for the arrays of one layer inside a
+  solver, where the count to prune may change from step to step.
   """
   keys = select.score_keys(scores).reshape(-1)
   n = keys.size
   order = n - 1 - jnp.argsort(keys[::-1], stable=True)
   rank = jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
-  return (rank < count).reshape(scores.shape)
+  return rank.reshape(scores.shape)
+
+
+def prune_lowest(scores: Array, count: Union[int, Array]) -> Array:
+  """True for the ``count`` lowest entries of ``scores`` (``count`` may be traced), in the
+  order of `prune_ranks`."""
+  return prune_ranks(scores) < count
 
 
 def layer_loss(w_old: Array, w_new: Array, h: Array) -> Array:

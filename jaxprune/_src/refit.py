@@ -59,7 +59,14 @@ def _direct_size(mask: Array, method: str) -> int:
   if kept is None:
     return bound
   sizes = np.minimum(kept, d_in - kept) if method == "cholesky" else kept[kept <= bound]
-  return min(-(-int(sizes.max(initial=0)) // 8) * 8, bound)
+  return min(_bucket(int(sizes.max(initial=0))), bound)
+
+
+def _bucket(k: int) -> int:
+  """``k`` rounded up to one of eight sizes per octave (multiples of 8 below 64), so that masks
+  of similar sparsity share one compilation at most 12 % above the size they need."""
+  step = max(8, 1 << max(k.bit_length() - 4, 0))
+  return -(-k // step) * step
 
 
 def _cholesky_solve(a: Array, b: Array) -> Array:
@@ -89,16 +96,17 @@ def _direct_column(both_sides: Array, w: Array, keep: Array, hw_removed: Array, 
 
 
 def _cg_removed_side(g: Array, w: Array, removed: Array, tol: Array,
-                     max_iter: int) -> tuple[Array, Array]:
+                     max_iter: int) -> tuple[Array, Array, Array]:
   """Solves ``G_RR y = w_R`` for every column at once by Jacobi-preconditioned conjugate
   gradients; a column stops once its residual is below ``tol`` times its right side.
 
   In float32 the updated residual drifts from the true one, so the true residual is recomputed
-  every ``_CHECK_EVERY`` iterations; a column whose true residual did not halve since the last
+  every ``_CHECK_EVERY`` iterations; a column whose true residual did not fall since the last
   check has reached float32's floor and stops too (iterating on would only amplify rounding).
 
   Returns:
-    ``y`` (zero off ``R``) and the number of iterations run.
+    ``y`` (zero off ``R``), the number of iterations run, and per column whether its final
+    residual is within ten times the tolerance.
   """
   on = removed.astype(w.dtype)
   b = on * w
@@ -120,7 +128,7 @@ def _cg_removed_side(g: Array, w: Array, removed: Array, tol: Array,
     check = (i + 1) % _CHECK_EVERY == 0
     r = lax.cond(check, lambda: b - apply(y), lambda: r - alpha * q)
     res = norm(r)
-    active = active & (res > limit) & jnp.where(check, res < 0.5 * checked, True)
+    active = active & (res > limit) & jnp.where(check, res < checked, True)
     checked = jnp.where(check, res, checked)
     z = inv_diag * r
     rz_next = jnp.sum(r * z, axis=0)
@@ -133,7 +141,7 @@ def _cg_removed_side(g: Array, w: Array, removed: Array, tol: Array,
   res = norm(r)
   state = (jnp.int32(0), y, r, z, jnp.sum(r * z, axis=0), res, res > limit)
   i, y, *_ = lax.while_loop(running, step, state)
-  return y, i
+  return y, i, norm(b - apply(y)) <= 10.0 * limit
 
 
 def refit(w: Array, h: Array, mask: Array, *, damp: float = 0.01, method: str = "auto",
@@ -151,10 +159,12 @@ def refit(w: Array, h: Array, mask: Array, *, damp: float = 0.01, method: str = 
   the kept side and the others by conjugate gradients on the removed side, to a residual of
   ``tol``: several times faster at moderate sparsity, and as accurate (relative error 1-2 · 10⁻⁵
   against a float64 solve for both methods, 30-74 % on MNIST pixels and power-law activations).
-  With more than three quarters removed the removed-side system inherits the conditioning of
-  ``H`` and float32 loses accuracy there, hence the direct solves. Jittable with a traced
-  ``mask``; a concrete mask sizes the direct systems to the largest one it needs, a traced one
-  to the bound of the method.
+  With more than three quarters removed, or with little dampening, the removed-side system
+  inherits the conditioning of ``H`` and float32 loses accuracy; hence the direct solves, and
+  columns whose residual stays above ``10 · tol`` are solved again directly on the kept side
+  (after the call when the mask is concrete, inside the program when it is traced).
+  Jittable with a traced ``mask``; a concrete mask sizes the direct systems to the largest one
+  it needs, a traced one to the bound of the method.
 
   Args:
     w: ``(d_in, d_out)`` kernel.
@@ -187,40 +197,68 @@ def refit_with_info(w: Array, h: Array, mask: Array, *, damp: float = 0.01,
       raise ValueError(f"{name}: expected a positive int, got {v!r}.")
   if not tol > 0:
     raise ValueError(f"tol: expected a positive float, got {tol!r}.")
-  d_in, d_out = np.shape(w)
-  size = _direct_size(mask, method)
+  d_in = np.shape(w)[0]
   kept = _kept_counts(mask)
   use_cg = method == "auto" and (kept is None or bool(np.any((kept > d_in // 4) & (kept < d_in))))
-  if chunk is None:
-    chunk = max(1, _BATCH_ENTRIES // max(size * size, 1))
-  return _refit(jnp.asarray(w, jnp.float32), h, jnp.asarray(mask), jnp.float32(damp),
-                jnp.float32(tol), size=size, chunk=min(chunk, max(d_out, 1)),
-                on_smaller_side=method == "cholesky", use_cg=use_cg, max_iter=int(max_iter))
+  w, mask = jnp.asarray(w, jnp.float32), jnp.asarray(mask)
+  run = functools.partial(_refit, w, h, mask, jnp.float32(damp), jnp.float32(tol),
+                          rule="smaller" if method == "cholesky" else "auto", use_cg=use_cg,
+                          max_iter=int(max_iter))
+  size = _direct_size(mask, method)
+  out, iterations, failed = run(size=size, chunk=_chunk(chunk, size), fallback=kept is None)
+  if use_cg and kept is not None:
+    if not select._is_concrete(failed):  # under an outer trace: the fallback joins it
+      return run(size=size, chunk=_chunk(chunk, size), fallback=True)[:2]
+    cols = np.flatnonzero(np.asarray(failed))
+    if cols.size:
+      size = min(_bucket(int(kept[cols].max())), d_in)
+      again = _refit(w[:, cols], h, mask[:, cols], jnp.float32(damp), jnp.float32(tol),
+                     size=size, chunk=_chunk(chunk, size), rule="kept", use_cg=False,
+                     max_iter=int(max_iter), fallback=False)[0]
+      out = out.at[:, cols].set(again)
+  return out, iterations
 
 
-@functools.partial(jax.jit, static_argnames=("size", "chunk", "on_smaller_side", "use_cg",
-                                             "max_iter"))
+def _chunk(chunk: Optional[int], size: int) -> int:
+  return chunk or max(1, _BATCH_ENTRIES // max(size * size, 1))
+
+
+@functools.partial(jax.jit, static_argnames=("size", "chunk", "rule", "use_cg", "max_iter",
+                                             "fallback"))
 def _refit(w: Array, h: Array, mask: Array, damp: Array, tol: Array, *, size: int, chunk: int,
-           on_smaller_side: bool, use_cg: bool, max_iter: int) -> tuple[Array, Array]:
-  d_in = w.shape[0]
+           rule: str, use_cg: bool, max_iter: int,
+           fallback: bool) -> tuple[Array, Array, Array]:
+  """The refit; ``rule`` picks the columns solved directly and their side: ``"smaller"`` all,
+  on the smaller side; ``"auto"`` those keeping at most a quarter, on the kept side (the others
+  by conjugate gradients); ``"kept"`` all, on the kept side. With ``fallback`` columns whose
+  conjugate gradients did not converge are solved directly inside the program; otherwise they
+  are returned as failed."""
+  d_in, d_out = w.shape
   hd, _ = obs.dampen(h, damp)
   g = obs.spd_inverse(hd)
   n_keep = jnp.sum(mask, axis=0)
-  if on_smaller_side:
-    on_kept, direct = n_keep <= d_in - n_keep, jnp.ones_like(n_keep, bool)
-  else:
-    on_kept, direct = jnp.ones_like(n_keep, bool), n_keep <= d_in // 4
+  on_kept = n_keep <= d_in - n_keep if rule == "smaller" else jnp.ones(d_out, bool)
+  direct = n_keep <= d_in // 4 if rule == "auto" else jnp.ones(d_out, bool)
+  both_sides = lambda: jnp.concatenate([hd, g])
+  hw_removed = lambda: hd @ jnp.where(mask, 0.0, w)
   out = jnp.where(mask, w, 0.0)
-  iterations = jnp.int32(0)
+  iterations, failed = jnp.int32(0), jnp.zeros(d_out, bool)
   if use_cg:
-    removed = ~mask & ~direct[None, :]
-    y, iterations = _cg_removed_side(g, w, removed, tol, max_iter)
+    y, iterations, converged = _cg_removed_side(g, w, ~mask & ~direct[None, :], tol, max_iter)
     out = jnp.where(mask, w - g @ y, 0.0)
+    failed = ~converged & ~direct
+    if fallback:
+      # one column at a time, so that only the failed ones pay for a full-size solve
+      def exact(args):
+        wj, keepj, hwj, bad, outj = args
+        solve = lambda: _direct_column(both_sides(), wj, keepj, hwj, True, True, d_in)
+        return lax.cond(bad, solve, lambda: outj)
+      out = lax.cond(jnp.any(failed), lambda: lax.map(
+          exact, (w.T, mask.T, hw_removed().T, failed, out.T)).T, lambda: out)
+      failed = jnp.zeros(d_out, bool)
   if size:
-    both_sides = jnp.concatenate([hd, g])
-    hw_removed = hd @ jnp.where(mask, 0.0, w)
-    column = lambda *args: _direct_column(both_sides, *args, size)
-    solved = obs.map_columns(column, [w.T, mask.T, hw_removed.T, on_kept, direct], chunk).T
+    column = lambda *args: _direct_column(both_sides(), *args, size)
+    solved = obs.map_columns(column, [w.T, mask.T, hw_removed().T, on_kept, direct], chunk).T
     out = jnp.where(direct[None, :], solved, out)
   untouched = jnp.all(mask, axis=0, keepdims=True)
-  return jnp.where(untouched, w, out), iterations
+  return jnp.where(untouched, w, out), iterations, failed
