@@ -113,27 +113,25 @@ def test_obc_mask_exact_count_property(sparsity):
   assert int(np.sum(~np.asarray(keep))) == round(sparsity * D_IN * D_OUT)
 
 
-def test_obc_sparsity_zero_bit_identical_and_jit():
+def test_obc_sparsity_zero_is_bit_identical():
   _, h, w = _problem(4)
-  w = w.copy()
   w[0, 1] = -0.0
   new, keep = obc_lib.obc(w, h, 0.0)
   assert bool(np.all(keep))
   np.testing.assert_array_equal(np.asarray(new).view(np.uint32), w.view(np.uint32))
+
+
+@pytest.mark.slow
+def test_obc_jit_equals_eager():
+  _, h, w = _problem(4)
   eager_w, eager_keep = obc_lib.obc(w, h, 0.5)
   jit_w, jit_keep = jax.jit(lambda s: obc_lib.obc(w, h, s))(jnp.float32(0.5))
   np.testing.assert_array_equal(np.asarray(jit_keep), np.asarray(eager_keep))
-  np.testing.assert_allclose(np.asarray(jit_w), np.asarray(eager_w), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(jit_w), np.asarray(eager_w), rtol=1e-4, atol=1e-4)
 
 
-def test_obc_nm_groups_dead_inputs_and_loss_below_magnitude():
+def test_obc_loss_below_magnitude_and_dead_inputs_first():
   _, h, w = _problem(5)
-  new, keep = obc_lib.obc(w, h, None, pattern=("nm", 2, 4))
-  keep = np.asarray(keep)
-  assert np.all(keep.reshape(D_IN // 4, 4, D_OUT).sum(axis=1) == 2)
-  assert not keep[DEAD].any()  # dead inputs are free, so removed in every column
-  magnitude = np.where(reference.nm_keep(np.abs(w), 2, 4, axis=0), w, 0)
-  assert float(obs.layer_loss(w, new, h)) < float(obs.layer_loss(w, magnitude, h))
   k = round(0.5 * w.size)
   magnitude = np.where(reference.prune_lowest([np.abs(w)], k)[0], 0, w)
   new, keep = obc_lib.obc(w, h, 0.5)
@@ -141,6 +139,17 @@ def test_obc_nm_groups_dead_inputs_and_loss_below_magnitude():
   _, keep = obc_lib.obc(w, h, 1 / D_IN)  # one input's worth: exactly the dead one
   removed = ~np.asarray(keep)
   assert removed[DEAD].all() and removed.sum() == D_OUT
+
+
+@pytest.mark.slow
+def test_obc_nm_groups_exact_and_loss_below_nm_magnitude():
+  _, h, w = _problem(5)
+  new, keep = obc_lib.obc(w, h, None, pattern=("nm", 2, 4))
+  keep = np.asarray(keep)
+  assert np.all(keep.reshape(D_IN // 4, 4, D_OUT).sum(axis=1) == 2)
+  assert not keep[DEAD].any()  # dead inputs are free, so removed in every column
+  magnitude = np.where(reference.nm_keep(np.abs(w), 2, 4, axis=0), w, 0)
+  assert float(obs.layer_loss(w, new, h)) < float(obs.layer_loss(w, magnitude, h))
 
 
 def test_obc_bad_input():

@@ -39,16 +39,22 @@ def _mixed_mask():
   return rng.random((D_IN, D_OUT)) >= np.linspace(0.0, 1.0, D_OUT)[None, :]
 
 
-@pytest.mark.parametrize("method", ["auto", "cholesky"])
+@pytest.mark.parametrize("method", ["auto", pytest.param("cholesky", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("damp", [0.0, 0.01])
 def test_refit_equals_explicit_least_squares(method, damp):
   x, h, w = _problem()
+  w[0, 0] = -0.0
   keep = _mixed_mask()
   got = np.asarray(refit_lib.refit(w, h, keep, damp=damp, method=method))
   want = _lstsq_refit(x, w, keep, damp)
   np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
   assert np.all(got[~keep] == 0)
-  np.testing.assert_array_equal(got[:, 0], w[:, 0])
+  # a column without removals comes back bit for bit, -0.0 included
+  np.testing.assert_array_equal(got[:, 0].view(np.uint32), w[:, 0].view(np.uint32))
+  # kept weights of the dead input are not moved by the compensation
+  np.testing.assert_allclose(got[DEAD][keep[DEAD]], w[DEAD][keep[DEAD]], rtol=1e-6)
+  masked = np.where(keep, w, 0)
+  assert float(obs.layer_loss(w, got, h)) < 0.9 * float(obs.layer_loss(w, masked, h))
 
 
 def test_refit_traced_mask_and_conjugate_gradient_fallback():
@@ -61,26 +67,6 @@ def test_refit_traced_mask_and_conjugate_gradient_fallback():
   np.testing.assert_allclose(jitted, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
   _, iterations = refit_lib.refit_with_info(w, h, keep)
   assert 0 < int(iterations) < 200  # dampened: stopped by the tolerance, not by max_iter
-
-
-def test_refit_all_kept_is_bit_identical_and_dead_weights_stay():
-  _, h, w = _problem()
-  w = w.copy()
-  w[0, 0] = -0.0
-  keep = np.ones(w.shape, bool)
-  np.testing.assert_array_equal(np.asarray(refit_lib.refit(w, h, keep)).view(np.uint32),
-                                w.view(np.uint32))
-  keep[3, :] = False  # the dead input's weights, when kept, are not touched by compensation
-  out = np.asarray(refit_lib.refit(w, h, keep))
-  np.testing.assert_allclose(out[DEAD], w[DEAD], rtol=1e-6)
-
-
-def test_refit_lowers_loss_below_the_masked_weights():
-  _, h, w = _problem(4)
-  keep = np.abs(w) > np.median(np.abs(w))
-  masked = np.where(keep, w, 0)
-  refitted = refit_lib.refit(w, h, keep)
-  assert float(obs.layer_loss(w, refitted, h)) < 0.8 * float(obs.layer_loss(w, masked, h))
 
 
 def test_refit_bad_input():

@@ -294,6 +294,12 @@ def obc(w: Array, h: Array, sparsity: Union[float, Array, None], *, pattern: obs
   Returns:
     ``(w_new, mask)``: float32 weights, zero where the bool mask is False.
   """
+  obs.check_layer(w, h)
+  pat = obs.parse_pattern(pattern, np.shape(w))
+  if pat.kind == "nm":  # before the path, which is the expensive part
+    obs.check_nm_sparsity(sparsity, pat)
+  else:
+    select.check_sparsity(sparsity)
   path = obc_path(w, h, pattern=pattern, damp=damp)
   mask = obc_mask(path, sparsity, pattern=pattern)
   return refit_lib.refit(w, h, mask, damp=damp), mask
