@@ -35,7 +35,7 @@ Array = jax.Array
 Sparsity = Union[float, Array, Sequence[float]]
 
 
-def _check_groups(groups: Sequence[Group], name: str) -> None:
+def check_groups(groups: Sequence[Group], name: str) -> None:
   if not all(isinstance(g, Group) for g in groups):
     raise ValueError(f"{name}: expected a sequence of jaxprune Group objects (find_groups / "
                      f"make_group), got {[type(g).__name__ for g in groups]}")
@@ -59,8 +59,8 @@ def group_scores(groups: Sequence[Group], scores: Any, *, reduce: str = "l2",
   Returns:
     One float32 array of shape ``(group.size,)`` per group.
   """
-  _check_groups(groups, "group_scores")
-  masks_lib._check_norm(reduce, ("l1", "l2"), "reduce")
+  check_groups(groups, "group_scores")
+  masks_lib.check_reduce(reduce, ("l1", "l2"), "reduce")
   # Resolved outside jit, to paths: a static set compares by value, so a fresh lambda per call
   # does not recompile, and the predicate sees concrete leaves.
   flags = jax.tree.leaves(tree_lib.prunable_flags(scores, prunable))
@@ -84,7 +84,7 @@ def _group_scores(groups: tuple[Group, ...], scores: Any, reduce: str,
       if s.shape[m.axis] != len(m.units):
         raise ValueError(f"group_scores: leaf {m.path} has length {s.shape[m.axis]} on axis "
                          f"{m.axis}, the group {g.name} expects {len(m.units)}")
-      per_index = masks_lib._reduce(s, tuple(i for i in range(s.ndim) if i != m.axis), reduce)
+      per_index = masks_lib.reduce_units(s, tuple(i for i in range(s.ndim) if i != m.axis), reduce)
       covered = np.nonzero(m.units >= 0)[0]
       total = total + jax.ops.segment_sum(per_index[covered], m.units[covered],
                                           num_segments=g.size)
@@ -114,7 +114,7 @@ def group_masks(scores: Sequence[Array], sparsity: Sparsity, *,
   Returns:
     One bool array per group, True = keep.
   """
-  masks_lib._check_scope(scope)
+  masks_lib.check_scope(scope)
   scores = [jnp.asarray(s, jnp.float32) for s in scores]
   if any(s.ndim != 1 for s in scores):
     raise ValueError(f"group_masks: expected 1-D per-unit scores, got shapes "
@@ -159,7 +159,7 @@ def _keep_global(scores: tuple[Array, ...], k: Array) -> tuple[Array, ...]:
   return tuple(~p for p in select.prune_lowest(list(scores), k))
 
 
-def _axis_keep(groups: Sequence[Group], keep: Sequence[Any], xp: Any,
+def axis_keep_by_leaf(groups: Sequence[Group], keep: Sequence[Any], xp: Any,
                ) -> dict[str, dict[int, Any]]:
   """path -> axis -> bool vector over that axis (AND over every covering group)."""
   if len(keep) != len(groups):
@@ -192,7 +192,7 @@ def apply_group_masks(variables: Any, groups: Sequence[Group], keep: Sequence[Ar
   Returns:
     ``variables`` with the removed units' entries set to zero (dtypes kept).
   """
-  _check_groups(groups, "apply_group_masks")
+  check_groups(groups, "apply_group_masks")
   if len(keep) != len(groups):
     raise ValueError(f"apply_group_masks: expected one keep mask per group ({len(groups)}), got "
                      f"{len(keep)}")
@@ -201,7 +201,7 @@ def apply_group_masks(variables: Any, groups: Sequence[Group], keep: Sequence[Ar
 
 @functools.partial(jax.jit, static_argnums=0)
 def _apply_group_masks(groups: tuple[Group, ...], variables: Any, keep: tuple[Array, ...]) -> Any:
-  axis_keep = _axis_keep(groups, keep, jnp)
+  axis_keep = axis_keep_by_leaf(groups, keep, jnp)
 
   def mask_leaf(path, x):
     axes = axis_keep.get(tree_lib.path_str(path))

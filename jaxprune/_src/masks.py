@@ -52,8 +52,6 @@ def reduce_units(x: Array, axes: tuple[int, ...], how: str) -> Array:
 
 
 # Names imported by modules outside this one's concern; the public names above are the API.
-_check_scope = check_scope
-_check_norm = check_reduce
 _reduce = reduce_units
 
 

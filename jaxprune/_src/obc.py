@@ -177,7 +177,7 @@ def obc_path(w: Array, h: Array, *, pattern: obs.Pattern = None, damp: float = 0
   steps = d_in // group * quota if group else d_in
   if chunk is None:
     chunk = max(1, _CHUNK_ENTRIES // max(d_in * d_in, 1))
-  if not obs._is_int(chunk) or chunk < 1:
+  if not obs.is_int(chunk) or chunk < 1:
     raise ValueError(f"chunk: expected a positive int or None, got {chunk!r}.")
   plan = _Plan(steps, group, quota, _BLOCK, _MIN_COMPACT)
   return _obc_path(jnp.asarray(w, jnp.float32), h, jnp.float32(damp), plan,

@@ -29,6 +29,7 @@ import numpy as np
 from jax import lax
 
 from jaxprune._src import select
+from jaxprune._src import validation
 
 Array = jax.Array
 Pattern = Optional[tuple]
@@ -42,7 +43,8 @@ class ParsedPattern(NamedTuple):
   b: int = 1
 
 
-def _is_int(v) -> bool:
+def is_int(v: object) -> bool:
+  """True for a Python or numpy integer that is not a bool."""
   return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
@@ -60,7 +62,7 @@ def parse_pattern(pattern: Pattern, shape: tuple[int, int], name: str = "pattern
   if pattern is None:
     return ParsedPattern("none")
   if (not isinstance(pattern, tuple) or len(pattern) != 3 or pattern[0] not in ("nm", "block")
-      or not all(_is_int(v) for v in pattern[1:])):
+      or not all(is_int(v) for v in pattern[1:])):
     raise ValueError(f"{name}: expected None, ('nm', n, m) or ('block', bi, bo) with int sizes, "
                      f"got {pattern!r}.")
   kind, a, b = pattern
@@ -86,7 +88,7 @@ def nm_sparsity(pattern: ParsedPattern) -> float:
 
 def check_nm_sparsity(sparsity, pattern: ParsedPattern, name: str = "sparsity") -> None:
   """N:M fixes the sparsity: a given ``sparsity`` must be None or ``(m - n) / m``."""
-  if sparsity is None or not select._is_concrete(sparsity):
+  if sparsity is None or validation.is_traced(sparsity):
     return
   target = nm_sparsity(pattern)
   if abs(float(np.asarray(sparsity)) - target) > 1e-6:

@@ -28,7 +28,7 @@ import numpy as np
 from jax import lax
 
 from jaxprune._src import obs
-from jaxprune._src import select
+from jaxprune._src import validation
 
 Array = jax.Array
 
@@ -43,7 +43,7 @@ _CHECK_EVERY = 16
 
 
 def _kept_counts(mask: Array) -> Optional[np.ndarray]:
-  return np.asarray(mask).sum(axis=0) if select._is_concrete(mask) else None
+  return np.asarray(mask).sum(axis=0) if not validation.is_traced(mask) else None
 
 
 def _direct_size(mask: Array, method: str) -> int:
@@ -197,7 +197,7 @@ def refit_with_info(w: Array, h: Array, mask: Array, *, damp: float = 0.01,
   if method not in _METHODS:
     raise ValueError(f"method: expected one of {_METHODS}, got {method!r}.")
   for name, v in (("chunk", chunk), ("max_iter", max_iter)):
-    if v is not None and (not obs._is_int(v) or v < 1):
+    if v is not None and (not obs.is_int(v) or v < 1):
       raise ValueError(f"{name}: expected a positive int, got {v!r}.")
   if not tol > 0:
     raise ValueError(f"tol: expected a positive float, got {tol!r}.")
@@ -211,7 +211,7 @@ def refit_with_info(w: Array, h: Array, mask: Array, *, damp: float = 0.01,
   size = _direct_size(mask, method)
   out, iterations, failed = run(size=size, chunk=_chunk(chunk, size), fallback=kept is None)
   if use_cg and kept is not None:
-    if not select._is_concrete(failed):  # under an outer trace: the fallback joins it
+    if validation.is_traced(failed):  # under an outer trace: the fallback joins it
       return run(size=size, chunk=_chunk(chunk, size), fallback=True)[:2]
     cols = np.flatnonzero(np.asarray(failed))
     if cols.size:

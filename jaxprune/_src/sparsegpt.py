@@ -169,7 +169,7 @@ def sparsegpt(w: Array, h: Array, sparsity: Union[float, Array, None], *,
   """
   obs.check_layer(w, h)
   obs.check_damp(damp)
-  if not obs._is_int(block_size) or block_size < 1:
+  if not obs.is_int(block_size) or block_size < 1:
     raise ValueError(f"block_size: expected a positive int, got {block_size!r}.")
   d_in, d_out = np.shape(w)
   pat = obs.parse_pattern(pattern, (d_in, d_out))

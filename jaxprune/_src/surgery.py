@@ -21,12 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune._src import tree as tree_lib
-from jaxprune._src.group_scores import _axis_keep, _check_groups
+from jaxprune._src.group_scores import axis_keep_by_leaf, check_groups
 from jaxprune._src.groups import Group
 
 
 def _concrete_keep(groups: Sequence[Group], keep: Sequence[Any], name: str) -> list[np.ndarray]:
-  _check_groups(groups, name)
+  check_groups(groups, name)
   if len(keep) != len(groups):
     raise ValueError(f"{name}: expected one keep mask per group ({len(groups)}), got {len(keep)}")
   out = []
@@ -59,7 +59,7 @@ def shrink(variables: Any, groups: Sequence[Group], keep: Sequence[Any]) -> Any:
     A pytree of the same structure with smaller leaves (dtypes kept).
   """
   keep = _concrete_keep(groups, keep, "shrink")
-  axis_keep = _axis_keep(groups, keep, np)
+  axis_keep = axis_keep_by_leaf(groups, keep, np)
   flat, treedef = jax.tree_util.tree_flatten_with_path(variables)
   known = {tree_lib.path_str(p) for p, _ in flat}
   missing = sorted(set(axis_keep) - known)
