@@ -27,7 +27,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import serialization
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))

@@ -185,7 +185,8 @@ def test_allocation_feeds_prune_transform():
   import optax
   params = sum_params()
   alloc = allocation.allocate_sparsities(params, 0.6, sensitivity=synthetic())
-  tx = optax.chain(optax.sgd(0.0), jp.prune(0.6, distribution=lambda target, p: alloc))
+  given = lambda p, target, *, prunable: alloc
+  tx = optax.chain(optax.sgd(0.0), jp.prune(0.6, distribution=given))
   state = tx.init(params)
   updates, state = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), state, params)
   new = optax.apply_updates(params, updates)
