@@ -165,10 +165,10 @@ def test_global_scope_exact_total():
   assert pruned.max() <= kept.min()
 
 
-def test_magnitude_mask_equals_core_mask_and_constant_schedule():
+def test_magnitude_mask_equals_core_mask_and_constant_schedule(check_jit_eager):
   p0 = _params()
   tx = prune(0.5)  # constant: prunes at the first step
-  updates, state = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, p0), tx.init(p0), p0)
+  updates, state = check_jit_eager(tx.update, jax.tree.map(jnp.zeros_like, p0), tx.init(p0), p0)
   want = _ref_mask(jax.tree.map(jnp.abs, p0), 0.5)
   jax.tree.map(np.testing.assert_array_equal, state.masks, want)
   new = optax.apply_updates(p0, updates)
