@@ -36,7 +36,6 @@ Array = jax.Array
 # batched array bounds the solver's scratch memory whatever the layer size.
 _BATCH_ENTRIES = 1 << 22
 
-
 _METHODS = ("auto", "cholesky")
 # Conjugate-gradient iterations between recomputations of the true residual.
 _CHECK_EVERY = 16
@@ -51,7 +50,7 @@ def _direct_size(mask: Array, method: str) -> int:
 
   ``"cholesky"`` solves every column on its smaller side, ``"auto"`` only columns keeping at most
   ``d_in // 4`` inputs, on the kept side. A concrete mask sizes the systems to the largest one
-  it needs (rounded up to a multiple of 8 to share compilations), a traced one to the bound.
+  it needs (rounded up by `_bucket`), a traced one to the bound.
   """
   d_in = mask.shape[0]
   bound = d_in // 2 if method == "cholesky" else d_in // 4
