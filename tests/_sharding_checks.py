@@ -360,7 +360,7 @@ def check_prune_mask_fn_gather_free():
   for mask_fn in (None, functools.partial(sh.sharded_unstructured_mask, mesh=AUTO,
                                           specs=MLP_SPECS)):
     tx = optax.chain(optax.adam(1e-2), prune(polynomial_schedule(0.0, 0.75, 0, 4, frequency=2),
-                                             scope="global", mask_fn=mask_fn))
+                                             scope="global", pattern=mask_fn or "unstructured"))
 
     def step(p, s, b, tx=tx):
       g = jax.grad(mlp_loss)(p, b)

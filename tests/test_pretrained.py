@@ -116,10 +116,18 @@ def test_targets_and_table():
   assert "magnitude" in pretrained.format_table(rows) and "0.7253" in pretrained.format_table(rows)
 
 
-def test_oneshot_needs_library_entry_point(monkeypatch):
-  monkeypatch.delattr(jp, "oneshot", raising=False)
-  with pytest.raises(ValueError, match="oneshot"):
-    pretrained.get_method("sparsegpt")(minilm.apply_fn, {}, [], 0.5)
+def test_oneshot_specs_reach_the_library(monkeypatch):
+  seen = {}
+
+  def fake(apply_fn, params, batches, sparsity, **kwargs):
+    seen.update(kwargs, sparsity=sparsity)
+    return params, None
+
+  monkeypatch.setattr(jp, "oneshot", fake)
+  pretrained.get_method("wanda+refit/uniform/pruned")(minilm.apply_fn, {}, [], (2, 4))
+  assert seen["method"] == "wanda" and seen["refit"] and seen["pattern"] == "2:4"
+  assert seen["allocation"] == "uniform" and seen["target"] == "pruned"
+  assert seen["sparsity"] is None
 
 
 @pytest.mark.slow

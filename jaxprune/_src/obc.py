@@ -299,7 +299,7 @@ def obc(w: Array, h: Array, sparsity: Union[float, Array, None], *, pattern: obs
   if pat.kind == "nm":  # before the path, which is the expensive part
     obs.check_nm_sparsity(sparsity, pat)
   else:
-    select.check_sparsity(sparsity)
+    select.check_sparsity(sparsity, "sparsity")
   path = obc_path(w, h, pattern=pattern, damp=damp)
   mask = obc_mask(path, sparsity, pattern=pattern)
   return refit_lib.refit(w, h, mask, damp=damp), mask
