@@ -1,5 +1,6 @@
 """Calibration: H = XᵀX per kernel against numpy, padding, sites inside calls, bad input, stages."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -194,10 +195,13 @@ class Block(nn.Module):
 
 
 class Toy(nn.Module):
+  depth: int = 2
 
   @nn.compact
   def __call__(self, x):
-    return nn.Dense(3, name="head")(Block(name="b1")(Block(name="b0")(x)))
+    for i in range(self.depth):
+      x = Block(name=f"b{i}")(x)
+    return nn.Dense(3, name="head")(x)
 
 
 def test_stages_two_block_transformer():
@@ -214,8 +218,63 @@ def test_stages_two_block_transformer():
       [name("b0", "up")], [name("b1", "v")]]
 
 
+def toy_mask(x):
+  return np.abs(np.asarray(x)[..., 0]) < 1.0
+
+
+def prune_half(path, w, stage):
+  """Zeroes the smaller half of a stage's kernels (what pruning hands to the next stage)."""
+  if jax.tree_util.keystr(path) not in stage:
+    return w
+  w = np.asarray(w)
+  return jnp.asarray(np.where(np.abs(w) >= np.median(np.abs(w)), w, 0.0).astype(w.dtype))
+
+
+def test_calibrator_resumes_stage_after_stage_and_compiles_per_block_structure(caplog):
+  """Sequential calibration of a 3-block transformer, pruning each stage after calibrating it.
+
+  Every stage equals a fresh calibration of the current model; the second block compiles only
+  the segment entering it and the third block nothing.
+  """
+  model = Toy(depth=3)
+  batches = [rand(60 + i, (2, 5, 8)) for i in range(2)]
+  shapes = jax.eval_shape(model.init, jax.random.key(3), batches[0])
+  dense = jax.tree.map(lambda s: jnp.asarray(rand(s.size, s.shape)), shapes)
+  calibrator = calibration.Calibrator(model.apply, token_mask=toy_mask)
+  fresh = calibration.Calibrator(model.apply, token_mask=toy_mask, resume=False)
+  runs = []
+
+  def check(current, batches, stage):
+    caplog.clear()
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+      got = calibrator(current, batches, kernels=stage, reference_params=dense)
+    runs.append(sum("compilation of jit(run)" in m for m in caplog.messages))
+    want = fresh(current, batches, reference_params=dense)
+    assert list(got) == stage
+    for path in stage:
+      np.testing.assert_allclose(got[path].h, want[path].h, rtol=1e-5, atol=1e-5)
+      np.testing.assert_allclose(got[path].cross, want[path].cross, rtol=1e-5, atol=1e-5)
+      assert float(got[path].count) == float(want[path].count) > 0
+
+  current = dense
+  for k, stage in enumerate(calibration.stages(model.apply, dense, batches[0])):
+    if k == 12:
+      batches = [1.5 * b for b in batches]  # new batches: no kept state applies
+    check(current, batches, stage)
+    current = jax.tree_util.tree_map_with_path(
+        lambda p, w, stage=stage: prune_half(p, w, stage), current)
+  # A change upstream of every kept state (the first block's value projection).
+  current = jax.tree_util.tree_map_with_path(
+      lambda p, w: 2.0 * w if "b0']['v'" in jax.tree_util.keystr(p) else w, current)
+  check(current, batches, stage)
+  # Stages: b0 (k q v | o | up | down), b1, b2, head: one program per segment structure (the
+  # head's runs from the start, the new batches having no state).
+  assert runs == [1, 1, 1, 1] + [1, 0, 0, 0] + [0, 0, 0, 0] + [1, 0]
+
+
 SHARDED = textwrap.dedent("""
-    import os
+    import logging
+import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
