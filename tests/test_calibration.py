@@ -272,9 +272,30 @@ def test_calibrator_resumes_stage_after_stage_and_compiles_per_block_structure(c
   assert runs == [1, 1, 1, 1] + [1, 0, 0, 0] + [0, 0, 0, 0] + [1, 0]
 
 
+SHIFTS = [jnp.asarray(rand(70 + i, (D,))) for i in range(3)]
+
+
+def shifted_model(p, x):
+  """Layers alike but for the constants their jitted activations close over."""
+  for w, c in zip((p["a"], p["b"], p["c"]), SHIFTS):
+    x = jax.jit(lambda y, c=c: jnp.tanh(y + c))(x @ w)
+  return x @ p["d"]
+
+
+def test_calibrator_tells_apart_segments_differing_in_closed_over_constants():
+  params = {k: rand(74 + i, (D, D)) for i, k in enumerate("abcd")}
+  x = rand(78, (6, D))
+  calibrator = calibration.Calibrator(shifted_model)
+  rows = [x]
+  for k in "abcd":
+    got = calibrator(params, [x], kernels=[f"['{k}']"])[f"['{k}']"].h
+    np.testing.assert_allclose(got, gram(rows[-1]), rtol=2e-5, atol=2e-5)
+    if k != "d":
+      rows.append(np.tanh(rows[-1] @ params[k] + np.asarray(SHIFTS["abc".index(k)])))
+
+
 SHARDED = textwrap.dedent("""
-    import logging
-import os
+    import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -285,13 +306,20 @@ import os
     fn = lambda p, x: jnp.tanh(x @ p["a"]) @ p["b"]
     xs = [rng.standard_normal((16, 4), np.float32) for _ in range(2)]
     single = calibration.calibrate(fn, params, xs)
+    positive = lambda x: x[:, 0] > 0
+    masked = calibration.calibrate(fn, params, xs, token_mask=positive, reference_params=params)
     for kind in (AxisType.Auto, AxisType.Explicit):
       mesh = jax.make_mesh((8,), ("data",), axis_types=(kind,))
       sharded = [jax.device_put(x, NamedSharding(mesh, P("data"))) for x in xs]
       multi = calibration.calibrate(fn, params, sharded)
+      multi_masked = calibration.Calibrator(fn, token_mask=positive)(
+          params, sharded, reference_params=params)
       for k in single:
         np.testing.assert_allclose(multi[k].h, single[k].h, rtol=1e-5, atol=1e-5)
         assert float(multi[k].count) == 32
+        for name in ("h", "cross", "count"):
+          np.testing.assert_allclose(getattr(multi_masked[k], name), getattr(masked[k], name),
+                                     rtol=1e-5, atol=1e-5)
       hlo = jax.jit(calibration.gram).lower(sharded[0], sharded[0]).compile().as_text()
       assert "all-reduce" in hlo
     print("SHARDED OK")

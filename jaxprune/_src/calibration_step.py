@@ -159,8 +159,22 @@ class Program:
     info = jex_core.DebugInfo("calibration segment", None, None, None)
     jaxpr = jex_core.Jaxpr([], list(ins), outs, eqns, debug_info=info)
     spec = repr([(loc, s.operand, s.d_in, s.primitive) for loc, s in hooks])
-    segment = Segment(jex_core.ClosedJaxpr(jaxpr, []), hooks, f"{jaxpr}\n{spec}")
+    consts = _inner_consts(eqns)
+    segment = Segment(jex_core.ClosedJaxpr(jaxpr, []), hooks, f"{jaxpr}\n{spec}\n{consts}")
     return Plan(segment, tuple(ins.values()), tuple(kept))
+
+
+def _inner_consts(eqns: Sequence[Any]) -> list[int]:
+  """Identities of the constants closed over by sub-jaxprs, which their printed form omits."""
+  found = []
+  for eqn in eqns:
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(sub, jex_core.ClosedJaxpr):
+          found += [id(c) for c in sub.consts] + _inner_consts(sub.jaxpr.eqns)
+        elif isinstance(sub, jex_core.Jaxpr):
+          found += _inner_consts(sub.eqns)
+  return found
 
 
 @functools.partial(jax.jit, static_argnums=0)
