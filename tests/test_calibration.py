@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from jaxprune._src import calibration
+from jaxprune._src import calibration_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -47,7 +48,10 @@ def valid(batch):
   return np.arange(T)[None, :] < batch["len"][:, None]
 
 
-def test_dense_einsum_out_in_h_excludes_padding():
+@pytest.mark.parametrize("row_block", [256, 4])
+def test_dense_einsum_out_in_h_excludes_padding(monkeypatch, row_block):
+  """With blocks of 4 rows, the Gram products run over the real tokens only (8 and 8 of 10)."""
+  monkeypatch.setattr(calibration_step, "ROW_BLOCK", row_block)
   batches = [seq_batch(0, [3, 5]), seq_batch(1, [5, 1])]
   got = calibration.calibrate(seq_model, SEQ_PARAMS, batches, token_mask=valid)
   assert list(got) == ["['dense']['kernel']", "['heads']", "['proj']"]
@@ -172,6 +176,15 @@ def test_bad_input():
       v, p["w"], (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=2)
   with pytest.raises(ValueError, match=r"\['w'\] cannot be calibrated: grouped or depthwise"):
     calibration.stages(grouped, {"w": rand(56, (3, 2, 4))}, rand(57, (1, 6, 4)))
+
+
+def test_token_rows_keep_nonzero_weights_padded_to_a_block(monkeypatch):
+  monkeypatch.setattr(calibration_step, "ROW_BLOCK", 2)
+  rows, w = calibration_step.token_rows(np.array([[1, 0, 0.5], [0, 0, 1]], np.float32))
+  np.testing.assert_array_equal(rows, [0, 2, 5, 0])
+  np.testing.assert_array_equal(w, [1, 0.5, 1, 0])
+  rows, w = calibration_step.token_rows(np.array([1, 1, 0, 1], np.float32))
+  assert rows is None and w.tolist() == [1, 1, 0, 1]
 
 
 def test_token_weights_broadcast_and_flatten():
@@ -300,6 +313,7 @@ SHARDED = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
     from jaxprune._src import calibration
+from jaxprune._src import calibration_step
     rng = np.random.default_rng(0)
     params = {"a": rng.standard_normal((4, 6), np.float32),
               "b": rng.standard_normal((6, 3), np.float32)}

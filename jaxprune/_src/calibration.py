@@ -126,14 +126,21 @@ class Calibrator:
   """`calibrate` that reuses compiled programs and forward-pass states across calls.
 
   Sequential pruning calibrates a few kernels at a time (`stages`), each time on a model whose
-  earlier kernels were just pruned. A Calibrator keeps, per batch and per parameter set (the
-  params and the reference params), the state of the forward pass just before the first use of
-  the kernels it last calibrated and just after their sites (`calibration_step.Cut`). The next
-  call compares the parameter leaves with those the states were taken with (by identity, then
-  by value) and resumes from the furthest state that no changed leaf feeds, so the forward pass
-  through unchanged layers runs once in all and the reference forward pass once in all. Programs
-  are compiled per segment structure and batch shape: the segments of repeated blocks are one
-  program, whatever the depth of the model.
+  earlier kernels were just pruned. A Calibrator keeps, per batch and per parameter set (params
+  and reference params), the state of the forward pass just before the first use of the kernels
+  it last calibrated and just after their sites (`calibration_step.Cut`). The next call compares
+  the parameter leaves with those the states were taken with (by identity, then by value) and
+  resumes from the furthest state that no changed leaf feeds: each stage runs only the layers
+  from the previous stage's kernels to its own, not the whole model. The reference pass resumes
+  at the same place, so both run one program. Programs are compiled per segment structure and
+  batch shape: the segments of repeated blocks are one program whatever the depth of the model.
+
+  Example (sequential pruning)::
+
+    calibrator = Calibrator(apply_fn, token_mask=token_mask)
+    for stage in stages(apply_fn, params, batches[0]):
+      cal = calibrator(params, batches, kernels=stage, reference_params=dense)
+      params = ...  # prune the stage's kernels: new arrays for them, the other leaves as they are
 
   Batches are recognised by identity: pass the same batch objects on every call and do not
   modify them, or numpy parameter leaves, in place. The kept states hold activations of every

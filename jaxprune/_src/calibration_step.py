@@ -29,7 +29,6 @@ from jaxprune._src import interpret
 from jaxprune._src.interpret import Traced
 from jaxprune._src.jaxpr_walk import Location, Site
 
-PyTree = Any
 
 
 class Cut(NamedTuple):
