@@ -1,5 +1,6 @@
 """Calibration: H = XᵀX per kernel against numpy, padding, sites inside calls, bad input, stages."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from jaxprune._src import calibration
+from jaxprune._src import calibration_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -46,7 +48,10 @@ def valid(batch):
   return np.arange(T)[None, :] < batch["len"][:, None]
 
 
-def test_dense_einsum_out_in_h_excludes_padding():
+@pytest.mark.parametrize("row_block", [256, 4])
+def test_dense_einsum_out_in_h_excludes_padding(monkeypatch, row_block):
+  """With blocks of 4 rows, the Gram products run over the real tokens only (8 and 8 of 10)."""
+  monkeypatch.setattr(calibration_step, "ROW_BLOCK", row_block)
   batches = [seq_batch(0, [3, 5]), seq_batch(1, [5, 1])]
   got = calibration.calibrate(seq_model, SEQ_PARAMS, batches, token_mask=valid)
   assert list(got) == ["['dense']['kernel']", "['heads']", "['proj']"]
@@ -173,6 +178,15 @@ def test_bad_input():
     calibration.stages(grouped, {"w": rand(56, (3, 2, 4))}, rand(57, (1, 6, 4)))
 
 
+def test_token_rows_keep_nonzero_weights_padded_to_a_block(monkeypatch):
+  monkeypatch.setattr(calibration_step, "ROW_BLOCK", 2)
+  rows, w = calibration_step.token_rows(np.array([[1, 0, 0.5], [0, 0, 1]], np.float32))
+  np.testing.assert_array_equal(rows, [0, 2, 5, 0])
+  np.testing.assert_array_equal(w, [1, 0.5, 1, 0])
+  rows, w = calibration_step.token_rows(np.array([1, 1, 0, 1], np.float32))
+  assert rows is None and w.tolist() == [1, 1, 0, 1]
+
+
 def test_token_weights_broadcast_and_flatten():
   m = np.array([[1, 0, 1], [0, 1, 1]], bool)
   np.testing.assert_array_equal(calibration.token_weights(m, (2, 3), "k"), m)
@@ -194,10 +208,13 @@ class Block(nn.Module):
 
 
 class Toy(nn.Module):
+  depth: int = 2
 
   @nn.compact
   def __call__(self, x):
-    return nn.Dense(3, name="head")(Block(name="b1")(Block(name="b0")(x)))
+    for i in range(self.depth):
+      x = Block(name=f"b{i}")(x)
+    return nn.Dense(3, name="head")(x)
 
 
 def test_stages_two_block_transformer():
@@ -214,25 +231,109 @@ def test_stages_two_block_transformer():
       [name("b0", "up")], [name("b1", "v")]]
 
 
+def toy_mask(x):
+  return np.abs(np.asarray(x)[..., 0]) < 1.0
+
+
+def prune_half(path, w, stage):
+  """Zeroes the smaller half of a stage's kernels (what pruning hands to the next stage)."""
+  if jax.tree_util.keystr(path) not in stage:
+    return w
+  w = np.asarray(w)
+  return jnp.asarray(np.where(np.abs(w) >= np.median(np.abs(w)), w, 0.0).astype(w.dtype))
+
+
+def test_calibrator_resumes_stage_after_stage_and_compiles_per_block_structure(caplog):
+  """Sequential calibration of a 3-block transformer, pruning each stage after calibrating it.
+
+  Every stage equals a fresh calibration of the current model; the second block compiles only
+  the segment entering it and the third block nothing.
+  """
+  model = Toy(depth=3)
+  batches = [rand(60 + i, (2, 5, 8)) for i in range(2)]
+  shapes = jax.eval_shape(model.init, jax.random.key(3), batches[0])
+  dense = jax.tree.map(lambda s: jnp.asarray(rand(s.size, s.shape)), shapes)
+  calibrator = calibration.Calibrator(model.apply, token_mask=toy_mask)
+  fresh = calibration.Calibrator(model.apply, token_mask=toy_mask, resume=False)
+  runs = []
+
+  def check(current, batches, stage):
+    caplog.clear()
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+      got = calibrator(current, batches, kernels=stage, reference_params=dense)
+    runs.append(sum("compilation of jit(run)" in m for m in caplog.messages))
+    want = fresh(current, batches, reference_params=dense)
+    assert list(got) == stage
+    for path in stage:
+      np.testing.assert_allclose(got[path].h, want[path].h, rtol=1e-5, atol=1e-5)
+      np.testing.assert_allclose(got[path].cross, want[path].cross, rtol=1e-5, atol=1e-5)
+      assert float(got[path].count) == float(want[path].count) > 0
+
+  current = dense
+  for k, stage in enumerate(calibration.stages(model.apply, dense, batches[0])):
+    if k == 12:
+      batches = [1.5 * b for b in batches]  # new batches: no kept state applies
+    check(current, batches, stage)
+    current = jax.tree_util.tree_map_with_path(
+        lambda p, w, stage=stage: prune_half(p, w, stage), current)
+  # A change upstream of every kept state (the first block's value projection).
+  current = jax.tree_util.tree_map_with_path(
+      lambda p, w: 2.0 * w if "b0']['v'" in jax.tree_util.keystr(p) else w, current)
+  check(current, batches, stage)
+  # Stages: b0 (k q v | o | up | down), b1, b2, head: one program per segment structure (the
+  # head's runs from the start, the new batches having no state).
+  assert runs == [1, 1, 1, 1] + [1, 0, 0, 0] + [0, 0, 0, 0] + [1, 0]
+
+
+SHIFTS = [jnp.asarray(rand(70 + i, (D,))) for i in range(3)]
+
+
+def shifted_model(p, x):
+  """Layers alike but for the constants their jitted activations close over."""
+  for w, c in zip((p["a"], p["b"], p["c"]), SHIFTS):
+    x = jax.jit(lambda y, c=c: jnp.tanh(y + c))(x @ w)
+  return x @ p["d"]
+
+
+def test_calibrator_tells_apart_segments_differing_in_closed_over_constants():
+  params = {k: rand(74 + i, (D, D)) for i, k in enumerate("abcd")}
+  x = rand(78, (6, D))
+  calibrator = calibration.Calibrator(shifted_model)
+  rows = [x]
+  for k in "abcd":
+    got = calibrator(params, [x], kernels=[f"['{k}']"])[f"['{k}']"].h
+    np.testing.assert_allclose(got, gram(rows[-1]), rtol=2e-5, atol=2e-5)
+    if k != "d":
+      rows.append(np.tanh(rows[-1] @ params[k] + np.asarray(SHIFTS["abc".index(k)])))
+
+
 SHARDED = textwrap.dedent("""
     import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
     from jaxprune._src import calibration
+from jaxprune._src import calibration_step
     rng = np.random.default_rng(0)
     params = {"a": rng.standard_normal((4, 6), np.float32),
               "b": rng.standard_normal((6, 3), np.float32)}
     fn = lambda p, x: jnp.tanh(x @ p["a"]) @ p["b"]
     xs = [rng.standard_normal((16, 4), np.float32) for _ in range(2)]
     single = calibration.calibrate(fn, params, xs)
+    positive = lambda x: x[:, 0] > 0
+    masked = calibration.calibrate(fn, params, xs, token_mask=positive, reference_params=params)
     for kind in (AxisType.Auto, AxisType.Explicit):
       mesh = jax.make_mesh((8,), ("data",), axis_types=(kind,))
       sharded = [jax.device_put(x, NamedSharding(mesh, P("data"))) for x in xs]
       multi = calibration.calibrate(fn, params, sharded)
+      multi_masked = calibration.Calibrator(fn, token_mask=positive)(
+          params, sharded, reference_params=params)
       for k in single:
         np.testing.assert_allclose(multi[k].h, single[k].h, rtol=1e-5, atol=1e-5)
         assert float(multi[k].count) == 32
+        for name in ("h", "cross", "count"):
+          np.testing.assert_allclose(getattr(multi_masked[k], name), getattr(masked[k], name),
+                                     rtol=1e-5, atol=1e-5)
       hlo = jax.jit(calibration.gram).lower(sharded[0], sharded[0]).compile().as_text()
       assert "all-reduce" in hlo
     print("SHARDED OK")

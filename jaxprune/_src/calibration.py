@@ -12,24 +12,25 @@ of ``H`` follow `interpret.to_matrix`'s rows.
 Tokens are every position of the activation except its features (batch, sequence, image
 positions). ``token_mask`` leaves out padding; ``H`` is a sum over tokens, not a mean, and
 ``count`` is the (weighted) number of tokens. A kernel read by several sites with the same layout
-(a layer applied twice) pools all its uses: ``H`` and ``count`` sum over them. One function is
-compiled per ``(apply_fn, kernels, token_mask)`` and batch shape, and reused across calls. A batch
-sharded over a mesh's data axis gives the same ``H``, the reduction over tokens becoming a
-cross-device sum in the compiled program.
+(a layer applied twice) pools all its uses: ``H`` and ``count`` sum over them. A batch sharded
+over a mesh's data axis gives the same ``H``, the reduction over tokens becoming a cross-device
+sum in the compiled program.
+
+The forward pass runs in segments of the jaxpr (`calibration_step`), compiled once per segment
+structure and batch shape: a `Calibrator` held across the stages of sequential pruning compiles
+the segments of a repeated block once for all blocks and resumes each call from the state just
+before the kernels that changed.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax import lax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from jaxprune._src import calibration_step
 from jaxprune._src import interpret
 from jaxprune._src import jaxpr_walk
 from jaxprune._src import tree as tree_lib
@@ -38,6 +39,9 @@ from jaxprune._src.jaxpr_walk import Site
 
 PyTree = Any
 Kernels = Union[None, str, Sequence[str]]
+
+gram = calibration_step.gram
+token_weights = calibration_step.token_weights
 
 
 class Calibration(NamedTuple):
@@ -111,79 +115,146 @@ def select_sites(traced: Traced, params: PyTree, kernels: Kernels,
   return {p: by_path[p] for p in chosen}
 
 
-def token_weights(mask: jax.Array, tokens: Sequence[int], path: str) -> jax.Array:
-  """Broadcasts a token mask to a site's token dims ``tokens`` (float32).
+class _Batch(NamedTuple):
+  """What a `Calibrator` keeps of one batch for one parameter set."""
+  program: calibration_step.Program
+  leaves: tuple
+  cuts: list[calibration_step.Cut]
 
-  The mask's dims align with the leading token dims (a ``(batch,)`` mask covers ``(batch,
-  seq)``); a mask with as many entries as there are tokens is reshaped to them (a model that
-  flattens ``(batch, seq)`` before a layer).
+
+class Calibrator:
+  """`calibrate` that reuses compiled programs and forward-pass states across calls.
+
+  Sequential pruning calibrates a few kernels at a time (`stages`), each time on a model whose
+  earlier kernels were just pruned. A Calibrator keeps, per batch and per parameter set (params
+  and reference params), the state of the forward pass just before the first use of the kernels
+  it last calibrated and just after their sites (`calibration_step.Cut`). The next call compares
+  the parameter leaves with those the states were taken with (by identity, then by value) and
+  resumes from the furthest state that no changed leaf feeds: each stage runs only the layers
+  from the previous stage's kernels to its own, not the whole model. The reference pass resumes
+  at the same place, so both run one program. Programs are compiled per segment structure and
+  batch shape: the segments of repeated blocks are one program whatever the depth of the model.
+
+  Example (sequential pruning)::
+
+    calibrator = Calibrator(apply_fn, token_mask=token_mask)
+    for stage in stages(apply_fn, params, batches[0]):
+      cal = calibrator(params, batches, kernels=stage, reference_params=dense)
+      params = ...  # prune the stage's kernels: new arrays for them, the other leaves as they are
+
+  Batches are recognised by identity: pass the same batch objects on every call and do not
+  modify them, or numpy parameter leaves, in place. The kept states hold activations of every
+  batch (about two layers' worth each).
+
+  Attributes:
+    apply_fn: ``apply_fn(params, batch)``.
+    token_mask: see `calibrate`.
+    prunable: see `calibrate`.
+    resume: whether states are kept between calls (False: every call runs from the start).
   """
-  tokens = tuple(tokens)
-  m = jnp.asarray(mask, jnp.float32)
-  if m.ndim <= len(tokens):
-    shape = m.shape + (1,) * (len(tokens) - m.ndim)
-    if all(a in (1, b) for a, b in zip(shape, tokens)):
-      return jnp.broadcast_to(m.reshape(shape), tokens)
-  if m.size == int(np.prod(tokens, dtype=np.int64)):
-    return m.reshape(tokens)
-  raise ValueError(f"token_mask: expected a mask broadcastable against the token dims {tokens} "
-                   f"of the input of {path}, got shape {m.shape}")
 
+  def __init__(self, apply_fn: Callable[[PyTree, Any], Any], *,
+               token_mask: Optional[Callable[[Any], jax.Array]] = None,
+               prunable: tree_lib.Prunable = None, resume: bool = True) -> None:
+    self.apply_fn = apply_fn
+    self.token_mask = token_mask
+    self.prunable = prunable
+    self.resume = resume
+    self._programs: dict = {}
+    self._sets: dict[str, tuple[list, dict[int, _Batch]]] = {}
 
-def capture_inputs(traced: Traced, sites: Iterable[Site], leaves: Sequence[jax.Array],
-                   batch: Any) -> dict[str, list[jax.Array]]:
-  """Runs the traced function and returns each site's `interpret.site_inputs`, by kernel path."""
-  xs: dict[str, list[jax.Array]] = {}
+  def _program(self, params: PyTree, batch: Any) -> calibration_step.Program:
+    key = tuple((jax.tree.structure(t), tuple(jax.typeof(x) for x in jax.tree.leaves(t)))
+                for t in (params, batch))
+    if key not in self._programs:
+      self._programs[key] = calibration_step.Program(interpret.trace(self.apply_fn, params, batch))
+    return self._programs[key]
 
-  def hook(ops: Sequence[jax.Array], out: jax.Array, site: Site) -> jax.Array:
-    xs.setdefault(site.path, []).append(interpret.site_inputs(site, ops[1 - site.operand]))
+  def _changed(self, name: str, leaves: list) -> Optional[list[int]]:
+    """Indices of the leaves that differ from those the kept states of ``name`` were taken with."""
+    if name not in self._sets:
+      return None
+    old = self._sets[name][0]
+    if len(old) != len(leaves):
+      return None
+    return [i for i, (a, b) in enumerate(zip(old, leaves)) if a is not b and not (
+        np.shape(a) == np.shape(b) and np.array_equal(np.asarray(a), np.asarray(b)))]
+
+  def _inputs(self, name: str, index: int, program: calibration_step.Program,
+              sites: list[Site], leaves: list, batch_leaves: list,
+              changed: Optional[list[int]], align: int, kept: dict[int, _Batch]
+              ) -> tuple[list[jax.Array], int]:
+    """The sites' inputs under parameter set ``name`` and where its forward pass resumed."""
+    old = self._sets.get(name, ([], {}))[1].get(index)
+    cuts, limit = [], 0
+    if (old is not None and changed is not None and old.program is program
+        and len(old.leaves) == len(batch_leaves)
+        and all(a is b for a, b in zip(old.leaves, batch_leaves))):
+      cuts = old.cuts
+      limit = min([program.first_read[i] for i in changed] + [align])
+    xs, new, start = calibration_step.advance(program, cuts, limit, sites, leaves, batch_leaves,
+                                              self.resume)
+    if self.resume:
+      kept[index] = _Batch(program, tuple(batch_leaves), new)
+    return xs, start
+
+  def __call__(self, params: PyTree, batches: Iterable[Any], *, kernels: Kernels = None,
+               reference_params: Optional[PyTree] = None) -> dict[str, Calibration]:
+    """Calibrates ``kernels`` on ``batches``; arguments and results as in `calibrate`."""
+    first, batches = first_batch(batches)
+    if reference_params is not None:
+      tree_lib.check_same_structure(params, reference_params, "params", "reference_params")
+    sets = [("params", jax.tree.leaves(params))]
+    if reference_params is not None:
+      sets.append(("reference", jax.tree.leaves(reference_params)))
+    selected = select_sites(self._program(params, first).traced, params, kernels, self.prunable)
+    acc = {}
+    for path, sites in selected.items():
+      d = sites[0].d_in
+      acc[path] = (np.zeros((d, d), np.float32), np.zeros((), np.float32),
+                   None if reference_params is None else np.zeros((d, d), np.float32))
+    changed = {name: self._changed(name, leaves) for name, leaves in sets}
+    kept: dict[str, dict[int, _Batch]] = {name: {} for name, _ in sets}
+    try:
+      for index, batch in enumerate(batches):
+        program = self._program(params, batch)
+        by_path = select_sites(program.traced, params, tuple(selected), None)
+        for path, group in by_path.items():
+          if acc[path][0].shape != (group[0].d_in,) * 2:
+            raise ValueError(f"batches: expected every batch to give {path} inputs of "
+                             f"{acc[path][0].shape[0]} features, got {group[0].d_in}")
+        sites = [s for group in by_path.values() for s in group]
+        batch_leaves = jax.tree.leaves(batch)
+        # The reference pass resumes where the pass under params did: one segment, one program.
+        align, xs = program.size, []
+        for name, leaves in sets:
+          x, align = self._inputs(name, index, program, sites, leaves, batch_leaves,
+                                  changed[name], align, kept[name])
+          xs.append(x)
+        mask = None if self.token_mask is None else self.token_mask(batch)
+        rows: dict[tuple[int, ...], tuple[Optional[np.ndarray], np.ndarray]] = {}
+        for k, s in enumerate(sites):
+          x = xs[0][k]
+          tokens = x.shape[:-1]
+          if mask is not None and tokens not in rows:
+            w = token_weights(mask, tokens, s.path)
+            # Selecting rows would gather a sharded batch onto every device.
+            sharded = len(x.sharding.device_set) > 1
+            rows[tokens] = (None, w.reshape(-1)) if sharded else calibration_step.token_rows(w)
+          used, w = rows.get(tokens, (None, None))
+          acc[s.path] = calibration_step.accumulate(
+              acc[s.path], x, xs[1][k] if len(xs) > 1 else None, used, w)
+    finally:
+      # States of batches this call did not reach were taken with other parameters.
+      self._sets = {name: (leaves, kept[name]) for name, leaves in sets} if self.resume else {}
+    out = {}
+    for path, (h, count, cross) in acc.items():
+      for name, value in (("H", h), ("cross", cross)):
+        if value is not None and not np.isfinite(np.asarray(value)).all():
+          raise ValueError(f"batches: the calibration {name} of {path} has NaN or inf entries "
+                           "(bad calibration data or a diverging model)")
+      out[path] = Calibration(h=h, count=count, cross=cross, site=selected[path][0])
     return out
-
-  hooks = {s.location: functools.partial(hook, site=s) for s in sites}
-  interpret.evaluate(traced.jaxpr, list(leaves) + jax.tree.leaves(batch), hooks)
-  return xs
-
-
-def gram(a: jax.Array, b: jax.Array) -> jax.Array:
-  """``aᵀb`` in float32 over rows that may be sharded over a mesh (the result is replicated)."""
-  mesh = getattr(jax.typeof(a).sharding, "mesh", None)
-  out = None
-  if mesh is not None and not mesh.empty and AxisType.Explicit in mesh.axis_types:
-    out = NamedSharding(mesh, PartitionSpec())  # explicit axes ask where the row sum lands
-  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
-                         preferred_element_type=jnp.float32, out_sharding=out)
-
-
-@functools.partial(jax.jit, static_argnames=("apply_fn", "kernels", "token_mask"))
-def _step(acc: dict, params: PyTree, reference_params: Optional[PyTree], batch: Any, *,
-          apply_fn: Callable[[PyTree, Any], Any], kernels: tuple[str, ...],
-          token_mask: Optional[Callable[[Any], jax.Array]]) -> dict:
-  """Adds one batch to ``acc``; compiled once per (apply_fn, kernels, token_mask, shapes)."""
-  traced = interpret.trace(apply_fn, params, batch)
-  selected = select_sites(traced, params, kernels, None)
-  for path, sites in selected.items():
-    if acc[path][0].shape != (sites[0].d_in,) * 2:
-      raise ValueError(f"batches: expected every batch to give {path} inputs of "
-                       f"{acc[path][0].shape[0]} features, got {sites[0].d_in}")
-  sites = [s for group in selected.values() for s in group]
-  mask = None if token_mask is None else token_mask(batch)
-  xs = capture_inputs(traced, sites, jax.tree.leaves(params), batch)
-  xd = None
-  if reference_params is not None:
-    xd = capture_inputs(traced, sites, jax.tree.leaves(reference_params), batch)
-  new = {}
-  for path, (h, count, cross) in acc.items():
-    for j, x in enumerate(xs[path]):
-      tokens = x.shape[:-1]
-      w = (jnp.ones(tokens, jnp.float32) if mask is None
-           else token_weights(mask, tokens, path)).reshape(-1, 1)
-      x = x.reshape(-1, x.shape[-1])
-      h = h + gram(x * w, x)
-      count = count + jnp.sum(w)
-      if xd is not None:
-        cross = cross + gram(x * w, xd[path][j].reshape(x.shape))
-    new[path] = (h, count, cross)
-  return new
 
 
 def first_batch(batches: Iterable[Any]) -> tuple[Any, Iterable[Any]]:
@@ -202,6 +273,9 @@ def calibrate(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: I
               reference_params: Optional[PyTree] = None,
               prunable: tree_lib.Prunable = None) -> dict[str, Calibration]:
   """Accumulates ``H = Σ xxᵀ`` over calibration tokens for each kernel of ``apply_fn``.
+
+  One call, streaming over ``batches``; sequential pruning, which calibrates stage after stage,
+  should hold one `Calibrator` instead.
 
   References: Hassibi & Stork, "Second order derivatives for network pruning: Optimal Brain
   Surgeon", 1993; Frantar & Alistarh, "Optimal Brain Compression", 2022.
@@ -222,26 +296,8 @@ def calibrate(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: I
   Returns:
     ``{path: Calibration}`` in leaf order.
   """
-  first, batches = first_batch(batches)
-  if reference_params is not None:
-    tree_lib.check_same_structure(params, reference_params, "params", "reference_params")
-  selected = select_sites(interpret.trace(apply_fn, params, first), params, kernels, prunable)
-  acc = {}
-  for path, sites in selected.items():
-    zeros = jnp.zeros((sites[0].d_in, sites[0].d_in), jnp.float32)
-    acc[path] = (zeros, jnp.zeros((), jnp.float32),
-                 None if reference_params is None else zeros)
-  for batch in batches:
-    acc = _step(acc, params, reference_params, batch, apply_fn=apply_fn,
-                kernels=tuple(selected), token_mask=token_mask)
-  out = {}
-  for path, (h, count, cross) in acc.items():
-    for name, value in (("H", h), ("cross", cross)):
-      if value is not None and not bool(jnp.all(jnp.isfinite(value))):
-        raise ValueError(f"batches: the calibration {name} of {path} has NaN or inf entries "
-                         "(bad calibration data or a diverging model)")
-    out[path] = Calibration(h=h, count=count, cross=cross, site=selected[path][0])
-  return out
+  calibrator = Calibrator(apply_fn, token_mask=token_mask, prunable=prunable, resume=False)
+  return calibrator(params, batches, kernels=kernels, reference_params=reference_params)
 
 
 def stages(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batch: Any,
