@@ -279,6 +279,9 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
     if pattern is not None:
       obs_lib.parse_pattern(pattern, (sites[path].d_in, sites[path].d_out), f"pattern ({path})")
   stages = (calib_lib.stages(apply_fn, params, batches[0], paths) if sequential else [paths])
+  # One calibrator for every stage: it resumes the forward pass where the last pruned kernels
+  # start to matter instead of compiling and running the model from the start per stage.
+  calibrator = calib_lib.Calibrator(apply_fn, token_mask=token_mask, prunable=prunable)
 
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   index = {tree_lib.path_str(p): i for i, (p, _) in enumerate(flat)}
@@ -288,8 +291,8 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
   bar = iter(progress_lib.progress(range(len(paths)), desc="oneshot", enable=progress))
   for stage in stages:
     current = jax.tree.unflatten(treedef, new_leaves)
-    cal = calib_lib.calibrate(apply_fn, current, batches, kernels=stage, token_mask=token_mask,
-                              reference_params=dense if target == "dense" else None)
+    cal = calibrator(current, batches, kernels=stage,
+                     reference_params=dense if target == "dense" else None)
     for path in stage:
       next(bar, None)
       i, site, s = index[path], sites[path], per_layer[path]
