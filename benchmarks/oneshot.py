@@ -58,7 +58,7 @@ def dense_params(name: str, dataset: data_lib.Dataset, cache: Path) -> object:
   return params
 
 
-def prune(method: str, apply_fn, params, batches, labels, sparsity: float, per_layer: dict):
+def prune(method: str, apply_fn, params, batches, sparsity: float, per_layer: dict):
   """Pruned params for one criterion at one sparsity."""
   if method in ("magnitude", "obd"):
     if method == "magnitude":
@@ -103,25 +103,25 @@ def main(argv=None) -> None:
     apply_fn = lambda p, x, model=model: model.apply({"params": p}, x)
     params = dense_params(name, dataset, Path(args.cache))
     x_cal = jnp.asarray(dataset.x_train[:args.calibration])
-    y_cal = jnp.asarray(dataset.y_train[:args.calibration])
     batches = [x_cal[i:i + 256] for i in range(0, args.calibration, 256)]
-    labels = [y_cal[i:i + 256] for i in range(0, args.calibration, 256)]
     err = lambda p, model=model: 1.0 - models_lib.accuracy(model, p, dataset.x_test,
                                                            dataset.y_test)
     print(f"\n{name}: dense test error {100 * err(params):.2f} %, {args.calibration} calibration "
           "images, no fine-tuning; test error % (wall s)")
     print("| criterion | " + " | ".join(f"{100 * s:g} %" for s in sparsities) + " |")
     print("| --- |" + " --- |" * len(sparsities))
+    # The per-layer sparsities every criterion shares: one global magnitude ranking.
+    per_layer = {}
+    for s in sparsities:
+      kept = jp.unstructured_mask(jp.magnitude(params), s, scope="global")
+      per_layer[s] = {jax.tree_util.keystr(p): int(jnp.sum(~m)) / m.size
+                      for p, m in jax.tree_util.tree_flatten_with_path(kept)[0]
+                      if np.ndim(m) >= 2}
     for method in methods:
       cells = []
       for s in sparsities:
-        scores = jp.magnitude(params)
-        kept = jp.unstructured_mask(scores, s, scope="global")
-        per_layer = {jax.tree_util.keystr(p): 1.0 - float(jnp.mean(m))
-                     for p, m in jax.tree_util.tree_flatten_with_path(kept)[0]
-                     if np.ndim(m) >= 2}
         t = time.perf_counter()
-        pruned = prune(method, apply_fn, params, batches, labels, s, per_layer)
+        pruned = prune(method, apply_fn, params, batches, s, per_layer[s])
         jax.block_until_ready(pruned)
         wall = time.perf_counter() - t
         cells.append(f"{100 * err(pruned):.2f} ({wall:.1f})")

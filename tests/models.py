@@ -1,6 +1,20 @@
-"""Small Flax Linen models shared by the structured-pruning tests (dependency groups, surgery)."""
+"""Small models and parameter trees shared by several test modules."""
 
 import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+# Leaf paths of `sum_params`' two kernels.
+A, B_ = "['a']['kernel']", "['b']['kernel']"
+
+
+def sum_params():
+  # Distinct positive values: pruning k entries of a leaf lowers the sum by its k smallest.
+  rng = np.random.default_rng(0)
+  vals = rng.permutation(np.arange(1, 36, dtype=np.float32))
+  return {"a": {"kernel": jnp.asarray(vals[:20].reshape(4, 5))},
+          "b": {"kernel": jnp.asarray(vals[20:].reshape(5, 3))},
+          "bias": jnp.asarray([0.5, 0.25, 0.125], jnp.float32)}
 
 
 class MLP(nn.Module):

@@ -13,7 +13,7 @@ from jaxprune._src import masks as masks_lib
 from jaxprune._src import report as report_lib
 from jaxprune._src import sensitivity as sens_lib
 
-A, B_ = "['a']['kernel']", "['b']['kernel']"
+from models import A, B_, sum_params
 
 
 def layer_masks(params, alloc):
@@ -21,15 +21,6 @@ def layer_masks(params, alloc):
   # dispatches many small ops.
   return jax.jit(lambda p: masks_lib.unstructured_mask(jp.magnitude(p), alloc, scope="layer"))(
       params)
-
-
-def sum_params():
-  # Distinct positive values: pruning k entries of a leaf lowers the sum by its k smallest.
-  rng = np.random.default_rng(0)
-  vals = rng.permutation(np.arange(1, 36, dtype=np.float32))
-  return {"a": {"kernel": jnp.asarray(vals[:20].reshape(4, 5))},
-          "b": {"kernel": jnp.asarray(vals[20:].reshape(5, 3))},
-          "bias": jnp.asarray([0.5, 0.25, 0.125], jnp.float32)}
 
 
 def synthetic(lower_is_better=False):

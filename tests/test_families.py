@@ -55,17 +55,8 @@ def check_report_round_trip(params, state, **flops):
   return from_masks
 
 
-def test_dict_params():
-  rng = np.random.default_rng(1)
-  params = {"dense1": {"kernel": jnp.asarray(rng.normal(size=(4, 8)), jnp.float32),
-                       "bias": jnp.zeros(8)},
-            "dense2": {"kernel": jnp.asarray(rng.normal(size=(8, 2)), jnp.float32),
-                       "bias": jnp.zeros(2)}}
-
-  def apply(p, x):
-    h = jax.nn.relu(x @ p["dense1"]["kernel"] + p["dense1"]["bias"])
-    return h @ p["dense2"]["kernel"] + p["dense2"]["bias"]
-
+def train(apply, params):
+  """``STEPS`` jitted Adam steps on a squared error with `jp.prune` chained after Adam."""
   tx = optax.chain(optax.adam(1e-2), jp.prune(schedule()))
   opt_state = tx.init(params)
   x, y = batch()
@@ -78,6 +69,21 @@ def test_dict_params():
 
   for _ in range(STEPS):
     params, opt_state = step(params, opt_state)
+  return params, opt_state, x
+
+
+def test_dict_params():
+  rng = np.random.default_rng(1)
+  params = {"dense1": {"kernel": jnp.asarray(rng.normal(size=(4, 8)), jnp.float32),
+                       "bias": jnp.zeros(8)},
+            "dense2": {"kernel": jnp.asarray(rng.normal(size=(8, 2)), jnp.float32),
+                       "bias": jnp.zeros(2)}}
+
+  def apply(p, x):
+    h = jax.nn.relu(x @ p["dense1"]["kernel"] + p["dense1"]["bias"])
+    return h @ p["dense2"]["kernel"] + p["dense2"]["bias"]
+
+  params, opt_state, x = train(apply, params)
   check_exact(params, {"['dense1']['kernel']": (4, 8), "['dense2']['kernel']": (8, 2)})
   r = check_report_round_trip(params, opt_state, apply_fn=apply, inputs=(x,))
   assert r.flops_effective < r.flops_dense
@@ -149,18 +155,7 @@ def test_equinox_filter():
   model = eqx.nn.MLP(4, 2, 8, 1, key=jax.random.PRNGKey(0))
   params, static = eqx.partition(model, eqx.is_array)
   apply = lambda p, x: jax.vmap(eqx.combine(p, static))(x)
-  tx = optax.chain(optax.adam(1e-2), jp.prune(schedule()))
-  opt_state = tx.init(params)
-  x, y = batch()
-
-  @jax.jit
-  def step(params, opt_state):
-    grads = jax.grad(lambda p: jnp.mean((apply(p, x) - y) ** 2))(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  for _ in range(STEPS):
-    params, opt_state = step(params, opt_state)
+  params, opt_state, x = train(apply, params)
   # Equinox weights are (out, in).
   check_exact(params, {".layers[0].weight": (8, 4), ".layers[1].weight": (2, 8)})
   r = check_report_round_trip(params, opt_state, apply_fn=apply, inputs=(x,))

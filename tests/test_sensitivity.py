@@ -7,16 +7,7 @@ import pytest
 
 from jaxprune._src import sensitivity as sens_lib
 
-A, B_ = "['a']['kernel']", "['b']['kernel']"
-
-
-def sum_params():
-  # Distinct positive values: pruning k entries of a leaf lowers the sum by its k smallest.
-  rng = np.random.default_rng(0)
-  vals = rng.permutation(np.arange(1, 36, dtype=np.float32))
-  return {"a": {"kernel": jnp.asarray(vals[:20].reshape(4, 5))},
-          "b": {"kernel": jnp.asarray(vals[20:].reshape(5, 3))},
-          "bias": jnp.asarray([0.5, 0.25, 0.125], jnp.float32)}
+from models import A, B_, sum_params
 
 
 def test_sensitivity_exact_and_traced_once(tmp_path):

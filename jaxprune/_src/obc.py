@@ -27,6 +27,7 @@ from jax import lax
 from jaxprune._src import obs
 from jaxprune._src import refit as refit_lib
 from jaxprune._src import select
+from jaxprune._src import validation
 
 Array = jax.Array
 
@@ -299,7 +300,7 @@ def obc(w: Array, h: Array, sparsity: Union[float, Array, None], *, pattern: obs
   if pat.kind == "nm":  # before the path, which is the expensive part
     obs.check_nm_sparsity(sparsity, pat)
   else:
-    select.check_sparsity(sparsity, "sparsity")
+    validation.check_fraction(sparsity, "sparsity")
   path = obc_path(w, h, pattern=pattern, damp=damp)
   mask = obc_mask(path, sparsity, pattern=pattern)
   return refit_lib.refit(w, h, mask, damp=damp), mask

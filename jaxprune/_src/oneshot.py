@@ -32,6 +32,7 @@ from jaxprune._src import obc as obc_lib
 from jaxprune._src import obs as obs_lib
 from jaxprune._src import progress as progress_lib
 from jaxprune._src import refit as refit_lib
+from jaxprune._src import select as select_lib
 from jaxprune._src import sparsegpt as sparsegpt_lib
 from jaxprune._src import tree as tree_lib
 from jaxprune._src import validation
@@ -121,12 +122,9 @@ def _layer_sparsities(params: PyTree, paths: Sequence[str], sparsity: Any, patte
     # what the per-layer solvers then reach exactly.
     scores = {p: jnp.abs(leaves[p]).astype(jnp.float32) for p in paths}
     kept = masks_lib.unstructured_mask(scores, sparsity, scope="global")
-    return {p: 1.0 - int(jnp.sum(kept[p])) / leaves[p].size for p in paths}
+    pruned = jax.device_get({p: jnp.sum(~kept[p]) for p in paths})
+    return {p: int(pruned[p]) / leaves[p].size for p in paths}
   raise AssertionError(allocation)
-
-
-def _as_count(sparsity: float, size: int) -> int:
-  return int(round(sparsity * size))
 
 
 def _mask(scores: jax.Array, sparsity: float, pattern: Optional[tuple]) -> jax.Array:
@@ -247,7 +245,7 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
     token_mask: ``batch -> mask`` of the positions to calibrate on (e.g. no padding).
     damp: dampening, ``H + damp·mean(diag H)·I``.
     block_size: SparseGPT's column block.
-    progress: a progress bar over kernels (default: when stderr is a terminal).
+    progress: a progress bar over the pruning stages (default: when stderr is a terminal).
     return_layers: also return one `Layer` record per kernel.
 
   Returns:
@@ -269,35 +267,34 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
   traced = interpret.trace(apply_fn, params, batches[0])
   sites = {p: v[0] for p, v in calib_lib.select_sites(traced, params, None, prunable).items()}
   paths = list(sites)
+  # One calibrator for the allocation and every stage: it resumes the forward pass where the last
+  # pruned kernels start to matter instead of compiling and running the model from the start.
+  calibrator = calib_lib.Calibrator(apply_fn, token_mask=token_mask, prunable=prunable)
   if allocation == "obs" and (pattern is None or pattern[0] != "nm"):
-    per_layer = _obs_allocation(apply_fn, params, batches, sites, float(
+    per_layer = _obs_allocation(calibrator, params, batches, sites, float(
         validation.check_fraction(sparsity, "sparsity", allow_traced=False)), method, pattern,
-                                refit, token_mask, damp, block_size)
+                                refit, damp, block_size)
   else:
     per_layer = _layer_sparsities(params, paths, sparsity, pattern, allocation)
   for path in paths:
     if pattern is not None:
       obs_lib.parse_pattern(pattern, (sites[path].d_in, sites[path].d_out), f"pattern ({path})")
   stages = (calib_lib.stages(apply_fn, params, batches[0], paths) if sequential else [paths])
-  # One calibrator for every stage: it resumes the forward pass where the last pruned kernels
-  # start to matter instead of compiling and running the model from the start per stage.
-  calibrator = calib_lib.Calibrator(apply_fn, token_mask=token_mask, prunable=prunable)
 
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   index = {tree_lib.path_str(p): i for i, (p, _) in enumerate(flat)}
   new_leaves = [x for _, x in flat]
   mask_leaves: list[Any] = [jnp.ones(jnp.shape(x), bool) for _, x in flat]
   layers: list[Layer] = []
-  bar = iter(progress_lib.progress(range(len(paths)), desc="oneshot", enable=progress))
-  for stage in stages:
+  changed = False  # until a kernel changes, every input equals the dense model's
+  for stage in progress_lib.progress(stages, desc="oneshot", enable=progress):
     current = jax.tree.unflatten(treedef, new_leaves)
     cal = calibrator(current, batches, kernels=stage,
-                     reference_params=dense if target == "dense" else None)
+                     reference_params=dense if target == "dense" and changed else None)
     for path in stage:
-      next(bar, None)
       i, site, s = index[path], sites[path], per_layer[path]
       leaf = new_leaves[i]
-      if _as_count(s, leaf.size) == 0:
+      if select_lib.num_to_prune(s, leaf.size) == 0:
         layers.append(Layer(path, 0.0, 0.0))
         continue
       h = cal[path].h
@@ -310,9 +307,9 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
       energy = float(jnp.sum(w * (h @ w)))
       loss = float(obs_lib.layer_loss(w, w_new, h)) / max(energy, 1e-30)
       new_leaves[i] = interpret.from_matrix(w_new, site, leaf.shape).astype(leaf.dtype)
+      changed = True
       mask_leaves[i] = interpret.from_matrix(mask, site, leaf.shape)
       layers.append(Layer(path, 1.0 - float(jnp.mean(mask)), loss))
-  next(bar, None)
   out = (jax.tree.unflatten(treedef, new_leaves), jax.tree.unflatten(treedef, mask_leaves))
   return out + (layers,) if return_layers else out
 
@@ -320,10 +317,9 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
 OBS_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
 
 
-def _obs_allocation(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: list,
+def _obs_allocation(calibrator: calib_lib.Calibrator, params: PyTree, batches: list,
                     sites: Mapping[str, Any], sparsity: float, method: str,
-                    pattern: Optional[tuple], refit: bool,
-                    token_mask: Optional[Callable[[Any], jax.Array]], damp: float,
+                    pattern: Optional[tuple], refit: bool, damp: float,
                     block_size: int) -> dict[str, float]:
   """Per-kernel sparsities minimising the summed relative layer errors at ``round(s·N)``.
 
@@ -334,7 +330,7 @@ def _obs_allocation(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batc
   """
   leaves = dict(tree_lib.leaves_with_paths(params))
   paths = list(sites)
-  cal = calib_lib.calibrate(apply_fn, params, batches, kernels=paths, token_mask=token_mask)
+  cal = calibrator(params, batches, kernels=paths)
   grid = np.asarray(OBS_GRID)
   curves, sizes = [], []
   for path in paths:

@@ -68,10 +68,6 @@ def score_keys(x: Array) -> Array:
   return jnp.where(jnp.isnan(x), jnp.uint32(0), keys)
 
 
-# Kept for modules that still import the old name; `validation.check_fraction` is the check.
-check_sparsity = validation.check_fraction
-
-
 def num_to_prune(sparsity: Any, n: int, name: str = "sparsity",
                  path: Optional[str] = None) -> Union[int, Array]:
   """Number of entries to prune out of ``n``: ``round(sparsity * n)``, half to even.
