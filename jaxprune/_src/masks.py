@@ -28,19 +28,18 @@ SCOPES = ("layer", "global")
 REDUCTIONS = ("l1", "l2", "max", "mean")
 
 
-def check_scope(scope: Any) -> str:
-  """Checks ``scope`` is ``"layer"`` or ``"global"``."""
-  return validation.check_choice(scope, SCOPES, "scope")
-
-
-def check_reduce(reduce: Any, allowed: Sequence[str] = REDUCTIONS, name: str = "reduce") -> str:
-  """Checks a unit-score reduction name against ``allowed``."""
-  return validation.check_choice(reduce, allowed, name)
-
-
 def reduce_units(x: Array, axes: tuple[int, ...], how: str) -> Array:
-  """Unit score over ``axes``: ``l1``, ``l2`` (sum of squares, which orders units like the norm),
-  ``max`` or ``mean`` of ``|x|``; float32."""
+  """The score of each unit (neuron, channel, block): ``|x|`` reduced over ``axes``.
+
+  Args:
+    x: scores.
+    axes: the axes within a unit.
+    how: ``"l1"``, ``"l2"`` (the sum of squares, which orders units like the norm), ``"max"`` or
+      ``"mean"``.
+
+  Returns:
+    float32 unit scores; an empty reduction gives 0.
+  """
   x = jnp.abs(x.astype(jnp.float32))
   if how == "l2":
     return jnp.sum(jnp.square(x), axis=axes)
@@ -51,16 +50,28 @@ def reduce_units(x: Array, axes: tuple[int, ...], how: str) -> Array:
   return jnp.sum(x, axis=axes)
 
 
-# Names imported by modules outside this one's concern; the public names above are the API.
-_check_scope = check_scope
-_check_norm = check_reduce
+# Names group_scores imports; `validation.check_choice` and `reduce_units` are the API.
+def _check_scope(scope: Any) -> str:
+  return validation.check_choice(scope, SCOPES, "scope")
+
+
+def _check_norm(value: Any, allowed: Sequence[str], name: str = "norm") -> str:
+  return validation.check_choice(value, allowed, name)
+
+
 _reduce = reduce_units
 
 
 def prepare(scores: PyTree, prunable: Prunable) -> tuple[list, list[str], list[bool], Any]:
-  """Flattens scores into ``(leaves, paths, prunable flags, treedef)``, checking dtypes.
+  """Flattens scores for a selection, checking that every leaf is floating.
 
-  Array leaves become jax arrays; `elementwise.Elementwise` leaves stay lazy.
+  Args:
+    scores: pytree of float arrays or `Elementwise` scores.
+    prunable: see `unstructured_mask`.
+
+  Returns:
+    ``(leaves, paths, prunable flags, treedef)``: array leaves as jax arrays, `Elementwise`
+    leaves unevaluated.
   """
   flat, treedef = jax.tree_util.tree_flatten_with_path(scores)
   flags = jax.tree.leaves(tree_lib.prunable_flags(scores, prunable))
@@ -236,7 +247,7 @@ def unstructured_mask(scores: PyTree, sparsity: Sparsity, *, scope: str = "layer
   Returns:
     Pytree of bool masks shaped like ``scores``; True = keep. Unprunable leaves are all True.
   """
-  check_scope(scope)
+  validation.check_choice(scope, SCOPES, "scope")
   leaves, paths, flags, treedef = prepare(scores, prunable)
   idx = [i for i, f in enumerate(flags) if f]
   counts = leaf_counts(sparsity, scores, {i: leaves[i].size for i in idx}, paths, scope)
@@ -268,8 +279,8 @@ def structured_mask(scores: PyTree, sparsity: Sparsity, *, axis: int = -1, reduc
   Returns:
     Pytree of bool masks shaped like ``scores``, constant along every axis but ``axis``.
   """
-  check_scope(scope)
-  check_reduce(reduce, ("l1", "l2"))
+  validation.check_choice(scope, SCOPES, "scope")
+  validation.check_choice(reduce, ("l1", "l2"), "reduce")
   leaves, paths, flags, treedef = prepare(scores, prunable)
   idx = [i for i, f in enumerate(flags) if f]
   axes = tuple(validation.normalize_axis(axis, leaves[i].ndim, "axis", paths[i]) for i in idx)
@@ -316,17 +327,6 @@ def nm_mask(scores: PyTree, n: int = 2, m: int = 4, *, axis: int = -2,
   return _run("nm", leaves, idx, treedef, "layer", (n, m, axes), [])
 
 
-def check_block_shape(block_shape: Any) -> tuple[int, ...]:
-  """Checks a non-empty sequence of positive integers and returns it as a tuple."""
-  expected = "a non-empty sequence of positive integers"
-  if isinstance(block_shape, (str, bytes)) or not isinstance(block_shape, Sequence) or (
-      not block_shape):
-    raise validation.error("block_shape", expected, block_shape)
-  for b in block_shape:
-    validation.check_int(b, "block_shape", 1)
-  return tuple(int(b) for b in block_shape)
-
-
 def block_mask(scores: PyTree, sparsity: Sparsity, block_shape: Sequence[int], *,
                reduce: str = "l1", scope: str = "layer", prunable: Prunable = None,
                allow_partial: bool = False) -> PyTree:
@@ -354,9 +354,9 @@ def block_mask(scores: PyTree, sparsity: Sparsity, block_shape: Sequence[int], *
   Returns:
     Pytree of bool masks shaped like ``scores``, constant within each block.
   """
-  check_scope(scope)
-  check_reduce(reduce)
-  block_shape = check_block_shape(block_shape)
+  validation.check_choice(scope, SCOPES, "scope")
+  validation.check_choice(reduce, REDUCTIONS, "reduce")
+  block_shape = validation.check_positive_ints(block_shape, "block_shape")
   leaves, paths, flags, treedef = prepare(scores, prunable)
   idx = [i for i, f in enumerate(flags) if f]
   blocks, sizes = [], {}
@@ -397,6 +397,5 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
 
 
 MaskFn = Callable[..., PyTree]
-__all__ = ["apply_masks", "block_mask", "check_block_shape", "check_reduce", "check_scope",
-           "leaf_counts", "nm_mask", "prepare", "reduce_units", "structured_mask",
-           "unstructured_mask"]
+__all__ = ["REDUCTIONS", "SCOPES", "apply_masks", "block_mask", "leaf_counts", "nm_mask", "prepare",
+           "reduce_units", "structured_mask", "unstructured_mask"]

@@ -27,6 +27,7 @@ import optax
 from jax import lax
 
 from jaxprune._src import elementwise
+from jaxprune._src import masks as masks_lib
 from jaxprune._src import policy
 from jaxprune._src import scores as scores_lib
 from jaxprune._src import tree as tree_lib
@@ -66,7 +67,7 @@ class PruneState(NamedTuple):
   hess_steps: Array
 
 
-def as_schedule(value: ScheduleLike, name: str) -> Schedule:
+def _as_schedule(value: ScheduleLike, name: str) -> Schedule:
   """A fraction becomes a constant schedule; a callable is used as is."""
   if callable(value):
     return value
@@ -74,7 +75,7 @@ def as_schedule(value: ScheduleLike, name: str) -> Schedule:
   return lambda count: jnp.asarray(const, jnp.float32)
 
 
-def check_schedule_start(schedule: Schedule, name: str) -> None:
+def _check_schedule_start(schedule: Schedule, name: str) -> None:
   """Evaluates a schedule at step 0 and checks the value where it is concrete."""
   value = schedule(np.int32(0))
   if np.shape(value) != ():
@@ -106,7 +107,7 @@ def _resolve(params: PyTree, prunable: Prunable, overrides: Any) -> tuple[list, 
   flags = jax.tree.leaves(tree_lib.prunable_flags(params, prunable))
   values = policy.leaf_overrides(params, flags, overrides)
   paths = [p for p, _ in tree_lib.leaves_with_paths(params)]
-  return flags, [None if v is None else as_schedule(v, f"overrides[{p!r}]")
+  return flags, [None if v is None else _as_schedule(v, f"overrides[{p!r}]")
                  for v, p in zip(values, paths)]
 
 
@@ -212,10 +213,10 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
     LeCun, Denker & Solla, "Optimal Brain Damage", NeurIPS 1989 (OBD saliency);
     Molchanov et al., "Importance Estimation for Neural Network Pruning", CVPR 2019 (Taylor).
   """
-  target_schedule = as_schedule(schedule, "schedule")
+  target_schedule = _as_schedule(schedule, "schedule")
   if not callable(score):
     validation.check_choice(score, SCORES, "score")
-  validation.check_choice(scope, ("layer", "global"), "scope")
+  validation.check_choice(scope, masks_lib.SCOPES, "scope")
   policy.check_distribution(distribution, scope)
   pattern = policy.check_pattern(pattern)
   num_probes = validation.check_int(num_probes, "num_probes", 1)
@@ -229,9 +230,9 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
         raise validation.error("params", "floating-point prunable leaves",
                                f"dtype {getattr(leaf, 'dtype', type(leaf).__name__)}", path)
     override_schedules = [s for s in leaf_schedules if s is not None]
-    check_schedule_start(target_schedule, "schedule")
+    _check_schedule_start(target_schedule, "schedule")
     for s in override_schedules:
-      check_schedule_start(s, "overrides")
+      _check_schedule_start(s, "overrides")
     return PruneState(
         count=jnp.zeros((), jnp.int32), target=jnp.zeros((), jnp.float32),
         override_targets=tuple(jnp.zeros((), jnp.float32) for _ in override_schedules),
@@ -294,4 +295,4 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-__all__ = ["PruneState", "SCORES", "as_schedule", "check_schedule_start", "prune"]
+__all__ = ["PruneState", "SCORES", "prune"]
