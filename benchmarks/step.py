@@ -28,6 +28,7 @@ not; copies inside the update branch run only when it is taken).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import time
@@ -164,6 +165,7 @@ def main() -> None:
           optax.adam(1e-3), fixed_masks(jp.unstructured_mask(jp.magnitude(params0), 0.9))),
   }
   print(machine())
+  print(f"load average at start: {os.getloadavg()[0]:.1f} (other processes share the cores)")
   if args.compare_scores:
     print(f"MLP {sizes}: {n_params / 1e6:.2f}M params, batch {args.batch}; "
           f"{reps} interleaved reps of {window} steps each")
@@ -190,6 +192,7 @@ def main() -> None:
                                              "PruneState")
     print(f"  (scheduled variant: count {int(pruned_state.count)}, "
           f"target {float(pruned_state.target):.6f})")
+  print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -175,7 +175,7 @@ def test_one_shot_pruning_to_exact_sparsity():
     ({"pattern": "2:4"}, r"^pattern: expected 'unstructured', an NMPattern"),
     ({"pattern": jp.NMPattern(5, 4)}, r"^pattern.n: expected an integer >= 0 and <= 4, got 5"),
     ({"pattern": jp.NMPattern(2, 4), "scope": "global"}, r"^scope: expected 'layer' with an "),
-    ({"pattern": jp.BlockPattern(2)}, r"^block_shape: expected a non-empty sequence"),
+    ({"pattern": jp.BlockPattern(2)}, r"^pattern.shape: expected a non-empty sequence"),
     ({"pattern": jp.BlockPattern((2, 2), "median")}, r"^pattern.reduce: expected one of"),
     ({"overrides": {"['nope']": 0.1}}, r"^overrides: expected keys that are leaf paths of the "
                                        r"params such as .*, got \"\['nope'\]\"\.$"),

@@ -51,10 +51,6 @@ def reduce_units(x: Array, axes: tuple[int, ...], how: str) -> Array:
   return jnp.sum(x, axis=axes)
 
 
-# Names imported by modules outside this one's concern; the public names above are the API.
-_reduce = reduce_units
-
-
 def prepare(scores: PyTree, prunable: Prunable) -> tuple[list, list[str], list[bool], Any]:
   """Flattens scores into ``(leaves, paths, prunable flags, treedef)``, checking dtypes.
 

@@ -53,7 +53,15 @@ DISTRIBUTIONS = ("uniform", "erk")
 
 
 def check_pattern(pattern: Any) -> Pattern:
-  """Checks a pattern: ``"unstructured"``, an `NMPattern`, a `BlockPattern` or a mask function."""
+  """Checks a pattern.
+
+  Args:
+    pattern: expected ``"unstructured"``, an `NMPattern`, a `BlockPattern` or a mask function.
+
+  Returns:
+    The pattern with numpy integers made Python ints; a `ValueError` naming the argument (or its
+    field) otherwise.
+  """
   if isinstance(pattern, NMPattern):
     m = validation.check_int(pattern.m, "pattern.m", 1)
     n = validation.check_int(pattern.n, "pattern.n", 0, m)
@@ -61,8 +69,8 @@ def check_pattern(pattern: Any) -> Pattern:
       raise validation.error("pattern.axis", "an integer axis", pattern.axis)
     return NMPattern(n, m, int(pattern.axis))
   if isinstance(pattern, BlockPattern):
-    masks_lib.check_reduce(pattern.reduce, name="pattern.reduce")
-    return pattern._replace(shape=masks_lib.check_block_shape(pattern.shape))
+    validation.check_choice(pattern.reduce, masks_lib.REDUCTIONS, "pattern.reduce")
+    return pattern._replace(shape=validation.check_positive_ints(pattern.shape, "pattern.shape"))
   if pattern == "unstructured" or (callable(pattern) and not isinstance(pattern, str)):
     return pattern
   raise validation.error("pattern", "'unstructured', an NMPattern, a BlockPattern or a mask "
@@ -70,7 +78,16 @@ def check_pattern(pattern: Any) -> Pattern:
 
 
 def check_distribution(distribution: Any, scope: str) -> Distribution:
-  """Checks a distribution name or callable against the scope."""
+  """Checks a distribution.
+
+  Args:
+    distribution: expected ``"uniform"``, ``"erk"`` or a callable; only ``"uniform"`` with a
+      global scope.
+    scope: ``"layer"`` or ``"global"``.
+
+  Returns:
+    ``distribution``; a `ValueError` naming the argument otherwise.
+  """
   if not callable(distribution):
     validation.check_choice(distribution, DISTRIBUTIONS, "distribution")
   if scope == "global" and distribution != "uniform":
@@ -134,8 +151,14 @@ def _no_scores(x: Array) -> Array:
 
 
 def reads_elementwise(mask_fn: MaskFn) -> bool:
-  """Whether ``mask_fn`` (possibly a partial) is one of the library's unstructured selections,
-  which read `Elementwise` score leaves chunk by chunk; other mask functions get arrays."""
+  """Whether a mask function reads `Elementwise` score leaves chunk by chunk.
+
+  Args:
+    mask_fn: a mask function, possibly a `functools.partial`.
+
+  Returns:
+    True for the library's unstructured selections; other mask functions get whole arrays.
+  """
   base = mask_fn.func if isinstance(mask_fn, functools.partial) else mask_fn
   return base in (masks_lib.unstructured_mask, sharding.sharded_unstructured_mask)
 
@@ -241,7 +264,7 @@ def pruning_masks(params: PyTree, sparsity: Sparsity, *, scores: Optional[PyTree
     Zhu & Gupta, "To prune, or not to prune", 2017 (gradual pruning with monotone masks);
     Evci et al., "Rigging the Lottery", ICML 2020 (ERK distribution).
   """
-  masks_lib.check_scope(scope)
+  validation.check_choice(scope, masks_lib.SCOPES, "scope")
   distribution = check_distribution(distribution, scope)
   pattern = check_pattern(pattern)
   if isinstance(pattern, NMPattern) and scope != "layer":

@@ -39,6 +39,7 @@ from jaxprune._src import masks as masks_lib
 from jaxprune._src import scores as scores_lib
 from jaxprune._src import select
 from jaxprune._src import tree as tree_lib
+from jaxprune._src import validation
 from jaxprune._src.types import Array, PyTree, Sparsity
 
 AnyMesh = Union[Mesh, jax.sharding.AbstractMesh]
@@ -241,7 +242,7 @@ def sharded_unstructured_mask(scores: PyTree, sparsity: Sparsity,
   References:
     The selection is a two-pass radix select; see `jaxprune._src.select`.
   """
-  masks_lib.check_scope(scope)
+  validation.check_choice(scope, masks_lib.SCOPES, "scope")
   leaves, paths, flags, treedef = masks_lib.prepare(scores, prunable)
   mesh, spec_tree = resolve_specs(scores, mesh, specs)
   spec_list = tuple(jax.tree.leaves(spec_tree, is_leaf=_is_spec_leaf))

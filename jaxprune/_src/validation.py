@@ -123,6 +123,16 @@ def check_choice(value: Any, choices: Sequence[Any], name: str) -> Any:
   return value
 
 
+def check_positive_ints(value: Any, name: str) -> tuple[int, ...]:
+  """Checks a non-empty sequence of positive (Python or numpy) integers; returns a tuple."""
+  expected = "a non-empty sequence of positive integers"
+  if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+    raise error(name, expected, value)
+  for v in value:
+    check_int(v, name, 1)
+  return tuple(int(v) for v in value)
+
+
 def normalize_axis(axis: Any, ndim: int, name: str = "axis", path: Optional[str] = None) -> int:
   """Checks an integer axis for an array of ``ndim`` dimensions; returns it in ``[0, ndim)``."""
   if isinstance(axis, bool) or not isinstance(axis, (numbers.Integral, np.integer)):
@@ -155,5 +165,5 @@ def broadcast_prefix(value: PyTree, tree: PyTree, name: str, what: str) -> list:
 
 
 __all__ = ["Text", "broadcast_prefix", "check_choice", "check_fraction", "check_int",
-           "check_nonnegative", "describe", "error", "is_real_scalar", "is_traced",
-           "normalize_axis", "where"]
+           "check_nonnegative", "check_positive_ints", "describe", "error", "is_real_scalar",
+           "is_traced", "normalize_axis", "where"]
