@@ -3,7 +3,7 @@
 For the same total number of scores, spread over a few kernels, prints side by side:
 
 * ``1 device``: `jp.unstructured_mask` (global scope) on one device;
-* ``8 dev, <layout>, sharded``: `jp.sharded_unstructured_mask` on a mesh of 8 devices, each
+* ``8 dev, <layout>, sharded``: `jp.sharding.sharded_unstructured_mask` on a mesh of 8 devices, each
   holding 1/8 of every kernel (split by rows or by columns): per-shard histograms, ``psum``;
 * ``8 dev, <layout>, GSPMD``: the plain `jp.unstructured_mask` jitted on the same sharded
   arrays, leaving the partitioning to XLA.
@@ -100,7 +100,7 @@ def main() -> None:
     for layout, spec in layouts.items():
       sharded = jax.device_put(scores, NamedSharding(mesh, spec))
       specs = {k: spec for k in scores}
-      ours = jax.jit(lambda t, specs=specs: jp.sharded_unstructured_mask(
+      ours = jax.jit(lambda t, specs=specs: jp.sharding.sharded_unstructured_mask(
           t, s, mesh, scope="global", specs=specs))
       variants += [(f"8 dev, {layout}, sharded", ours, sharded),
                    (f"8 dev, {layout}, GSPMD", single, sharded)]

@@ -2,8 +2,8 @@
 
 For an MLP, a CNN with BatchNorm and residual connections, and a transformer
 block, removes 50% of the neurons / channels / heads of every prunable group
-(found automatically by ``jp.find_groups``), rebuilds the smaller Linen model
-from ``jp.linen_features`` and reports, for the dense and the shrunk model:
+(found automatically by ``jp.structured.find_groups``), rebuilds the smaller Linen model
+from ``jp.structured.linen_features`` and reports, for the dense and the shrunk model:
 parameter count, FLOPs from XLA's cost analysis of the compiled forward pass,
 and the median jitted inference latency at batch 256 (both timed in the same
 run, interleaved). It also checks that the shrunk model's outputs equal the
@@ -104,14 +104,14 @@ def _random_variables(model: nn.Module, x: jax.Array, seed: int) -> Any:
 def run_case(name: str, model: nn.Module, rebuild: Callable[[dict], nn.Module], x: jax.Array,
              sparsity: float, reps: int) -> dict[str, Any]:
   v = _random_variables(model, x, 0)
-  groups = jp.find_groups(model.apply, v, x)
-  scores = jp.group_scores(groups, jp.magnitude(v))  # group L2 norm of the kernels
-  keep = jp.group_masks(scores, sparsity)
-  small_vars = jp.shrink(v, groups, keep)
-  small = rebuild(jp.linen_features(small_vars["params"]))
+  groups = jp.structured.find_groups(model.apply, v, x)
+  scores = jp.structured.group_scores(groups, jp.magnitude(v))  # group L2 norm of the kernels
+  keep = jp.structured.group_masks(scores, sparsity)
+  small_vars = jp.structured.shrink(v, groups, keep)
+  small = rebuild(jp.structured.linen_features(small_vars["params"]))
 
   dense_fn, small_fn = jax.jit(model.apply), jax.jit(small.apply)
-  masked = dense_fn(jp.apply_group_masks(v, groups, keep), x)
+  masked = dense_fn(jp.structured.apply_group_masks(v, groups, keep), x)
   max_diff = float(jnp.max(jnp.abs(small_fn(small_vars, x) - masked)))
   t_dense, t_small = _latencies([lambda: dense_fn(v, x), lambda: small_fn(small_vars, x)], reps)
   count = lambda t: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(t["params"]))

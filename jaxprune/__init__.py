@@ -1,8 +1,16 @@
 """jaxprune: neural-network pruning for JAX.
 
-Score functions map parameter pytrees to importance pytrees, mask functions and the pruning policy
-turn scores into boolean masks, optax transformations keep pruned weights at exactly zero inside
-jitted train steps, and `oneshot` prunes a trained model at once from calibration data.
+The top level holds the everyday path: score functions map parameter pytrees to importance
+pytrees, mask functions and the pruning policy (`pruning_masks`) turn scores into boolean masks,
+`prune` keeps pruned weights at exactly zero inside jitted optax train steps, `oneshot` prunes a
+trained model at once from calibration data, and `report` measures what pruning bought.
+
+Specialist parts live in subpackages:
+
+* `jaxprune.structured`: dependency groups, group masks and surgery that removes whole units;
+* `jaxprune.layerwise`: calibration and the layer solvers (OBC, SparseGPT, refit, Wanda);
+* `jaxprune.compress`: sparse storage, compressed checkpoints and quantization;
+* `jaxprune.sharding`: masks, states and Hessian estimates over device meshes.
 """
 
 # Scores: pytrees of float32 importances, higher = more important.
@@ -34,13 +42,12 @@ from jaxprune._src.distribution import erk_sparsities as erk_sparsities
 from jaxprune._src.tree import default_prunable as default_prunable
 from jaxprune._src.tree import prunable_flags as prunable_flags
 from jaxprune._src.summary import sparsity as sparsity
-from jaxprune._src.summary import summarize as summarize
-from jaxprune._src.summary import format_summary as format_summary
-from jaxprune._src.summary import LeafSummary as LeafSummary
 
 # optax transformations and schedules.
 from jaxprune._src.transform import prune as prune
 from jaxprune._src.transform import PruneState as PruneState
+from jaxprune._src.mask_state import find_masks as find_masks
+from jaxprune._src.scalars import prune_scalars as prune_scalars
 from jaxprune._src.schedules import polynomial_schedule as polynomial_schedule
 from jaxprune._src.schedules import constant_schedule as constant_schedule
 from jaxprune._src.schedules import one_shot_schedule as one_shot_schedule
@@ -49,34 +56,16 @@ from jaxprune._src.penalties import add_l1 as add_l1
 from jaxprune._src.penalties import proximal_l1 as proximal_l1
 from jaxprune._src.penalties import proximal_group_lasso as proximal_group_lasso
 from jaxprune._src.penalties import PenaltyState as PenaltyState
+from jaxprune._src.distill import distillation_loss as distillation_loss
 
 # One-shot pruning with calibration data (layer-wise Optimal Brain Surgeon).
 from jaxprune._src.oneshot import oneshot as oneshot
-
-# Structured pruning and surgery.
-from jaxprune._src.groups import find_groups as find_groups
-from jaxprune._src.groups import find_groups_nnx as find_groups_nnx
-from jaxprune._src.groups import make_group as make_group
-from jaxprune._src.groups import Group as Group
-from jaxprune._src.groups import Member as Member
-from jaxprune._src.groups import SUPPORTED_PRIMITIVES as SUPPORTED_PRIMITIVES
-from jaxprune._src.group_scores import group_scores as group_scores
-from jaxprune._src.group_scores import group_masks as group_masks
-from jaxprune._src.group_scores import apply_group_masks as apply_group_masks
-from jaxprune._src.surgery import shrink as shrink
-from jaxprune._src.surgery import shrink_nnx as shrink_nnx
-from jaxprune._src.surgery import linen_features as linen_features
 
 # Measuring and choosing per-layer sparsities.
 from jaxprune._src.report import report as report
 from jaxprune._src.report import Report as Report
 from jaxprune._src.report import LeafReport as LeafReport
-from jaxprune._src.report import log_name as log_name
-from jaxprune._src.mask_state import find_masks as find_masks
 from jaxprune._src.flops import matmul_flops_by_leaf as matmul_flops_by_leaf
-from jaxprune._src.flops import xla_flops as xla_flops
-from jaxprune._src.scalars import prune_scalars as prune_scalars
-from jaxprune._src.progress import progress as progress
 from jaxprune._src.sensitivity import sensitivity_analysis as sensitivity_analysis
 from jaxprune._src.sensitivity import plot_sensitivity as plot_sensitivity
 from jaxprune._src.sensitivity import SensitivityResult as SensitivityResult
@@ -84,45 +73,24 @@ from jaxprune._src.allocation import allocate_sparsities as allocate_sparsities
 from jaxprune._src.allocation import as_overrides as as_overrides
 from jaxprune._src.allocation import predicted_metric as predicted_metric
 
-# Export and compression.
-from jaxprune._src.export import strip as strip
-from jaxprune._src.export import compact as compact
-from jaxprune._src.export import densify as densify
-from jaxprune._src.export import compact_bytes as compact_bytes
-from jaxprune._src.export import sparse_matmul as sparse_matmul
-from jaxprune._src.export import save_compressed as save_compressed
-from jaxprune._src.export import load_compressed as load_compressed
-from jaxprune._src.quantize import quantize as quantize
-from jaxprune._src.quantize import dequantize as dequantize
-from jaxprune._src.quantize import quantize_array as quantize_array
-from jaxprune._src.quantize import dequantize_array as dequantize_array
-from jaxprune._src.quantize import quantization_error as quantization_error
-from jaxprune._src.quantize import QuantizedArray as QuantizedArray
-from jaxprune._src.distill import distillation_loss as distillation_loss
-
-# Scale-out: sharded parameters and data.
-from jaxprune._src.sharding import sharded_unstructured_mask as sharded_unstructured_mask
-from jaxprune._src.sharding import state_shardings as state_shardings
-from jaxprune._src.sharding import data_parallel_hessian_diag as data_parallel_hessian_diag
-from jaxprune._src.sharding import resolve_specs as resolve_specs
+# Specialist subpackages.
+from jaxprune import compress as compress
+from jaxprune import layerwise as layerwise
+from jaxprune import sharding as sharding
+from jaxprune import structured as structured
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "magnitude", "gradient", "taylor", "random_scores", "hessian_diag", "obd", "curvature",
-    "gauss_newton_diag", "wanda_scores", "Elementwise", "unstructured_mask", "structured_mask",
-    "nm_mask", "block_mask", "apply_masks", "hardware_mask", "HardwarePreset", "HARDWARE_PRESETS",
-    "pruning_masks", "NMPattern", "BlockPattern", "uniform_sparsities", "erk_sparsities",
-    "default_prunable", "prunable_flags", "sparsity", "summarize", "format_summary", "LeafSummary",
-    "prune", "PruneState", "polynomial_schedule", "constant_schedule", "one_shot_schedule",
-    "iterative_schedule", "add_l1", "proximal_l1", "proximal_group_lasso", "PenaltyState",
-    "oneshot", "find_groups", "find_groups_nnx", "make_group", "Group", "Member",
-    "SUPPORTED_PRIMITIVES", "group_scores", "group_masks", "apply_group_masks", "shrink",
-    "shrink_nnx", "linen_features", "report", "Report", "LeafReport", "log_name", "find_masks",
-    "matmul_flops_by_leaf", "xla_flops", "prune_scalars", "progress", "sensitivity_analysis",
-    "plot_sensitivity", "SensitivityResult", "allocate_sparsities", "as_overrides",
-    "predicted_metric", "strip", "compact", "densify", "compact_bytes", "sparse_matmul",
-    "save_compressed", "load_compressed", "quantize", "dequantize", "quantize_array",
-    "dequantize_array", "quantization_error", "QuantizedArray", "distillation_loss",
-    "sharded_unstructured_mask", "state_shardings", "data_parallel_hessian_diag", "resolve_specs",
+    "BlockPattern", "Elementwise", "HARDWARE_PRESETS", "HardwarePreset", "LeafReport",
+    "NMPattern", "PenaltyState", "PruneState", "Report", "SensitivityResult", "add_l1",
+    "allocate_sparsities", "apply_masks", "as_overrides", "block_mask", "compress",
+    "constant_schedule", "curvature", "default_prunable", "distillation_loss", "erk_sparsities",
+    "find_masks", "gauss_newton_diag", "gradient", "hardware_mask", "hessian_diag",
+    "iterative_schedule", "layerwise", "magnitude", "matmul_flops_by_leaf", "nm_mask", "obd",
+    "one_shot_schedule", "oneshot", "plot_sensitivity", "polynomial_schedule", "predicted_metric",
+    "proximal_group_lasso", "proximal_l1", "prunable_flags", "prune", "prune_scalars",
+    "pruning_masks", "random_scores", "report", "sensitivity_analysis", "sharding", "sparsity",
+    "structured", "structured_mask", "taylor", "uniform_sparsities", "unstructured_mask",
+    "wanda_scores",
 ]

@@ -46,7 +46,7 @@ def main(process_id: int, num_processes: int, port: int, out_path: str) -> None:
   sharded = {k: jax.make_array_from_callback(v.shape, NamedSharding(mesh, SPECS[k]),
                                              lambda idx, v=v: v[idx])
              for k, v in values.items()}
-  fn = jax.jit(lambda s: jp.sharded_unstructured_mask(s, SPARSITY, mesh, scope="global",
+  fn = jax.jit(lambda s: jp.sharding.sharded_unstructured_mask(s, SPARSITY, mesh, scope="global",
                                                       specs=SPECS))
   masks = fn(sharded)
   gathered = multihost_utils.process_allgather(masks, tiled=True)

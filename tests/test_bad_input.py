@@ -209,42 +209,44 @@ PENALTIES = [
 
 
 def _quant_empty(_):
-  q = jp.quantize({"e": jnp.zeros((0, 3))})["e"]
+  q = jp.compress.quantize({"e": jnp.zeros((0, 3))})["e"]
   assert q.values.shape == (0, 3) and q.values.dtype == jnp.int8 and q.scale.shape == (1, 3)
-  assert jp.dequantize_array(q).shape == (0, 3)
+  assert jp.compress.dequantize_array(q).shape == (0, 3)
 
 
 def _quant_0d(_):
-  out = jp.quantize({"s": jnp.float32(2.0)}, prunable=True)
+  out = jp.compress.quantize({"s": jnp.float32(2.0)}, prunable=True)
   assert not quantize.is_quantized(out["s"]) and float(out["s"]) == 2.0
 
 
 QUANTIZE = [
-    raises("quantize inf", lambda _: jp.quantize({"w": jnp.asarray([[1.0, jnp.inf]])}),
+    raises("quantize inf", lambda _: jp.compress.quantize({"w": jnp.asarray([[1.0, jnp.inf]])}),
            r"params: expected finite values to quantize .*got inf at index \(0, 1\) "
            r"\(leaf \['w'\]\)"),
-    raises("quantize NaN", lambda _: jp.quantize({"w": jnp.asarray([[jnp.nan, 1.0]])}),
+    raises("quantize NaN", lambda _: jp.compress.quantize({"w": jnp.asarray([[jnp.nan, 1.0]])}),
            r"params: expected finite values .*got nan at index \(0, 0\) \(leaf \['w'\]\)"),
     works("quantize empty leaf", _quant_empty),
     works("quantize 0-d leaf left as is", _quant_0d),
-    raises("quantize axis out of range", lambda _: jp.quantize(params(), axis=3),
+    raises("quantize axis out of range", lambda _: jp.compress.quantize(params(), axis=3),
            r"axis: expected an axis in \[-2, 2\) for 2 dimensions, got 3 \(leaf \['w'\]\)"),
-    raises("quantize float axis", lambda _: jp.quantize(params(), axis=0.5),
+    raises("quantize float axis", lambda _: jp.compress.quantize(params(), axis=0.5),
            r"axis: expected an integer, got 0.5"),
     raises("quantize int leaf made prunable",
-           lambda _: jp.quantize({"n": jnp.ones((2, 2), jnp.int32)}, prunable=True),
+           lambda _: jp.compress.quantize({"n": jnp.ones((2, 2), jnp.int32)}, prunable=True),
            r"params: expected floating-point prunable leaves, got dtype int32 \(leaf \['n'\]\)"),
-    raises("quantize_array int", lambda _: jp.quantize_array(jnp.ones(3, jnp.int32)),
+    raises("quantize_array int", lambda _: jp.compress.quantize_array(jnp.ones(3, jnp.int32)),
            r"x: expected a floating-point array, got dtype int32"),
-    raises("quantize_array 0-d", lambda _: jp.quantize_array(jnp.float32(1.0)),
+    raises("quantize_array 0-d", lambda _: jp.compress.quantize_array(jnp.float32(1.0)),
            r"x: expected an array with ndim >= 1"),
-    raises("dequantize_array of an array", lambda _: jp.dequantize_array(jnp.ones(3)),
+    raises("dequantize_array of an array", lambda _: jp.compress.dequantize_array(jnp.ones(3)),
            r"q: expected a QuantizedArray"),
     raises("dequantize like mismatch",
-           lambda _: jp.dequantize(jp.quantize(params()), like={"w": params()["w"]}),
+           lambda _: jp.compress.dequantize(jp.compress.quantize(params()),
+                                            like={"w": params()["w"]}),
            r"leaf \['b'\] is in qparams but not in like"),
     raises("quantization_error mismatch",
-           lambda _: jp.quantization_error({"w": params()["w"]}, jp.quantize(params())),
+           lambda _: jp.compress.quantization_error({"w": params()["w"]},
+                                                    jp.compress.quantize(params())),
            r"leaf \['b'\] is in qparams but not in params"),
 ]
 
@@ -265,7 +267,7 @@ def _write_foreign(tmp_path, kind):
     np.savez(tmp_path / "obj.npz", __meta__=np.asarray([{"a": 1}], dtype=object))
     path = tmp_path / "obj.npz"
   elif kind == "cut":
-    jp.save_compressed(tmp_path / "whole.npz", params())
+    jp.compress.save_compressed(tmp_path / "whole.npz", params())
     path.write_bytes((tmp_path / "whole.npz").read_bytes()[:200])
   return path
 
@@ -275,7 +277,7 @@ def _load_foreign(kind):
     path = _write_foreign(tmp_path, kind)
     with warnings.catch_warnings():
       warnings.simplefilter("error")  # no pickle or resource warning on the way
-      jp.load_compressed(path)
+      jp.compress.load_compressed(path)
   return fn
 
 
@@ -286,8 +288,8 @@ def _wide_dtypes(tmp_path):
        "be": np.arange(3, dtype=">f4"), "f16": np.ones((2, 2), np.float16),
        "bf16": jnp.ones((2, 2), jnp.bfloat16), "i4": np.asarray([1, -2], ml_dtypes.int4),
        "bool": np.asarray([True, False])}
-  jp.save_compressed(tmp_path / "wide", p)
-  out = jp.load_compressed(tmp_path / "wide", like=p)
+  jp.compress.save_compressed(tmp_path / "wide", p)
+  out = jp.compress.load_compressed(tmp_path / "wide", like=p)
   for k, x in p.items():
     y = out[k]
     assert np.asarray(y).dtype == np.asarray(x).dtype, k
@@ -295,30 +297,32 @@ def _wide_dtypes(tmp_path):
 
 
 EXPORT = [
-    raises("save string leaf", lambda t: jp.save_compressed(t / "s", {"s": np.asarray(["a"])}),
+    raises("save string leaf",
+           lambda t: jp.compress.save_compressed(t / "s", {"s": np.asarray(["a"])}),
            r"params: expected numeric or bool arrays, got dtype <U1 \(leaf \['s'\]\)"),
     raises("save object leaf",
-           lambda t: jp.save_compressed(t / "o", {"o": np.asarray([{}], dtype=object)}),
+           lambda t: jp.compress.save_compressed(t / "o", {"o": np.asarray([{}], dtype=object)}),
            r"params: expected numeric or bool arrays, got dtype object \(leaf \['o'\]\)"),
     raises("save float masks",
-           lambda t: jp.save_compressed(t / "m", params(), jax.tree.map(jnp.ones_like, params())),
+           lambda t: jp.compress.save_compressed(t / "m", params(),
+                                                 jax.tree.map(jnp.ones_like, params())),
            r"masks: expected bool arrays .*float32.*\(leaf \['b'\]\)"),
     raises("save mismatched masks",
-           lambda t: jp.save_compressed(t / "m", params(), {"w": jnp.ones((2, 3), bool)}),
+           lambda t: jp.compress.save_compressed(t / "m", params(), {"w": jnp.ones((2, 3), bool)}),
            r"leaf \['b'\] is in params but not in masks"),
     *[raises(f"load foreign {kind}", _load_foreign(kind),
              r"path: expected a jaxprune checkpoint written by save_compressed, got .*which is "
              r"not one")
       for kind in ("npy", "npz", "txt", "pkl", "objnpz", "cut")],
-    raises("load missing file", lambda t: jp.load_compressed(t / "none.npz"), "none.npz",
+    raises("load missing file", lambda t: jp.compress.load_compressed(t / "none.npz"), "none.npz",
            FileNotFoundError),
-    raises("load like mismatch", lambda t: (jp.save_compressed(t / "c", params()),
-                                            jp.load_compressed(t / "c", like={"w": 0})),
+    raises("load like mismatch", lambda t: (jp.compress.save_compressed(t / "c", params()),
+                                            jp.compress.load_compressed(t / "c", like={"w": 0})),
            r"like: expected the tree the checkpoint was saved from; checkpoint leaf \['b'\]"),
     works("checkpoint keeps wide and exotic dtypes bitwise", _wide_dtypes),
-    raises("strip mismatched masks", lambda _: jp.strip(params(), {"w": jnp.ones((2, 3), bool)}),
-           r"state: expected an optimizer state containing a `masks` field"),
-    raises("compact min_saving 1.5", lambda _: jp.compact(params(), min_saving=1.5),
+    raises("apply_masks mismatched masks",
+           lambda _: jp.apply_masks(params(), {"w": jnp.ones((2, 3), bool)}), r"masks"),
+    raises("compact min_saving 1.5", lambda _: jp.compress.compact(params(), min_saving=1.5),
            r"min_saving: expected a fraction in \[0, 1\], got 1.5"),
 ]
 

@@ -70,7 +70,7 @@ def test_pin_survives_refinement_and_product_union():
 
 
 def test_supported_primitives_are_the_table_keys():
-  assert jp.SUPPORTED_PRIMITIVES is group_rules.SUPPORTED_PRIMITIVES
+  assert jp.structured.SUPPORTED_PRIMITIVES is group_rules.SUPPORTED_PRIMITIVES
   assert group_rules.SUPPORTED_PRIMITIVES == frozenset(group_rules.RULES)
   assert set(jaxpr_walk.CALLS) | jaxpr_walk.CONTROL_FLOW <= group_rules.SUPPORTED_PRIMITIVES
   assert len(group_rules.SUPPORTED_PRIMITIVES) == 151
@@ -91,7 +91,7 @@ def test_supported_primitives_are_the_table_keys():
 ], ids=["transpose", "squeeze", "dynamic_update_slice", "sort", "cumsum", "rev", "select",
         "barrier", "reshape", "stack"])
 def test_rules_that_pass_units_through(mid):
-  (g,) = jp.find_groups(lambda p, x: mid(x @ p["w1"]) @ p["w2"], P, X)
+  (g,) = jp.structured.find_groups(lambda p, x: mid(x @ p["w1"]) @ p["w2"], P, X)
   assert g.size == 5 and members(g) == MLP_GROUP
 
 
@@ -112,15 +112,15 @@ def test_rules_that_pass_units_through(mid):
 ], ids=["slice", "strided", "pad", "sort", "top_k", "cumsum", "reduce", "gather", "iota",
         "constant", "dynamic_update_slice", "split", "stack"])
 def test_rules_that_pin_units(mid):
-  assert jp.find_groups(lambda p, x: mid(x @ p["w1"]) @ p["w2"], P, X) == ()
+  assert jp.structured.find_groups(lambda p, x: mid(x @ p["w1"]) @ p["w2"], P, X) == ()
 
 
 def test_model_inputs_outputs_and_unused_leaves_are_not_groups():
   p = {**P, "unused": jnp.ones((5, 5))}
-  assert [members(g) for g in jp.find_groups(lambda p, x: (x @ p["w1"]) @ p["w2"], p, X)] == [
-      MLP_GROUP]
-  assert jp.find_groups(lambda p, x: (x @ p["w1"]) * x[:, :1] @ p["w2"], P, X) != ()
-  assert jp.find_groups(lambda p, x: x @ p["w1"], P, X) == ()  # its units are outputs
+  found = jp.structured.find_groups(lambda p, x: (x @ p["w1"]) @ p["w2"], p, X)
+  assert [members(g) for g in found] == [MLP_GROUP]
+  assert jp.structured.find_groups(lambda p, x: (x @ p["w1"]) * x[:, :1] @ p["w2"], P, X) != ()
+  assert jp.structured.find_groups(lambda p, x: x @ p["w1"], P, X) == ()  # its units are outputs
 
 
 def test_cond_branch_returning_a_constant_pins():
@@ -129,7 +129,7 @@ def test_cond_branch_returning_a_constant_pins():
     h = jax.lax.cond(x[0, 0] > 0, lambda: h, lambda: jnp.asarray(np.ones((2, 5), np.float32)))
     return h @ p["w2"]
 
-  assert jp.find_groups(f, P, X) == ()
+  assert jp.structured.find_groups(f, P, X) == ()
 
 
 def test_scan_outputs_stacked_axis_pinned_units_kept():
@@ -139,7 +139,7 @@ def test_scan_outputs_stacked_axis_pinned_units_kept():
     ys = jax.lax.scan(lambda h, w: (h, jax.nn.relu(h @ w)), x, p["w1"])[1]  # (3, 2, 6)
     return ys.reshape(-1, 6) @ p["w2"]
 
-  (g,) = jp.find_groups(f, p, X)
+  (g,) = jp.structured.find_groups(f, p, X)
   assert g.size == 6 and members(g) == [("['w1']", 2), ("['w2']", 0)]
 
 
@@ -154,7 +154,7 @@ def test_loop_carry_that_becomes_data_dependent_is_an_activation():
       return c * s[:, None], None
     return jax.lax.scan(body, p["c0"], jnp.stack([x, x]))[0] @ p["w2"]
 
-  assert jp.find_groups(f, p, X) == ()
+  assert jp.structured.find_groups(f, p, X) == ()
 
 
 def test_unknown_primitive_poisons_with_its_name():
@@ -162,4 +162,4 @@ def test_unknown_primitive_poisons_with_its_name():
     return jnp.fft.ifft(x @ p["w1"]).real @ p["w2"]
 
   with pytest.raises(ValueError, match=r"unsupported primitive 'fft'"):
-    jp.find_groups(f, P, X)
+    jp.structured.find_groups(f, P, X)

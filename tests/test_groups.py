@@ -21,7 +21,7 @@ def by_name(groups):
 def test_mlp_groups_exact():
   x = jnp.ones((2, 4))
   v = jax.eval_shape(MLP().init, jax.random.key(0), x)
-  gs = jp.find_groups(MLP().apply, v, x)
+  gs = jp.structured.find_groups(MLP().apply, v, x)
   assert [g.size for g in gs] == [6, 5]
   p = "['params']"
   assert members(gs[0]) == [(f"{p}['Dense_0']['bias']", 0), (f"{p}['Dense_0']['kernel']", 1),
@@ -36,7 +36,7 @@ def test_mlp_groups_exact():
 def test_cnn_batchnorm_residual_flatten():
   x = jnp.ones((2, 5, 5, 2))
   v = jax.eval_shape(ResCNN().init, jax.random.key(0), x)
-  gs = jp.find_groups(ResCNN().apply, v, x)
+  gs = jp.structured.find_groups(ResCNN().apply, v, x)
   assert len(gs) == 1  # input, output and spatial axes are pinned
   (g,) = gs
   assert g.size == 4
@@ -57,7 +57,7 @@ def test_cnn_batchnorm_residual_flatten():
 def test_transformer_block_heads():
   x = jnp.ones((2, 3, 4))
   v = jax.eval_shape(Block().init, jax.random.key(0), x)
-  gs = jp.find_groups(Block().apply, v, x)
+  gs = jp.structured.find_groups(Block().apply, v, x)
   assert sorted(g.size for g in gs) == [2, 12]  # heads, MLP hidden; d_model and head_dim pinned
   heads = next(g for g in gs if g.size == 2)
   a = "['params']['MultiHeadDotProductAttention_0']"
@@ -81,7 +81,7 @@ def _concat_params(seed):
 
 def test_concatenate_segments():
   params = _concat_params(0)
-  gs = jp.find_groups(_concat_model, params, jnp.ones((2, 4)))
+  gs = jp.structured.find_groups(_concat_model, params, jnp.ones((2, 4)))
   assert [g.size for g in gs] == [3, 5]
   out_a = next(m for m in gs[0].members if m.path == "['out']['w']")
   out_b = next(m for m in gs[1].members if m.path == "['out']['w']")
@@ -104,15 +104,15 @@ def test_reshape_splits_heads():
   params = {n: rng.standard_normal(s).astype(np.float32)
             for n, s in (("q", (4, 6)), ("k", (4, 6)), ("v", (4, 6)), ("o", (6, 4)))}
   x = rng.standard_normal((2, 3, 4)).astype(np.float32)
-  gs = jp.find_groups(_split_heads_model, params, x)
+  gs = jp.structured.find_groups(_split_heads_model, params, x)
   assert len(gs) == 1 and gs[0].size == 2  # heads; head_dim stays (attention scale)
   assert members(gs[0]) == [("['k']", 1), ("['o']", 0), ("['q']", 1), ("['v']", 1)]
   for m in gs[0].members:
     np.testing.assert_array_equal(m.units, [0, 0, 0, 1, 1, 1])
   keep = [np.array([False, True])]
   model = jax.jit(_split_heads_model)
-  masked = model(jp.apply_group_masks(params, gs, keep), x)
-  small = jp.shrink(params, gs, keep)
+  masked = model(jp.structured.apply_group_masks(params, gs, keep), x)
+  small = jp.structured.shrink(params, gs, keep)
   assert small["q"].shape == (4, 3) and small["o"].shape == (3, 4)
   np.testing.assert_allclose(model(small, x), masked, atol=1e-5, rtol=0)
   # the removed head mattered: the masked model differs from the dense one
@@ -128,7 +128,7 @@ def test_sub_jaxprs_jit_and_custom_jvp():
     return inner(x @ p["w1"] + p["b1"]) @ p["w2"]
 
   p = {"w1": jnp.ones((3, 5)), "b1": jnp.ones((5,)), "w2": jnp.ones((5, 2))}
-  (g,) = jp.find_groups(f, p, jnp.ones((2, 3)))
+  (g,) = jp.structured.find_groups(f, p, jnp.ones((2, 3)))
   assert members(g) == [("['b1']", 0), ("['w1']", 1), ("['w2']", 0)]
 
   @jax.custom_vjp
@@ -143,7 +143,7 @@ def test_sub_jaxprs_jit_and_custom_jvp():
     h = jax.lax.cond(jnp.sum(x) > 0, lambda h: 2 * h, lambda h: h + 1, h)
     return h @ p["w2"]
 
-  (g,) = jp.find_groups(f2, p, jnp.ones((2, 3)))
+  (g,) = jp.structured.find_groups(f2, p, jnp.ones((2, 3)))
   assert members(g) == [("['b1']", 0), ("['w1']", 1), ("['w2']", 0)]
 
 
@@ -154,7 +154,7 @@ def test_reductions_and_layernorm_pin():
     return h @ p["w2"]
 
   p = {"w1": jnp.ones((3, 5)), "w2": jnp.ones((5, 2))}
-  assert jp.find_groups(f, p, jnp.ones((2, 3))) == ()
+  assert jp.structured.find_groups(f, p, jnp.ones((2, 3))) == ()
 
 
 def test_unsupported_primitive_raises_and_skip():
@@ -165,8 +165,8 @@ def test_unsupported_primitive_raises_and_skip():
 
   p = {"w1": jnp.ones((3, 5)), "w2": jnp.ones((5, 2))}
   with pytest.raises(ValueError, match=r"unsupported primitive 'fft'.*\['w1'\]"):
-    jp.find_groups(f, p, jnp.ones((2, 3)))
-  assert jp.find_groups(f, p, jnp.ones((2, 3)), on_unsupported="skip") == ()
+    jp.structured.find_groups(f, p, jnp.ones((2, 3)))
+  assert jp.structured.find_groups(f, p, jnp.ones((2, 3)), on_unsupported="skip") == ()
 
 
 def test_loops_couple_carries():
@@ -177,7 +177,7 @@ def test_loops_couple_carries():
     return h @ p["w2"]
 
   p = {"w1": jnp.ones((3, 5)), "w_rec": jnp.ones((5, 5)), "w2": jnp.ones((5, 2))}
-  (g,) = jp.find_groups(f, p, jnp.ones((2, 3)))
+  (g,) = jp.structured.find_groups(f, p, jnp.ones((2, 3)))
   assert members(g) == [("['w1']", 1), ("['w2']", 0), ("['w_rec']", 0), ("['w_rec']", 1)]
 
   def g2(p, x):  # a loop condition that reads the units pins them
@@ -185,7 +185,7 @@ def test_loops_couple_carries():
     h = jax.lax.while_loop(lambda h: jnp.sum(h) > 1e9, lambda h: h * 0.5, h)
     return h @ p["w2"]
 
-  assert jp.find_groups(g2, p, jnp.ones((2, 3))) == ()
+  assert jp.structured.find_groups(g2, p, jnp.ones((2, 3))) == ()
 
 
 def test_max_pool_passes_channels():
@@ -198,7 +198,7 @@ def test_max_pool_passes_channels():
 
   x = jnp.ones((1, 8, 8, 3))
   v = jax.eval_shape(Pool().init, jax.random.key(0), x)
-  (g,) = jp.find_groups(Pool().apply, v, x)
+  (g,) = jp.structured.find_groups(Pool().apply, v, x)
   assert g.size == 4
   dense = next(m for m in g.members if "Dense_0" in m.path)
   np.testing.assert_array_equal(dense.units, np.tile(np.arange(4), 4))
@@ -215,19 +215,19 @@ def test_grouped_conv_raises():
   x = jnp.ones((1, 4, 4, 2))
   v = jax.eval_shape(Depthwise().init, jax.random.key(0), x)
   with pytest.raises(ValueError, match="conv_general_dilated"):
-    jp.find_groups(Depthwise().apply, v, x)
+    jp.structured.find_groups(Depthwise().apply, v, x)
 
 
 def test_make_group_manual_override():
   params = _concat_params(0)
-  g = jp.make_group(params, [("['a']['w']", 1), ("['a']['b']", 0)])
+  g = jp.structured.make_group(params, [("['a']['w']", 1), ("['a']['b']", 0)])
   assert g.size == 3 and members(g) == [("['a']['b']", 0), ("['a']['w']", 1)]
   with pytest.raises(ValueError, match=r"\['b'\]\['w'\] axis 1 has 5"):
-    jp.make_group(params, [("['a']['w']", 1), ("['b']['w']", 1)])
+    jp.structured.make_group(params, [("['a']['w']", 1), ("['b']['w']", 1)])
   with pytest.raises(ValueError, match="expected a leaf path"):
-    jp.make_group(params, [("['nope']", 0)])
+    jp.structured.make_group(params, [("['nope']", 0)])
   with pytest.raises(ValueError, match="on_unsupported"):
-    jp.find_groups(_concat_model, params, jnp.ones((2, 4)), on_unsupported="ignore")
+    jp.structured.find_groups(_concat_model, params, jnp.ones((2, 4)), on_unsupported="ignore")
 
 
 def test_scanned_layers_pruned_alike():
@@ -243,11 +243,11 @@ def test_scanned_layers_pruned_alike():
     return jax.lax.scan(layer, x, p)[0]
 
   x = rng.standard_normal((2, 4)).astype(np.float32)
-  (g,) = jp.find_groups(f, p, x)
+  (g,) = jp.structured.find_groups(f, p, x)
   assert g.size == 6 and members(g) == [("['b1']", 1), ("['w1']", 2), ("['w2']", 1)]
   keep = [np.array([True, False, True, True, False, False])]
-  small = jp.shrink(p, [g], keep)
+  small = jp.structured.shrink(p, [g], keep)
   assert small["w1"].shape == (3, 4, 3) and small["w2"].shape == (3, 3, 4)
   fj = jax.jit(f)
-  np.testing.assert_allclose(fj(small, x), fj(jp.apply_group_masks(p, [g], keep), x),
+  np.testing.assert_allclose(fj(small, x), fj(jp.structured.apply_group_masks(p, [g], keep), x),
                              atol=1e-5, rtol=0)

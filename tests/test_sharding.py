@@ -24,6 +24,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jaxprune as jp
+from jaxprune._src import sharding as sh_lib
 import reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -141,7 +142,7 @@ def _scores():
 def test_one_device_mesh_matches_unsharded():
   scores = _scores()
   x = jax.device_put(scores, NamedSharding(_mesh1(), P()))
-  got = jp.sharded_unstructured_mask(x, 0.5, _mesh1(), scope="global")
+  got = jp.sharding.sharded_unstructured_mask(x, 0.5, _mesh1(), scope="global")
   want = reference.prune_lowest([scores["w"]], 12)[0]
   np.testing.assert_array_equal(np.asarray(got["w"]), ~want)
   assert np.asarray(got["b"]).all()
@@ -150,33 +151,34 @@ def test_one_device_mesh_matches_unsharded():
 
 def test_traced_auto_axes_need_specs():
   with pytest.raises(ValueError, match=r"specs: the sharding of leaf \['b'\]"):
-    jax.jit(lambda s: jp.sharded_unstructured_mask(s, 0.5, _mesh1()))(_scores())
+    jax.jit(lambda s: jp.sharding.sharded_unstructured_mask(s, 0.5, _mesh1()))(_scores())
   # with specs it traces fine
-  fn = jax.jit(lambda s: jp.sharded_unstructured_mask(s, 0.5, _mesh1(), specs=P()))
+  fn = jax.jit(lambda s: jp.sharding.sharded_unstructured_mask(s, 0.5, _mesh1(), specs=P()))
   assert jax.eval_shape(fn, _scores())["w"].dtype == jnp.bool_
 
 
 def test_spec_errors_name_the_leaf():
   with pytest.raises(ValueError, match=r"leaf \['w'\] is sharded over 'data'"):
-    jp.sharded_unstructured_mask(_scores(), 0.5, _mesh1(), specs={"w": P("data"), "b": P()})
+    jp.sharding.sharded_unstructured_mask(_scores(), 0.5, _mesh1(),
+                                          specs={"w": P("data"), "b": P()})
   with pytest.raises(ValueError, match=r"leaf \['b'\] has shape \(6,\), got the longer spec"):
-    jp.sharded_unstructured_mask(_scores(), 0.5, _mesh1(), specs=P(None, "model"))
+    jp.sharding.sharded_unstructured_mask(_scores(), 0.5, _mesh1(), specs=P(None, "model"))
   with pytest.raises(ValueError, match="specs: expected a PartitionSpec"):
-    jp.sharded_unstructured_mask(_scores(), 0.5, _mesh1(), specs={"w": P()})
+    jp.sharding.sharded_unstructured_mask(_scores(), 0.5, _mesh1(), specs={"w": P()})
   with pytest.raises(ValueError, match="mesh: expected a jax.sharding.Mesh"):
-    jp.sharded_unstructured_mask(_scores(), 0.5)
+    jp.sharding.sharded_unstructured_mask(_scores(), 0.5)
   with pytest.raises(ValueError, match=r"sparsity: expected a fraction in \[0, 1\], got 1.5"):
-    jp.sharded_unstructured_mask(_scores(), 1.5, _mesh1(), scope="global")
+    jp.sharding.sharded_unstructured_mask(_scores(), 1.5, _mesh1(), scope="global")
   with pytest.raises(ValueError, match="scope"):
-    jp.sharded_unstructured_mask(_scores(), 0.5, _mesh1(), scope="all")
+    jp.sharding.sharded_unstructured_mask(_scores(), 0.5, _mesh1(), scope="all")
 
 
 def test_resolve_specs_reads_arrays_and_prefixes():
   x = jax.device_put(_scores(), NamedSharding(_mesh1(), P("model")))
-  mesh, specs = jp.resolve_specs(x)
+  mesh, specs = sh_lib.resolve_specs(x)
   assert mesh.shape == _mesh1().shape
   assert specs == {"w": P("model"), "b": P("model")}
-  _, specs = jp.resolve_specs({"a": _scores(), "c": np.ones((2, 2))}, _mesh1(),
+  _, specs = sh_lib.resolve_specs({"a": _scores(), "c": np.ones((2, 2))}, _mesh1(),
                               {"a": P("model"), "c": NamedSharding(_mesh1(), P(None, "model"))})
   assert specs == {"a": {"w": P("model"), "b": P("model")}, "c": P(None, "model")}
 
@@ -186,7 +188,7 @@ def test_state_shardings_param_shaped_leaves_follow_params():
   mesh = _mesh1()
   shardings = {"w": NamedSharding(mesh, P(None, "model")), "b": NamedSharding(mesh, P("model"))}
   tx = optax.chain(optax.adam(1e-3), jp.prune(0.5, "obd", average_hessian=True))
-  got = jp.state_shardings(tx, params, shardings)
+  got = jp.sharding.state_shardings(tx, params, shardings)
   adam, pstate = got[0][0], got[1]
   replicated = NamedSharding(_mesh1(), P())
   assert adam.mu == shardings and adam.nu == shardings and pstate.masks == shardings
@@ -201,13 +203,13 @@ def test_data_parallel_hessian_validates():
   loss = lambda p, x: jnp.mean((x @ p["w"]) ** 2)
   params = {"w": np.ones((3, 2), np.float32)}
   with pytest.raises(ValueError, match="batch_axis: expected mesh axes among"):
-    jp.data_parallel_hessian_diag(loss, params, np.ones((4, 3)), key=jax.random.key(0),
+    jp.sharding.data_parallel_hessian_diag(loss, params, np.ones((4, 3)), key=jax.random.key(0),
                                   mesh=mesh, batch_axis="batch")
   with pytest.raises(ValueError, match="must have a leading dimension divisible"):
-    jp.data_parallel_hessian_diag(loss, params, np.float32(1.0), key=jax.random.key(0),
+    jp.sharding.data_parallel_hessian_diag(loss, params, np.float32(1.0), key=jax.random.key(0),
                                   mesh=mesh)
   x = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
-  got = jp.data_parallel_hessian_diag(loss, params, x, key=jax.random.key(0), mesh=mesh,
+  got = jp.sharding.data_parallel_hessian_diag(loss, params, x, key=jax.random.key(0), mesh=mesh,
                                       num_probes=2)
   # one shard: exactly the plain estimate with the same probes
   want = jp.hessian_diag(loss, params, x, key=jax.random.key(0), num_probes=2)

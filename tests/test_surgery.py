@@ -43,30 +43,31 @@ class Block(models.Block):
 
 def prune_and_shrink(model, x, seed):
   v = randomize(jax.eval_shape(model.init, jax.random.key(0), x), seed)
-  gs = jp.find_groups(model.apply, v, x)
-  keep = jp.group_masks(jp.group_scores(gs, jax.tree.map(jnp.abs, v)), 0.5)
+  gs = jp.structured.find_groups(model.apply, v, x)
+  keep = jp.structured.group_masks(jp.structured.group_scores(gs, jax.tree.map(jnp.abs, v)), 0.5)
   apply = jax.jit(model.apply)
-  masked = apply(jp.apply_group_masks(v, gs, keep), x)
-  return v, gs, keep, jp.shrink(v, gs, keep), masked, apply(v, x)
+  masked = apply(jp.structured.apply_group_masks(v, gs, keep), x)
+  return v, gs, keep, jp.structured.shrink(v, gs, keep), masked, apply(v, x)
 
 
 def test_mlp_linen():
   x = np.random.default_rng(1).standard_normal((5, 8)).astype(np.float32)
   v, gs, keep, small, masked, dense = prune_and_shrink(MLP(), x, 0)
   assert [int(k.sum()) for k in keep] == [8, 6]
-  sizes = jp.linen_features(small["params"])
+  sizes = jp.structured.linen_features(small["params"])
   assert sizes == {"Dense_0": 8, "Dense_1": 6, "Dense_2": 3}
   out = jax.jit(MLP(features=(sizes["Dense_0"], sizes["Dense_1"], 3)).apply)(small, x)
   assert float(jnp.max(jnp.abs(out - masked))) <= ATOL
   assert float(jnp.max(jnp.abs(dense - masked))) > 1e-2  # pruning did change the model
   assert n_params(small) == (8 * 8 + 8) + (8 * 6 + 6) + (6 * 3 + 3)
   # global selection: round(0.5 * 28) = 14 units over both layers, fewer where norms are low
-  keep_g = jp.group_masks(jp.group_scores(gs, jp.magnitude(v)), 0.5, scope="global")
+  scores_g = jp.structured.group_scores(gs, jp.magnitude(v))
+  keep_g = jp.structured.group_masks(scores_g, 0.5, scope="global")
   assert sum(int(k.sum()) for k in keep_g) == 14
-  small_g = jp.shrink(v, gs, keep_g)
-  f = jp.linen_features(small_g["params"])
+  small_g = jp.structured.shrink(v, gs, keep_g)
+  f = jp.structured.linen_features(small_g["params"])
   out_g = jax.jit(MLP(features=(f["Dense_0"], f["Dense_1"], 3)).apply)(small_g, x)
-  masked_g = jax.jit(MLP().apply)(jp.apply_group_masks(v, gs, keep_g), x)
+  masked_g = jax.jit(MLP().apply)(jp.structured.apply_group_masks(v, gs, keep_g), x)
   assert float(jnp.max(jnp.abs(out_g - masked_g))) <= ATOL
   # the kept units are the highest-norm ones, in their original order
   col_norms = np.linalg.norm(
@@ -81,7 +82,7 @@ def test_cnn_batchnorm_residual_linen():
   assert len(gs) == 1 and int(keep[0].sum()) == 3
   assert small["batch_stats"]["BatchNorm_0"]["var"].shape == (3,)
   assert small["params"]["Dense_0"]["kernel"].shape == (75, 3)
-  assert jp.linen_features(small["params"])["Conv_0"] == 3
+  assert jp.structured.linen_features(small["params"])["Conv_0"] == 3
   out = jax.jit(ResCNN(c=3).apply)(small, x)
   assert float(jnp.max(jnp.abs(out - masked))) <= ATOL
 
@@ -90,7 +91,7 @@ def test_transformer_block_linen():
   x = np.random.default_rng(1).standard_normal((2, 3, 8)).astype(np.float32)
   _v, _gs, keep, small, masked, _ = prune_and_shrink(Block(), x, 2)
   assert sorted(int(k.sum()) for k in keep) == [2, 6]
-  att = jp.linen_features(small["params"])["MultiHeadDotProductAttention_0"]
+  att = jp.structured.linen_features(small["params"])["MultiHeadDotProductAttention_0"]
   assert att == {"num_heads": 2, "qkv_features": 8, "out_features": 8}
   out = jax.jit(Block(heads=2, qkv=8, hidden=6).apply)(small, x)
   assert float(jnp.max(jnp.abs(out - masked))) <= ATOL
@@ -130,12 +131,12 @@ def test_nnx_shrink(cls, shape):
   model = nnx.merge(graphdef, randomize(state, 3))
   model.eval()
   x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
-  gs = jp.find_groups_nnx(model, x)
+  gs = jp.structured.find_groups_nnx(model, x)
   graphdef, state = nnx.split(model)  # after eval(): inference-mode BatchNorm
-  keep = jp.group_masks(jp.group_scores(gs, jp.magnitude(state)), 0.5)
-  small = jp.shrink_nnx(model, gs, keep)
+  keep = jp.structured.group_masks(jp.structured.group_scores(gs, jp.magnitude(state)), 0.5)
+  small = jp.structured.shrink_nnx(model, gs, keep)
   run = jax.jit(lambda gd, st, x: nnx.merge(gd, st)(x), static_argnums=0)
-  masked = run(graphdef, jp.apply_group_masks(state, gs, keep), x)
+  masked = run(graphdef, jp.structured.apply_group_masks(state, gs, keep), x)
   assert float(jnp.max(jnp.abs(run(*nnx.split(small), x) - masked))) <= ATOL
   assert n_params(nnx.state(small)) < n_params(nnx.state(model))
   if cls is NnxCNN:
@@ -150,7 +151,7 @@ def test_nnx_shrink(cls, shape):
 def cnn_groups():
   x = jnp.ones((2, 5, 5, 3))
   v = randomize(jax.eval_shape(ResCNN().init, jax.random.key(0), x), 4)
-  return v, jp.find_groups(ResCNN().apply, v, x)
+  return v, jp.structured.find_groups(ResCNN().apply, v, x)
 
 
 def test_group_scores_match_numpy(cnn_groups):
@@ -160,17 +161,17 @@ def test_group_scores_match_numpy(cnn_groups):
         + np.sum(p["Conv_1"]["kernel"] ** 2, axis=(0, 1, 3))  # input channels of the 1x1 conv
         + np.sum(p["Conv_1"]["kernel"] ** 2, axis=(0, 1, 2))  # its output channels (residual)
         + np.sum(p["Dense_0"]["kernel"] ** 2, axis=1).reshape(25, 6).sum(0))  # flattened rows
-  (l2,) = jp.group_scores(gs, jax.tree.map(jnp.abs, v))
+  (l2,) = jp.structured.group_scores(gs, jax.tree.map(jnp.abs, v))
   np.testing.assert_allclose(l2, np.sqrt(sq), rtol=1e-5)
   ab = jax.tree.map(jnp.abs, v)
-  (l1,) = jp.group_scores(gs, ab, reduce="l1")
+  (l1,) = jp.structured.group_scores(gs, ab, reduce="l1")
   l1_ref = (np.abs(p["Conv_0"]["kernel"]).sum((0, 1, 2))
             + np.abs(p["Conv_1"]["kernel"]).sum((0, 1, 3))
             + np.abs(p["Conv_1"]["kernel"]).sum((0, 1, 2))
             + np.abs(p["Dense_0"]["kernel"]).sum(1).reshape(25, 6).sum(0))
   np.testing.assert_allclose(l1, l1_ref, rtol=1e-5)
   # biases and norm parameters contribute when the predicate says so
-  (all_l1,) = jp.group_scores(gs, ab, reduce="l1", prunable=lambda path, leaf: True)
+  (all_l1,) = jp.structured.group_scores(gs, ab, reduce="l1", prunable=lambda path, leaf: True)
   extra = sum(np.abs(np.asarray(x)) for x in (
       p["Conv_0"]["bias"], p["Conv_1"]["bias"], p["BatchNorm_0"]["scale"],
       p["BatchNorm_0"]["bias"], v["batch_stats"]["BatchNorm_0"]["mean"],
@@ -178,15 +179,16 @@ def test_group_scores_match_numpy(cnn_groups):
   np.testing.assert_allclose(all_l1, l1_ref + extra, rtol=1e-5)
   # scores keyed like params only (no collection level) match nothing
   with pytest.raises(ValueError, match="no leaf of group"):
-    jp.group_scores(gs, v["params"])
+    jp.structured.group_scores(gs, v["params"])
 
 
 def test_group_scores_masks_jit_equal(cnn_groups):
   v, gs = cnn_groups
 
   def f(variables):
-    keep = jp.group_masks(jp.group_scores(gs, jax.tree.map(jnp.abs, variables)), 0.5)
-    return keep, jp.apply_group_masks(variables, gs, keep)
+    scores = jp.structured.group_scores(gs, jax.tree.map(jnp.abs, variables))
+    keep = jp.structured.group_masks(scores, 0.5)
+    return keep, jp.structured.apply_group_masks(variables, gs, keep)
 
   k1, m1 = f(v)
   k2, m2 = jax.jit(f)(v)
@@ -209,40 +211,40 @@ def test_group_scores_masks_jit_equal(cnn_groups):
 
 def test_group_masks_counts_and_ties():
   scores = [jnp.array([1.0, 1.0, 1.0, 1.0]), jnp.array([0.5, 2.0, 0.5])]
-  keep = jp.group_masks(scores, 0.5)
+  keep = jp.structured.group_masks(scores, 0.5)
   # round(2.0) = 2 and round(1.5) = 2 (half to even); ties: the later unit goes first
   np.testing.assert_array_equal(keep[0], [True, True, False, False])
   np.testing.assert_array_equal(keep[1], [False, True, False])
-  keep = jp.group_masks(scores, 3 / 7, scope="global")  # round(3) units over all 7
+  keep = jp.structured.group_masks(scores, 3 / 7, scope="global")  # round(3) units over all 7
   np.testing.assert_array_equal(keep[0], [True, True, True, False])
   np.testing.assert_array_equal(keep[1], [False, True, False])
-  keep = jp.group_masks(scores, [0.25, 0.0])
+  keep = jp.structured.group_masks(scores, [0.25, 0.0])
   assert [int(k.sum()) for k in keep] == [3, 3]
-  traced = jax.jit(lambda s: jp.group_masks(scores, s))(0.5)
+  traced = jax.jit(lambda s: jp.structured.group_masks(scores, s))(0.5)
   np.testing.assert_array_equal(traced[1], [False, True, False])
 
 
 def test_refuses_to_remove_a_whole_layer(cnn_groups):
   v, gs = cnn_groups
   with pytest.raises(ValueError, match="would remove all 4 units of group 0"):
-    jp.group_masks([jnp.ones(4)], 1.0)
+    jp.structured.group_masks([jnp.ones(4)], 1.0)
   with pytest.raises(ValueError, match=r"every unit of groups \[1\]"):
-    jp.group_masks([jnp.full(4, 5.0), jnp.zeros(2)], 0.4, scope="global")
+    jp.structured.group_masks([jnp.full(4, 5.0), jnp.zeros(2)], 0.4, scope="global")
   with pytest.raises(ValueError, match="removes all 6 units"):
-    jp.shrink(v, gs, [np.zeros(6, bool)])
+    jp.structured.shrink(v, gs, [np.zeros(6, bool)])
   with pytest.raises(ValueError, match=r"expected shape \(6,\)"):
-    jp.shrink(v, gs, [np.ones(5, bool)])
+    jp.structured.shrink(v, gs, [np.ones(5, bool)])
   with pytest.raises(ValueError, match="must be concrete"):
-    jax.jit(lambda k: jp.shrink(v, gs, [k]))(jnp.ones(6, bool))
+    jax.jit(lambda k: jp.structured.shrink(v, gs, [k]))(jnp.ones(6, bool))
   with pytest.raises(ValueError, match="sparsity"):
-    jp.group_masks([jnp.ones(4)], 1.5)
+    jp.structured.group_masks([jnp.ones(4)], 1.5)
 
 
 def test_shrink_keeps_dtype_and_unrelated_leaves(cnn_groups):
   v, gs = cnn_groups
   vb = jax.tree.map(lambda x: x.astype(jnp.bfloat16), v)
   keep = [np.array([True, False, True, True, False, True])]
-  small = jp.shrink(vb, gs, keep)
+  small = jp.structured.shrink(vb, gs, keep)
   assert small["params"]["Conv_0"]["kernel"].dtype == jnp.bfloat16
   assert small["params"]["Conv_0"]["kernel"].shape == (3, 3, 3, 4)
   np.testing.assert_array_equal(small["params"]["Dense_0"]["bias"], vb["params"]["Dense_0"]["bias"])
@@ -261,12 +263,12 @@ def test_taylor_and_obd_group_sums():
   def f(p, x):
     return jnp.tanh(x @ p["l1"]["w"] + p["l1"]["b"]) @ p["l2"]["w"]
 
-  (g,) = jp.find_groups(f, p, x)
+  (g,) = jp.structured.find_groups(f, p, x)
   grads = jax.grad(lambda p: jnp.sum(f(p, x) ** 2))(p)
-  (taylor,) = jp.group_scores([g], jp.taylor(p, grads), reduce="l1")
+  (taylor,) = jp.structured.group_scores([g], jp.taylor(p, grads), reduce="l1")
   wg = lambda k: np.abs(np.asarray(p[k]["w"]) * np.asarray(grads[k]["w"]))
   np.testing.assert_allclose(taylor, wg("l1").sum(0) + wg("l2").sum(1), rtol=1e-5)
   h = jax.tree.map(lambda a: jnp.asarray(rng.uniform(0, 2, a.shape), jnp.float32), p)
-  (obd,) = jp.group_scores([g], jp.obd(p, h), reduce="l1")
+  (obd,) = jp.structured.group_scores([g], jp.obd(p, h), reduce="l1")
   o = lambda k: 0.5 * np.asarray(h[k]["w"]) * np.asarray(p[k]["w"]) ** 2
   np.testing.assert_allclose(obd, o("l1").sum(0) + o("l2").sum(1), rtol=1e-5)

@@ -1,7 +1,7 @@
-"""Getting pruned parameters out: stripped dense trees, sparse arrays and compressed checkpoints.
+"""Getting pruned parameters out: sparse arrays and compressed checkpoints.
 
-* `strip` gives the dense parameters with exact zeros, same tree, no masks (from explicit masks
-  or from an optax state that holds them).
+(Dense parameters with exact zeros come from `jaxprune.apply_masks`, given masks or the optax
+state holding them.)
 * `compact` turns prunable leaves into `jax.experimental.sparse` arrays (BCSR for 2-D kernels,
   BCOO otherwise) when that takes fewer bytes than the dense leaf; `sparse_matmul` multiplies
   an activation by a dense or sparse kernel; `densify` goes back.
@@ -24,7 +24,6 @@ import numpy as np
 from jax.experimental import sparse
 
 from jaxprune._src import masks as masks_lib
-from jaxprune._src import mask_state
 from jaxprune._src import quantize as quantize_lib
 from jaxprune._src import report as report_lib
 from jaxprune._src import tree as tree_lib
@@ -49,26 +48,6 @@ def _is_sparse(x: Any) -> bool:
   return isinstance(x, (sparse.BCSR, sparse.BCOO))
 
 
-def strip(params: PyTree, masks_or_state: Optional[Any] = None) -> PyTree:
-  """Dense parameters with exact zeros where pruned, same tree, masks gone.
-
-  Args:
-    params: parameter pytree.
-    masks_or_state: bool masks with the leaf paths of ``params``, or an optax state holding
-      them (see `jaxprune.find_masks`), or None when ``params`` already hold their zeros.
-
-  Returns:
-    A pytree with the structure, shapes and dtypes of ``params``.
-  """
-  if masks_or_state is None:
-    return jax.tree.map(jnp.asarray, params)
-  if tree_lib.same_paths(masks_or_state, params):
-    masks = tree_lib.like(masks_or_state, params)
-  else:
-    masks = mask_state.find_masks(masks_or_state, params)
-  return masks_lib.apply_masks(params, masks)
-
-
 def _sparse_bytes(x: SparseArray) -> int:
   return sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(x))
 
@@ -84,7 +63,7 @@ def compact(params: PyTree, masks: Optional[PyTree] = None, *,
 
   Args:
     params: parameter pytree (concrete).
-    masks: optional masks; pruned entries are zeroed first (`strip`).
+    masks: optional masks; pruned entries are zeroed first (`jaxprune.apply_masks`).
     prunable: which leaves may be converted (see `jaxprune.prunable_flags`).
     min_saving: fraction of the dense bytes a conversion must save.
 
@@ -92,7 +71,8 @@ def compact(params: PyTree, masks: Optional[PyTree] = None, *,
     The tree with some leaves replaced by ``jax.experimental.sparse`` arrays.
   """
   validation.check_fraction(min_saving, "min_saving", allow_traced=False)
-  params = strip(params, masks)
+  params = (jax.tree.map(jnp.asarray, params) if masks is None
+            else masks_lib.apply_masks(params, masks))
   flags = tree_lib.prunable_flags(params, prunable)
 
   def convert(leaf, flag):
@@ -193,12 +173,12 @@ def save_compressed(path: Union[str, os.PathLike], params: PyTree,
 
   Each prunable leaf whose bitmask form is smaller than its dense form is stored as the kept
   values (row-major) plus ``np.packbits`` of its mask (True = kept; from ``masks`` or, without
-  masks, its nonzero entries); every other leaf is stored dense. `jaxprune.quantize`d leaves
-  (`QuantizedArray`) are stored the same way with int8 values, plus their float32 scales, so
-  pruning and quantization compound. The archive is not zip-compressed, so its size tracks the
-  bitmask byte count of `jaxprune.report` plus a fixed per-entry overhead. Values are stored as
-  raw bytes with their exact dtype (every numeric numpy dtype, byte order included, and the
-  ml_dtypes types), so they load bitwise.
+  masks, its nonzero entries); every other leaf is stored dense. Quantized leaves
+  (`QuantizedArray`, from `jaxprune.compress.quantize`) are stored the same way with int8 values,
+  plus their float32 scales, so pruning and quantization compound. The archive is not
+  zip-compressed, so its size tracks the bitmask byte count of `jaxprune.report` plus a fixed
+  per-entry overhead. Values are stored as raw bytes with their exact dtype (every numeric numpy
+  dtype, byte order included, and the ml_dtypes types), so they load bitwise.
 
   Args:
     path: file path (``.npz`` is appended by numpy when missing).

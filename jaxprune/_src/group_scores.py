@@ -182,7 +182,7 @@ def apply_group_masks(variables: Any, groups: Sequence[Group], keep: Sequence[Ar
   """Zeroes every entry of removed units in every coupled leaf (the masked model).
 
   Works under ``jit`` with traced masks. The result computes what the model
-  shrunk by :func:`jaxprune.shrink` computes.
+  shrunk by :func:`jaxprune.structured.shrink` computes.
 
   Args:
     variables: the pytree the groups were found on.

@@ -298,11 +298,11 @@ def find_groups(apply_fn: Callable[..., Any], variables: Any, *args: Any,
   Example::
 
     variables = model.init(key, x)                      # Linen, BatchNorm in eval mode
-    groups = jp.find_groups(model.apply, variables, x)  # shapes suffice: eval_shape works too
-    scores = jp.group_scores(groups, jp.magnitude(variables))
-    keep = jp.group_masks(scores, 0.5)                  # True = keep, per group
-    small = jp.shrink(variables, groups, keep)
-    sizes = jp.linen_features(small["params"])          # rebuild the module with these
+    groups = jp.structured.find_groups(model.apply, variables, x)  # eval_shape output works too
+    scores = jp.structured.group_scores(groups, jp.magnitude(variables))
+    keep = jp.structured.group_masks(scores, 0.5)                  # True = keep, per group
+    small = jp.structured.shrink(variables, groups, keep)
+    sizes = jp.structured.linen_features(small["params"])          # rebuild the module with these
 
   Returns:
     Groups in order of their first member's leaf (order of
@@ -336,7 +336,8 @@ def find_groups(apply_fn: Callable[..., Any], variables: Any, *args: Any,
       paths = sorted({m.path for m in members})
       raise ValueError(
           f"find_groups: unsupported primitive {g.poison[root]!r} on the coupled path of "
-          f"leaves {paths}; expected only the primitives in jaxprune.SUPPORTED_PRIMITIVES "
+          f"leaves {paths}; expected only the primitives in "
+          "jaxprune.structured.SUPPORTED_PRIMITIVES "
           "(pass explicit groups built with make_group, or on_unsupported='skip')")
     named = [m for m in members if ndims[m.path] >= 2] or members
     name = f"{named[0].path}[axis {named[0].axis}]"

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune._src import elementwise
+from jaxprune._src import mask_state
 from jaxprune._src import select
 from jaxprune._src import tree as tree_lib
 from jaxprune._src import validation
@@ -369,22 +370,33 @@ def block_mask(scores: PyTree, sparsity: Sparsity, block_shape: Sequence[int], *
   return _run("block", leaves, idx, treedef, scope, (tuple(blocks), reduce), counts)
 
 
-def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
+def apply_masks(params: PyTree, masks: Any) -> PyTree:
   """Zeros the entries of ``params`` whose mask is False; dtypes and structure are kept.
 
-  Pruned entries become ``+0.0`` whatever they held (inf and NaN included).
+  Pruned entries become ``+0.0`` whatever they held (inf and NaN included). This is also the
+  export step after training with `jaxprune.prune`: pass the optimizer state and the masks are
+  found in it.
 
   Example::
 
     pruned = jp.apply_masks(params, jp.unstructured_mask(jp.magnitude(params), 0.9))
+    exported = jp.apply_masks(params, opt_state)
 
   Args:
     params: parameter pytree.
-    masks: bool pytree with the same structure and shapes.
+    masks: bool masks with the leaf paths and shapes of ``params``, or an optax state holding
+      them (see `jaxprune.find_masks`; an ``nnx.Optimizer``'s ``opt_state`` works).
 
   Returns:
-    The masked parameters.
+    The masked parameters, with the tree structure of ``params``.
+
+  Raises:
+    ValueError: for masks that do not match ``params`` or a state holding no matching masks.
   """
+  if tree_lib.same_paths(masks, params):
+    masks = tree_lib.like(masks, params)
+  elif mask_state.holds_masks(masks):
+    masks = mask_state.find_masks(masks, params)
   tree_lib.check_same_structure(params, masks, "params", "masks")
   return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros((), jnp.asarray(p).dtype)),
                       params, masks)

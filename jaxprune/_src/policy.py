@@ -250,7 +250,7 @@ def pruning_masks(params: PyTree, sparsity: Sparsity, *, scores: Optional[PyTree
       ``1 - n/m``: a leaf is N:M-pruned when its sparsity is above 0, left dense at 0; layer
       scope only); ``BlockPattern(shape, reduce, allow_partial)``; or a mask function
       ``fn(scores, sparsity, *, scope, prunable) -> masks`` such as
-      ``functools.partial(jp.sharded_unstructured_mask, mesh=mesh, specs=specs)``.
+      ``functools.partial(jp.sharding.sharded_unstructured_mask, mesh=mesh, specs=specs)``.
     previous: masks in force (bool pytree with the params' structure), or None.
 
   Returns:

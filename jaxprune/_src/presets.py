@@ -15,7 +15,7 @@ preset                 pattern
                        array; a zero block is a matmul tile that can be skipped.
 ``"cpu_unstructured"``  unstructured layer-wise selection: no speed-up from dense BLAS, but
                        the best accuracy per byte for compressed storage (bitmask / CSR, see
-                       `jaxprune.save_compressed`) and for sparse CPU kernels.
+                       `jaxprune.compress.save_compressed`) and for sparse CPU kernels.
 =====================  =======================================================================
 
 References:

@@ -46,7 +46,7 @@ def progress(iterable: Iterable[T], *, total: Optional[int] = None, desc: Option
 
   Example::
 
-    for batch in jp.progress(batches, desc="calibration"):
+    for batch in progress(batches, desc="calibration"):
       ...
 
   Args:

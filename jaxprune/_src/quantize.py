@@ -115,7 +115,8 @@ def quantize(params: PyTree, *, axis: int = -1, prunable: Prunable = None) -> Py
   """Quantizes every prunable leaf to a `QuantizedArray`; other leaves are returned unchanged.
 
   Args:
-    params: parameter pytree (apply masks first, e.g. `jaxprune.strip`, so pruned weights are 0).
+    params: parameter pytree (apply masks first with `jaxprune.apply_masks`, so pruned weights
+      are 0).
     axis: channel axis of the per-channel scales (-1: output features of Flax kernels).
     prunable: which leaves to quantize (see `jaxprune.prunable_flags`). Leaves with ``ndim``
       below 1 are never quantized; empty leaves become empty `QuantizedArray` s.

@@ -1,7 +1,7 @@
 """Logger scalars from a pruning state: the current target and the sparsity of every leaf.
 
 The names are those of `jaxprune.Report.to_dict` (``sparsity/total``, ``sparsity/<leaf>`` with
-``<leaf>`` from `jaxprune.log_name`), so a run can log both and get one series per name. The
+``<leaf>`` the leaf path joined by ``/``), so a run can log both and get one series per name. The
 values are JAX scalars computed from the masks alone (no copy of the parameters to the host):
 the function works inside a jitted train step as well as outside.
 """

@@ -105,7 +105,7 @@ def sensitivity_analysis(params: PyTree, metric_fn: Callable[[PyTree], jax.Array
     prunable: which leaves are analysed (see `jaxprune.prunable_flags`).
     plot_path: if given, a PNG of the curves is written there (`plot_sensitivity`).
     metric_name: y-axis label of the plot.
-    progress: a progress bar over the analysed leaves (see `jaxprune.progress`): None for one
+    progress: a progress bar over the analysed leaves (tqdm): None for one
       when tqdm is installed and stderr is a terminal, True or False to force it.
 
   Returns:

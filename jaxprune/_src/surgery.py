@@ -1,8 +1,8 @@
 """Physical removal of pruned units: smaller arrays that compute the same function.
 
-Given dependency groups (:func:`jaxprune.find_groups`) and one keep mask per
+Given dependency groups (:func:`jaxprune.structured.find_groups`) and one keep mask per
 group, every coupled axis of every leaf is sliced to the kept units. The result
-equals the model with those units zeroed (:func:`jaxprune.apply_group_masks`)
+equals the model with those units zeroed (:func:`jaxprune.structured.apply_group_masks`)
 because every consumer of a removed unit lost the matching input rows, so a
 removed unit contributed exactly zero before removal.
 
@@ -82,8 +82,8 @@ def linen_features(params: Mapping[str, Any]) -> dict[str, Any]:
 
   Example::
 
-    new = jp.shrink(variables, groups, keep)
-    sizes = jp.linen_features(new["params"])   # {"Dense_0": 48, "Conv_0": 8, ...}
+    new = jp.structured.shrink(variables, groups, keep)
+    sizes = jp.structured.linen_features(new["params"])   # {"Dense_0": 48, "Conv_0": 8, ...}
     small = MLP(features=(sizes["Dense_0"], sizes["Dense_1"], 10))
     small.apply(new, x)                          # == masked model's output
 
@@ -159,7 +159,7 @@ def shrink_nnx(model: Any, groups: Sequence[Group], keep: Sequence[Any]) -> Any:
 
   Args:
     model: an ``nnx.Module``.
-    groups: groups found by :func:`jaxprune.find_groups_nnx` on this model.
+    groups: groups found by :func:`jaxprune.structured.find_groups_nnx` on this model.
     keep: one concrete bool array per group, True = keep.
 
   Returns:

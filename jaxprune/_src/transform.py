@@ -196,7 +196,7 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
     prunable: None (floating arrays with ``ndim >= 2``), a predicate ``(path, leaf) -> bool`` or
       a pytree of bools.
     pattern: ``"unstructured"``, an `NMPattern`, a `BlockPattern` or a mask function (see
-      `pruning_masks`; for sharded params ``functools.partial(jp.sharded_unstructured_mask,
+      `pruning_masks`; for sharded params ``functools.partial(jp.sharding.sharded_unstructured_mask,
       mesh=mesh, specs=param_specs)``).
     num_probes: Hutchinson probes per Hessian estimate (a positive integer).
     average_hessian: average the Hessian diagonal over the steps between mask updates.
