@@ -51,12 +51,13 @@ def _attribute_docstring(obj: Any) -> tuple[str, str, int] | None:
       if (any(isinstance(t, ast.Name) and t.id in names for t in targets)
           and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
           and isinstance(nxt.value.value, str)):
-        return inspect.cleandoc(nxt.value.value), module.__file__, nxt.lineno
+        return inspect.cleandoc(nxt.value.value), module.__file__, nxt.lineno - 1
   return None
 
 
 def _doctests(ns: str, name: str, obj: Any) -> list[doctest.DocTest]:
   qualname = f"{ns}.{name}"
+  obj = inspect.unwrap(obj) if callable(obj) else obj   # a jitted function's docstring
   if inspect.isfunction(obj) or inspect.isclass(obj):
     finder = doctest.DocTestFinder(recurse=True, exclude_empty=True)
     tests = finder.find(obj, qualname, module=sys.modules[obj.__module__], globs={})
@@ -89,7 +90,5 @@ def test_namespaces_have_no_public_module_left_out():
 def test_docstring_examples(ns: str, name: str, obj: Any):
   runner = doctest.DocTestRunner(optionflags=0)
   report: list[str] = []
-  for test in _doctests(ns, name, obj):
-    runner.run(test, out=report.append, clear_globs=True)
-  results = runner.summarize(verbose=False)
-  assert results.failed == 0, "".join(report)
+  failed = sum(runner.run(test, out=report.append).failed for test in _doctests(ns, name, obj))
+  assert failed == 0, "".join(report)

@@ -19,6 +19,15 @@ class Elementwise:
   operands one chunk at a time, so a mask update inside a train step needs no parameter-sized
   scratch memory beyond its inputs and its output masks.
 
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> w = jnp.array([[1.0, -4.0, 2.0], [-3.0, 0.5, 6.0]])
+    >>> scores = {"w": jp.Elementwise(jnp.abs, (w,))}   # |w|, never materialized whole
+    >>> jp.unstructured_mask(scores, 0.5)["w"].tolist()
+    [[False, True, False], [True, False, True]]
+    >>> scores["w"].evaluate().tolist()
+    [[1.0, 4.0, 2.0], [3.0, 0.5, 6.0]]
+
   Attributes:
     fn: maps the operands to float scores of their shape, entry by entry: a selection calls it
       on flat chunks (1-D arrays of equal length), `evaluate` on the whole operands.

@@ -100,6 +100,16 @@ def gauss_newton_diag(apply_fn: Callable[[PyTree, Any], jax.Array], params: PyTr
   References: Martens, "New insights and perspectives on the natural gradient method", 2020;
   LeCun, Denker & Solla, "Optimal Brain Damage", 1990.
 
+  Examples:
+    For a linear model and ``loss="mse"`` the diagonal is ``Σ_n x_ni²``, the same for every output:
+
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> apply_fn = lambda p, x: x @ p["w"]
+    >>> x = jnp.array([[1.0, 2.0], [3.0, 0.0]])
+    >>> diag = jp.gauss_newton_diag(apply_fn, {"w": jnp.ones((2, 3))}, [x], loss="mse")
+    >>> diag["w"].tolist()
+    [[10.0, 10.0, 10.0], [4.0, 4.0, 4.0]]
+
   Args:
     apply_fn: ``apply_fn(params, batch) -> logits`` of shape ``(batch, classes)``.
     params: parameter pytree.

@@ -306,3 +306,12 @@ RULES: dict[str, PrimitiveRule] = {
 }
 
 SUPPORTED_PRIMITIVES: frozenset[str] = frozenset(RULES)
+"""Names of the primitives whose coupling rule `jaxprune.structured.find_groups` knows.
+
+Examples:
+  >>> import jaxprune as jp
+  >>> sorted(p for p in jp.structured.SUPPORTED_PRIMITIVES if p.startswith("conv"))
+  ['conv_general_dilated', 'convert_element_type']
+  >>> "dot_general" in jp.structured.SUPPORTED_PRIMITIVES
+  True
+"""

@@ -45,8 +45,19 @@ def group_scores(groups: Sequence[Group], scores: Any, *, reduce: str = "l2",
                  prunable: tree_lib.Prunable = None) -> list[Array]:
   """Per-unit scores of every group: higher = more important.
 
+  Examples:
+    >>> import jax, jax.numpy as jnp, jaxprune as jp
+    >>> params = {"hidden": {"kernel": jnp.array([[2.0, 0.0, 1.0], [1.0, 2.0, 0.0]]),
+    ...                      "bias": jnp.zeros(3)},
+    ...           "out": {"kernel": jnp.array([[1.0], [2.0], [0.0]])}}
+    >>> axes = [("['hidden']['kernel']", 1), ("['hidden']['bias']", 0), ("['out']['kernel']", 0)]
+    >>> group = jp.structured.make_group(params, axes)
+    >>> scores = jp.structured.group_scores([group], jp.magnitude(params))   # L2 per unit
+    >>> [round(float(s), 3) for s in scores[0]]   # the bias is not prunable, so not counted
+    [2.449, 2.828, 1.0]
+
   Args:
-    groups: from :func:`find_groups` or :func:`make_group`.
+    groups: from `find_groups` or `make_group`.
     scores: entry-wise scores (``jp.magnitude``, ``jp.taylor``, ``jp.obd`` ...)
       over a pytree keyed like the variables the groups were found on; leaves
       the groups mention but ``scores`` lacks are skipped.
@@ -104,8 +115,16 @@ def group_masks(scores: Sequence[Array], sparsity: Sparsity, *,
   removed first, as in ``jp.unstructured_mask``. A concrete selection that
   would remove every unit of a group raises a ``ValueError``.
 
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> scores = [jnp.array([3.0, 1.0, 2.0]), jnp.array([0.5, 4.0])]
+    >>> [k.tolist() for k in jp.structured.group_masks(scores, 0.5)]   # round(1.5), round(1.0)
+    [[True, False, False], [False, True]]
+    >>> [k.tolist() for k in jp.structured.group_masks(scores, 0.4, scope="global")]   # 2 of 5
+    [[True, False, True], [False, True]]
+
   Args:
-    scores: per-unit scores, one array per group (:func:`group_scores`).
+    scores: per-unit scores, one array per group (`group_scores`).
     sparsity: fraction of units to remove, in [0, 1] (may be traced); with
       ``scope="layer"`` also a sequence with one fraction per group.
     scope: ``"layer"``: ``round(s * group.size)`` units per group;
@@ -182,7 +201,19 @@ def apply_group_masks(variables: Any, groups: Sequence[Group], keep: Sequence[Ar
   """Zeroes every entry of removed units in every coupled leaf (the masked model).
 
   Works under ``jit`` with traced masks. The result computes what the model
-  shrunk by :func:`jaxprune.structured.shrink` computes.
+  shrunk by `jaxprune.structured.shrink` computes.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jaxprune as jp
+    >>> params = {"hidden": {"kernel": jnp.array([[2.0, 0.0, 1.0], [1.0, 2.0, 0.0]]),
+    ...                      "bias": jnp.zeros(3)},
+    ...           "out": {"kernel": jnp.array([[1.0], [2.0], [0.0]])}}
+    >>> axes = [("['hidden']['kernel']", 1), ("['hidden']['bias']", 0), ("['out']['kernel']", 0)]
+    >>> group = jp.structured.make_group(params, axes)
+    >>> keep = [jnp.array([True, False, True])]
+    >>> masked = jp.structured.apply_group_masks(params, [group], keep)
+    >>> masked["hidden"]["kernel"].tolist(), masked["out"]["kernel"].tolist()
+    ([[2.0, 0.0, 1.0], [1.0, 0.0, 0.0]], [[1.0], [0.0], [0.0]])
 
   Args:
     variables: the pytree the groups were found on.

@@ -47,6 +47,17 @@ __all__ = [
 class Member:
   """One axis of one leaf that belongs to a group.
 
+  Examples:
+    >>> import jax, jax.numpy as jnp, jaxprune as jp
+    >>> params = {"hidden": {"kernel": jnp.array([[2.0, 0.0, 1.0], [1.0, 2.0, 0.0]]),
+    ...                      "bias": jnp.zeros(3)},
+    ...           "out": {"kernel": jnp.array([[1.0], [2.0], [0.0]])}}
+    >>> axes = [("['hidden']['kernel']", 1), ("['hidden']['bias']", 0), ("['out']['kernel']", 0)]
+    >>> group = jp.structured.make_group(params, axes)
+    >>> member = group.members[2]
+    >>> member.path, member.axis, member.units.tolist()
+    ("['out']['kernel']", 0, [0, 1, 2])
+
   Attributes:
     path: ``jax.tree_util.keystr`` of the leaf in the traced variables.
     axis: the axis of the leaf (non-negative).
@@ -68,6 +79,16 @@ class Member:
 class Group:
   """A set of leaf axes whose units (neurons, channels, heads) are pruned together.
 
+  Examples:
+    >>> import jax, jax.numpy as jnp, jaxprune as jp
+    >>> params = {"hidden": {"kernel": jnp.array([[2.0, 0.0, 1.0], [1.0, 2.0, 0.0]]),
+    ...                      "bias": jnp.zeros(3)},
+    ...           "out": {"kernel": jnp.array([[1.0], [2.0], [0.0]])}}
+    >>> axes = [("['hidden']['kernel']", 1), ("['hidden']['bias']", 0), ("['out']['kernel']", 0)]
+    >>> group = jp.structured.make_group(params, axes)
+    >>> group.size, len(group.members)
+    (3, 3)
+
   Attributes:
     size: number of units (e.g. neurons of the layer).
     members: the coupled ``(leaf, axis)`` pairs.
@@ -83,10 +104,20 @@ class Group:
 
 
 def make_group(variables: Any, axes: Sequence[tuple[str, int]], name: str | None = None) -> Group:
-  """Builds a group by hand (the manual override of :func:`find_groups`).
+  """Builds a group by hand (the manual override of `find_groups`).
 
   Every listed axis must have the same length; unit ``i`` is index ``i`` of
   every listed axis.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jaxprune as jp
+    >>> params = {"hidden": {"kernel": jnp.array([[2.0, 0.0, 1.0], [1.0, 2.0, 0.0]]),
+    ...                      "bias": jnp.zeros(3)},
+    ...           "out": {"kernel": jnp.array([[1.0], [2.0], [0.0]])}}
+    >>> axes = [("['hidden']['kernel']", 1), ("['hidden']['bias']", 0), ("['out']['kernel']", 0)]
+    >>> group = jp.structured.make_group(params, axes)
+    >>> group.size, group.name
+    (3, "['hidden']['kernel'][axis 1]")
 
   Args:
     variables: the pytree the paths refer to.
@@ -94,7 +125,7 @@ def make_group(variables: Any, axes: Sequence[tuple[str, int]], name: str | None
     name: optional label (default: the first path).
 
   Returns:
-    A :class:`Group`.
+    A `Group`.
   """
   leaves = _leaves_by_path(variables)
   members = []
@@ -284,7 +315,7 @@ def find_groups(apply_fn: Callable[..., Any], variables: Any, *args: Any,
   with. For a Flax Linen model pass ``variables = {"params": ..., "batch_stats":
   ...}`` and ``apply_fn = lambda v, x: model.apply(v, x)`` (inference mode):
   BatchNorm statistics then join their channel's group. For Flax NNX, see
-  :func:`find_groups_nnx`.
+  `find_groups_nnx`.
 
   Args:
     apply_fn: ``apply_fn(variables, *args, **kwargs) -> outputs``.
@@ -295,14 +326,31 @@ def find_groups(apply_fn: Callable[..., Any], variables: Any, *args: Any,
       it; ``"skip"``: such groups are left out.
     **kwargs: passed to ``apply_fn``.
 
-  Example::
+  Examples:
+    The three hidden units of a two-layer MLP couple a kernel column, a bias entry and a row of
+    the next kernel; the inputs and outputs stay whole:
 
-    variables = model.init(key, x)                      # Linen, BatchNorm in eval mode
-    groups = jp.structured.find_groups(model.apply, variables, x)  # eval_shape output works too
-    scores = jp.structured.group_scores(groups, jp.magnitude(variables))
-    keep = jp.structured.group_masks(scores, 0.5)                  # True = keep, per group
-    small = jp.structured.shrink(variables, groups, keep)
-    sizes = jp.structured.linen_features(small["params"])          # rebuild the module with these
+    >>> import jax, jax.numpy as jnp, jaxprune as jp
+    >>> params = {"hidden": {"kernel": jnp.array([[2.0, 0.0, 1.0], [1.0, 2.0, 0.0]]),
+    ...                      "bias": jnp.zeros(3)},
+    ...           "out": {"kernel": jnp.array([[1.0], [2.0], [0.0]])}}
+    >>> def apply_fn(p, x):
+    ...   h = jnp.tanh(x @ p["hidden"]["kernel"] + p["hidden"]["bias"])
+    ...   return h @ p["out"]["kernel"]
+    >>> groups = jp.structured.find_groups(apply_fn, params, jnp.ones((1, 2)))
+    >>> [(g.name, g.size) for g in groups]
+    [("['hidden']['kernel'][axis 1]", 3)]
+    >>> scores = jp.structured.group_scores(groups, jp.magnitude(params))
+    >>> keep = jp.structured.group_masks(scores, 1 / 3)   # drop the weakest unit
+    >>> keep[0].tolist()
+    [True, True, False]
+    >>> small = jp.structured.shrink(params, groups, keep)
+    >>> jax.tree.map(jnp.shape, small)
+    {'hidden': {'bias': (2,), 'kernel': (2, 2)}, 'out': {'kernel': (2, 1)}}
+    >>> masked = jp.structured.apply_group_masks(params, groups, keep)
+    >>> x = jnp.array([[0.5, -1.0]])
+    >>> bool(jnp.allclose(apply_fn(small, x), apply_fn(masked, x)))
+    True
 
   Returns:
     Groups in order of their first member's leaf (order of
@@ -347,15 +395,24 @@ def find_groups(apply_fn: Callable[..., Any], variables: Any, *args: Any,
 
 def find_groups_nnx(model: Any, *args: Any, on_unsupported: str = "raise",
                     **kwargs: Any) -> tuple[Group, ...]:
-  """:func:`find_groups` for a Flax NNX module.
+  """`find_groups` for a Flax NNX module.
 
   Paths refer to ``nnx.split(model)[1]`` (the model's full state, including
   BatchNorm statistics); call ``model.eval()`` first for inference behaviour.
 
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), jnp.tanh,
+    ...                        nnx.Linear(3, 1, rngs=nnx.Rngs(1)))
+    >>> groups = jp.structured.find_groups_nnx(model, jnp.ones((1, 2)))
+    >>> [(m.path, m.axis) for m in groups[0].members]
+    [("['layers'][0]['bias']", 0), ("['layers'][0]['kernel']", 1), ("['layers'][2]['kernel']", 0)]
+
   Args:
     model: an ``nnx.Module``.
     *args: example inputs for ``model(*args, **kwargs)``.
-    on_unsupported: see :func:`find_groups`.
+    on_unsupported: see `find_groups`.
     **kwargs: passed to the model.
 
   Returns:

@@ -22,7 +22,14 @@ from jaxprune._src.types import Array, Prunable, PyTree, ScalarOrSchedule
 
 
 class PenaltyState(NamedTuple):
-  """State of the penalty transformations: the step count, for schedules."""
+  """State of the penalty transformations: the step count, for schedules.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> state = jp.add_l1(1e-4).init({"w": jnp.ones((2, 3))})
+    >>> int(state.count)
+    0
+  """
   count: jax.Array
 
 
@@ -65,6 +72,15 @@ def add_l1(strength: ScalarOrSchedule, *,
   ``L(w) = L0(w) + strength * ||w||_1``, e.g. ``optax.chain(jp.add_l1(1e-4), optax.adam(1e-3))``.
   The subgradient makes weights oscillate around zero rather than reach it; use `proximal_l1`
   for exact zeros.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> params = {"w": jnp.array([[1.0, -2.0, 3.0]]), "b": jnp.array([1.0])}
+    >>> grads = {"w": jnp.zeros((1, 3)), "b": jnp.zeros(1)}
+    >>> tx = jp.add_l1(0.5)
+    >>> updates, _ = tx.update(grads, tx.init(params), params)
+    >>> updates["w"].tolist(), updates["b"].tolist()   # biases are not penalised by default
+    ([[0.5, -0.5, 0.5]], [0.0])
 
   Args:
     strength: L1 coefficient (a finite number >= 0), or a schedule ``count -> coefficient``
@@ -122,6 +138,18 @@ def proximal_l1(strength: ScalarOrSchedule, learning_rate: ScalarOrSchedule, *,
   ISTA. The ``learning_rate`` must be the step size the optimizer used, so that the threshold
   is ``step * strength``.
 
+  Examples:
+    With a step size of 0.5 and ``strength=0.5`` the threshold is 0.25: smaller entries become
+    exactly zero, the others shrink by 0.25.
+
+    >>> import jax.numpy as jnp, optax, jaxprune as jp
+    >>> params = {"w": jnp.array([[0.125, -0.5, 1.0]])}
+    >>> tx = optax.chain(optax.sgd(0.5), jp.proximal_l1(0.5, learning_rate=0.5))
+    >>> grads = {"w": jnp.zeros((1, 3))}
+    >>> updates, _ = tx.update(grads, tx.init(params), params)
+    >>> optax.apply_updates(params, updates)["w"].tolist()
+    [[0.0, -0.25, 0.75]]
+
   Args:
     strength: L1 coefficient ``lambda`` (a finite number >= 0), or a schedule of the step count.
     learning_rate: the optimizer's step size (>= 0), or the same schedule the optimizer uses.
@@ -161,6 +189,18 @@ def proximal_group_lasso(strength: ScalarOrSchedule, learning_rate: ScalarOrSche
   its proximal map is block soft-thresholding: with ``z = params + updates`` and ``t =
   learning_rate * strength``, ``z_g <- z_g * max(0, 1 - t / ||z_g||_2)``. Whole groups with
   ``||z_g|| <= t`` become exactly zero, ready for structured removal.
+
+  Examples:
+    Groups are the columns (``axis=-1``). With threshold ``0.5 * 5.0 = 2.5`` the first column
+    (norm 5) is halved and the second (norm 0.2) becomes exactly zero:
+
+    >>> import jax.numpy as jnp, optax, jaxprune as jp
+    >>> params = {"w": jnp.array([[3.0, 0.12], [4.0, 0.16]])}
+    >>> tx = optax.chain(optax.sgd(0.5), jp.proximal_group_lasso(5.0, learning_rate=0.5))
+    >>> grads = {"w": jnp.zeros((2, 2))}
+    >>> updates, _ = tx.update(grads, tx.init(params), params)
+    >>> optax.apply_updates(params, updates)["w"].tolist()
+    [[1.5, 0.0], [2.0, 0.0]]
 
   Args:
     strength: group-lasso coefficient, or a schedule of the step count.

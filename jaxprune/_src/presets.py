@@ -41,6 +41,15 @@ from jaxprune._src.types import Prunable, PyTree, Sparsity
 class HardwarePreset(NamedTuple):
   """A sparsity pattern matched to hardware.
 
+  Examples:
+    A pattern of your own, 1 kept in every 4 inputs, used like a built-in preset:
+
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> one_of_four = jp.HardwarePreset("1:4", "nm", n=1, m=4, axis=-2)
+    >>> masks = jp.hardware_mask({"w": jnp.arange(8.0).reshape(4, 2)}, one_of_four)
+    >>> masks["w"].tolist()
+    [[False, False], [False, False], [False, False], [True, True]]
+
   Attributes:
     name: preset key.
     kind: ``"nm"``, ``"block"`` or ``"unstructured"``.
@@ -73,6 +82,16 @@ PRESETS: dict[str, HardwarePreset] = {
         "cpu_unstructured", "unstructured",
         description="CPU / storage: unstructured, for bitmask or CSR compression."),
 }
+"""The presets of the module table by name (exported as ``jaxprune.HARDWARE_PRESETS``).
+
+Examples:
+  >>> import jaxprune as jp
+  >>> sorted(jp.HARDWARE_PRESETS)
+  ['cpu_unstructured', 'gpu_2:4', 'tpu_128x128', 'tpu_8x128']
+  >>> preset = jp.HARDWARE_PRESETS["gpu_2:4"]
+  >>> preset.kind, preset.n, preset.m, preset.axis
+  ('nm', 2, 4, -2)
+"""
 
 
 def _get(preset: str | HardwarePreset, axis: Optional[int] = None) -> HardwarePreset:
@@ -93,7 +112,7 @@ def compatible(preset: str | HardwarePreset, shape: tuple[int, ...],
   """Whether a leaf of ``shape`` can take the preset's pattern without partial groups/blocks.
 
   Args:
-    preset: a key of `PRESETS` or a `HardwarePreset`.
+    preset: a key of `jaxprune.HARDWARE_PRESETS` or a `HardwarePreset`.
     shape: the leaf's shape.
     axis: for N:M presets, the grouping axis if not the preset's own (see `hardware_mask`).
 
@@ -115,9 +134,18 @@ def hardware_mask(scores: PyTree, preset: str | HardwarePreset, *,
                   axis: Optional[int] = None) -> PyTree:
   """Masks in the pattern of a hardware preset (see the module table).
 
+  Examples:
+    2:4 along the inputs (rows of an ``(in, out)`` kernel): each column keeps its 2 largest of 4.
+
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> w = jnp.array([[1.0, 4.0], [3.0, 2.0], [2.0, 1.0], [4.0, 3.0]])
+    >>> masks = jp.hardware_mask(jp.magnitude({"w": w}), "gpu_2:4")
+    >>> masks["w"].tolist()
+    [[False, True], [True, False], [False, False], [True, True]]
+
   Args:
     scores: score pytree (higher = keep).
-    preset: a key of `PRESETS` or a `HardwarePreset`.
+    preset: a key of `jaxprune.HARDWARE_PRESETS` or a `HardwarePreset`.
     sparsity: required for block and unstructured presets (as in `jaxprune.block_mask` /
       `jaxprune.unstructured_mask`); for ``"gpu_2:4"`` None or exactly ``1 - n/m``.
     scope: ``"layer"`` or ``"global"`` for block and unstructured presets.

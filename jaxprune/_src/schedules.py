@@ -38,6 +38,12 @@ def _step(value: int, name: str, minimum: int = 0) -> int:
 def constant_schedule(sparsity: float) -> Schedule:
   """The same target from step 0 on: prune once at the first step, then keep the masks.
 
+  Examples:
+    >>> import jaxprune as jp
+    >>> schedule = jp.constant_schedule(0.75)
+    >>> [float(schedule(t)) for t in (0, 1, 1000)]
+    [0.75, 0.75, 0.75]
+
   Args:
     sparsity: target fraction in [0, 1].
 
@@ -55,6 +61,12 @@ def constant_schedule(sparsity: float) -> Schedule:
 
 def one_shot_schedule(sparsity: float, step: int) -> Schedule:
   """Dense until ``step``, then ``sparsity`` for ever: train, prune once, fine-tune.
+
+  Examples:
+    >>> import jaxprune as jp
+    >>> schedule = jp.one_shot_schedule(0.75, step=100)
+    >>> [float(schedule(t)) for t in (0, 99, 100, 5000)]
+    [0.0, 0.0, 0.75, 0.75]
 
   Args:
     sparsity: target fraction in [0, 1] from ``step`` on.
@@ -82,6 +94,14 @@ def polynomial_schedule(init_sparsity: float, final_sparsity: float, begin_step:
   even when ``end_step - begin_step`` is not a multiple of ``frequency`` (the last interval is
   then shorter). Before ``begin_step`` the value is 0 (no pruning); after ``end_step`` it is
   ``final_sparsity``.
+
+  Examples:
+    Updates every 4 steps; the last interval is shorter, so 0.9 is reached exactly at step 10:
+
+    >>> import jaxprune as jp
+    >>> schedule = jp.polynomial_schedule(0.0, 0.9, begin_step=0, end_step=10, frequency=4)
+    >>> [round(float(schedule(t)), 3) for t in (0, 3, 4, 7, 8, 9, 10, 11)]
+    [0.0, 0.0, 0.706, 0.706, 0.893, 0.893, 0.9, 0.9]
 
   Args:
     init_sparsity: sparsity applied at ``begin_step``, in [0, 1].
@@ -130,6 +150,12 @@ def iterative_schedule(fraction: float, every: int, rounds: int, begin_step: int
   Round ``r = 1 .. rounds`` happens at step ``begin_step + (r - 1) * every``; after it the
   sparsity is ``1 - (1 - fraction)**r``. Between rounds training continues with the masks fixed
   (prune, retrain, repeat).
+
+  Examples:
+    >>> import jaxprune as jp
+    >>> schedule = jp.iterative_schedule(0.5, every=100, rounds=3)
+    >>> [float(schedule(t)) for t in (0, 99, 100, 200, 1000)]
+    [0.5, 0.5, 0.75, 0.875, 0.875]
 
   Args:
     fraction: fraction of the remaining weights pruned per round, in [0, 1].

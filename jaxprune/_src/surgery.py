@@ -1,14 +1,14 @@
 """Physical removal of pruned units: smaller arrays that compute the same function.
 
-Given dependency groups (:func:`jaxprune.structured.find_groups`) and one keep mask per
+Given dependency groups (`jaxprune.structured.find_groups`) and one keep mask per
 group, every coupled axis of every leaf is sliced to the kept units. The result
-equals the model with those units zeroed (:func:`jaxprune.structured.apply_group_masks`)
+equals the model with those units zeroed (`jaxprune.structured.apply_group_masks`)
 because every consumer of a removed unit lost the matching input rows, so a
 removed unit contributed exactly zero before removal.
 
 Linen modules check parameter shapes against their configuration, so a shrunk
-Linen model is rebuilt with :func:`linen_features` giving the new sizes; NNX
-modules are rebuilt directly by :func:`shrink_nnx`.
+Linen model is rebuilt with `linen_features` giving the new sizes; NNX
+modules are rebuilt directly by `shrink_nnx`.
 """
 
 from __future__ import annotations
@@ -48,6 +48,17 @@ def _concrete_keep(groups: Sequence[Group], keep: Sequence[Any], name: str) -> l
 def shrink(variables: Any, groups: Sequence[Group], keep: Sequence[Any]) -> Any:
   """Removes the pruned units of every group from every coupled leaf.
 
+  Examples:
+    >>> import jax, jax.numpy as jnp, jaxprune as jp
+    >>> params = {"hidden": {"kernel": jnp.array([[2.0, 0.0, 1.0], [1.0, 2.0, 0.0]]),
+    ...                      "bias": jnp.zeros(3)},
+    ...           "out": {"kernel": jnp.array([[1.0], [2.0], [0.0]])}}
+    >>> axes = [("['hidden']['kernel']", 1), ("['hidden']['bias']", 0), ("['out']['kernel']", 0)]
+    >>> group = jp.structured.make_group(params, axes)
+    >>> small = jp.structured.shrink(params, [group], [jnp.array([True, False, True])])
+    >>> small["hidden"]["kernel"].tolist(), small["out"]["kernel"].tolist()
+    ([[2.0, 1.0], [1.0, 0.0]], [[1.0], [0.0]])
+
   Args:
     variables: the pytree the groups were found on (e.g. a Linen
       ``{"params": ..., "batch_stats": ...}`` dict or an NNX state).
@@ -80,12 +91,12 @@ def shrink(variables: Any, groups: Sequence[Group], keep: Sequence[Any]) -> Any:
 def linen_features(params: Mapping[str, Any]) -> dict[str, Any]:
   """Layer sizes to rebuild a Linen model from (shrunk) parameters.
 
-  Example::
-
-    new = jp.structured.shrink(variables, groups, keep)
-    sizes = jp.structured.linen_features(new["params"])   # {"Dense_0": 48, "Conv_0": 8, ...}
-    small = MLP(features=(sizes["Dense_0"], sizes["Dense_1"], 10))
-    small.apply(new, x)                          # == masked model's output
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> params = {"Dense_0": {"kernel": jnp.zeros((4, 2)), "bias": jnp.zeros(2)},
+    ...           "Block_0": {"Dense_1": {"kernel": jnp.zeros((2, 3))}}}
+    >>> jp.structured.linen_features(params)   # rebuild with nn.Dense(2), nn.Dense(3)
+    {'Dense_0': 2, 'Block_0/Dense_1': 3}
 
   Args:
     params: a Linen ``params`` collection (nested dicts).
@@ -157,9 +168,19 @@ def shrink_nnx(model: Any, groups: Sequence[Group], keep: Sequence[Any]) -> Any:
   ``Conv``, ``BatchNorm``, ``LayerNorm``, ``RMSNorm``, ``Embed``,
   ``MultiHeadAttention``) are updated to the new shapes.
 
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), jnp.tanh,
+    ...                        nnx.Linear(3, 1, rngs=nnx.Rngs(1)))
+    >>> groups = jp.structured.find_groups_nnx(model, jnp.ones((1, 2)))
+    >>> small = jp.structured.shrink_nnx(model, groups, [jnp.array([True, False, True])])
+    >>> small.layers[0].kernel.shape, small.layers[0].out_features, small.layers[2].in_features
+    ((2, 2), 2, 2)
+
   Args:
     model: an ``nnx.Module``.
-    groups: groups found by :func:`jaxprune.structured.find_groups_nnx` on this model.
+    groups: groups found by `jaxprune.structured.find_groups_nnx` on this model.
     keep: one concrete bool array per group, True = keep.
 
   Returns:
