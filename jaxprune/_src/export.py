@@ -61,6 +61,17 @@ def compact(params: PyTree, masks: Optional[PyTree] = None, *,
   The leaf is converted only when the sparse arrays take fewer than ``(1 - min_saving)`` times
   the dense bytes.
 
+  Examples:
+    A ``4 × 4`` kernel with 4 nonzeros takes 52 bytes as BCSR instead of 64; the bias stays dense:
+
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> params = {"w": 2 * jnp.eye(4), "b": jnp.ones(4)}
+    >>> small = jp.compress.compact(params)
+    >>> type(small["w"]).__name__, small["w"].nse
+    ('BCSR', 4)
+    >>> jp.compress.compact_bytes(params), jp.compress.compact_bytes(small)
+    (80, 68)
+
   Args:
     params: parameter pytree (concrete).
     masks: optional masks; pruned entries are zeroed first (`jaxprune.apply_masks`).
@@ -93,13 +104,28 @@ def compact(params: PyTree, masks: Optional[PyTree] = None, *,
 
 
 def densify(tree: PyTree) -> PyTree:
-  """Inverse of `compact`: every sparse leaf back to a dense array."""
+  """Inverse of `compact`: every sparse leaf back to a dense array.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> params = {"w": 2 * jnp.eye(4), "b": jnp.ones(4)}
+    >>> dense = jp.compress.densify(jp.compress.compact(params))
+    >>> type(dense["w"]).__name__, bool((dense["w"] == params["w"]).all())
+    ('ArrayImpl', True)
+  """
   return jax.tree.map(lambda x: _TODENSE(x) if _is_sparse(x) else x, tree, is_leaf=_is_sparse)
 
 
 def compact_bytes(tree: PyTree) -> int:
   """Bytes of a (partly) compacted tree: data and index buffers of sparse leaves, dense bytes
-  of the others."""
+  of the others.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> params = {"w": 2 * jnp.eye(4), "b": jnp.ones(4)}   # 64 + 16 bytes dense
+    >>> jp.compress.compact_bytes(params), jp.compress.compact_bytes(jp.compress.compact(params))
+    (80, 68)
+  """
   total = 0
   for x in jax.tree.leaves(tree, is_leaf=_is_sparse):
     total += _sparse_bytes(x) if _is_sparse(x) else int(np.size(x)) * np.dtype(x.dtype).itemsize
@@ -111,6 +137,12 @@ def sparse_matmul(x: jax.Array, kernel: Union[jax.Array, SparseArray]) -> jax.Ar
 
   ``BCSR`` only multiplies as the left operand, so the product is computed as
   ``(kernel^T x^T)^T`` by contracting the kernel's dim 0 with the last dim of ``x``.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> kernel = jp.compress.compact({"w": 2 * jnp.eye(4)})["w"]   # BCSR
+    >>> jp.compress.sparse_matmul(jnp.array([[1.0, 2.0, 3.0, 4.0]]), kernel).tolist()
+    [[2.0, 4.0, 6.0, 8.0]]
 
   Args:
     x: activations ``(..., in)``.
@@ -179,6 +211,17 @@ def save_compressed(path: Union[str, os.PathLike], params: PyTree,
   zip-compressed, so its size tracks the bitmask byte count of `jaxprune.report` plus a fixed
   per-entry overhead. Values are stored as raw bytes with their exact dtype (every numeric numpy
   dtype, byte order included, and the ml_dtypes types), so they load bitwise.
+
+  Examples:
+    >>> import os, tempfile, jax.numpy as jnp, jaxprune as jp
+    >>> params = {"w": 2 * jnp.eye(4), "b": jnp.ones(4)}
+    >>> path = os.path.join(tempfile.mkdtemp(), "pruned.npz")
+    >>> nbytes = jp.compress.save_compressed(path, params)   # w as 4 values + a 2-byte bitmask
+    >>> nbytes == os.path.getsize(path)
+    True
+    >>> loaded = jp.compress.load_compressed(path, like=params)
+    >>> bool((loaded["w"] == params["w"]).all())
+    True
 
   Args:
     path: file path (``.npz`` is appended by numpy when missing).
@@ -285,6 +328,15 @@ def _read_leaves(f: Any) -> dict[str, Any]:
 
 def load_compressed(path: Union[str, os.PathLike], like: Optional[PyTree] = None) -> PyTree:
   """Reads a checkpoint written by `save_compressed`.
+
+  Examples:
+    >>> import os, tempfile, jax.numpy as jnp, jaxprune as jp
+    >>> params = {"w": 2 * jnp.eye(4), "b": jnp.ones(4)}
+    >>> path = os.path.join(tempfile.mkdtemp(), "pruned.npz")
+    >>> _ = jp.compress.save_compressed(path, params)
+    >>> loaded = jp.compress.load_compressed(path)   # without like=: keyed by leaf path
+    >>> sorted(loaded), loaded["['w']"].tolist()[1]
+    (["['b']", "['w']"], [0.0, 2.0, 0.0, 0.0])
 
   Args:
     path: the ``.npz`` file (``.npz`` is appended when the path without it does not exist).

@@ -222,6 +222,16 @@ def sharded_unstructured_mask(scores: PyTree, sparsity: Sparsity,
   times per selection, never a parameter-sized array. Works eagerly and under `jax.jit`, with
   ``Auto`` or ``Explicit`` mesh axes, and across processes (`jax.distributed`).
 
+  Examples:
+    >>> import jax, jax.numpy as jnp, jaxprune as jp
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> mesh = jax.make_mesh((1,), ("model",), devices=jax.devices()[:1])   # one device here
+    >>> w = jax.device_put(jnp.array([[1.0, -4.0, 2.0], [-3.0, 0.5, 6.0]]),
+    ...                    NamedSharding(mesh, P(None, "model")))
+    >>> masks = jp.sharding.sharded_unstructured_mask(jp.magnitude({"w": w}), 0.5)
+    >>> masks["w"].tolist(), tuple(masks["w"].sharding.spec)
+    ([[False, True, False], [True, False, True]], (None, 'model'))
+
   Args:
     scores: pytree of float arrays, higher = more important, or of `Elementwise` scores (their
       operands sharded alike), computed block by block and chunk by chunk on each device.
@@ -308,6 +318,19 @@ def state_shardings(tx: optax.GradientTransformation, params: PyTree,
   Adam moments, `prune` masks and Hessian accumulators are sharded exactly like the parameters
   they belong to; every other state leaf (counts, keys, targets) is replicated.
 
+  Examples:
+    >>> import jax, jax.numpy as jnp, jaxprune as jp
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> mesh = jax.make_mesh((1,), ("model",), devices=jax.devices()[:1])   # one device here
+    >>> import optax
+    >>> params = {"w": jnp.ones((2, 4)), "b": jnp.zeros(4)}
+    >>> shardings = {"w": NamedSharding(mesh, P(None, "model")), "b": NamedSharding(mesh, P())}
+    >>> tx = optax.chain(optax.adam(1e-3), jp.prune(0.5))
+    >>> state_sharding = jp.sharding.state_shardings(tx, params, shardings)
+    >>> tuple(state_sharding[0][0].mu["w"].spec), tuple(state_sharding[0][0].count.spec)
+    ((None, 'model'), ())
+    >>> state = jax.jit(tx.init, out_shardings=state_sharding)(params)
+
   Args:
     tx: the optimizer (e.g. ``optax.chain(optax.adam(1e-3), jp.prune(...))``).
     params: the parameters, or `jax.ShapeDtypeStruct`s of them.
@@ -350,6 +373,18 @@ def data_parallel_hessian_diag(loss_fn: Callable[..., Array], params: PyTree, *a
 
   The parameters may also be sharded over other mesh axes (model parallelism): only
   ``batch_axis`` is manual here, the rest stays under the compiler's automatic partitioning.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jaxprune as jp
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])   # one device here
+    >>> c = jnp.stack([jnp.ones((2, 3)), 3 * jnp.ones((2, 3))])   # a batch of two examples
+    >>> c = jax.device_put(c, NamedSharding(mesh, P("data")))
+    >>> loss_fn = lambda p, c: 0.5 * jnp.mean(jnp.sum(c * p["w"] ** 2, axis=(1, 2)))
+    >>> h = jp.sharding.data_parallel_hessian_diag(loss_fn, {"w": jnp.ones((2, 3))}, c,
+    ...                                            key=jax.random.key(0), mesh=mesh)
+    >>> h["w"].tolist()   # the mean of the examples' curvatures 1 and 3
+    [[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]]
 
   Args:
     loss_fn: scalar ``loss_fn(params, *args)``, a mean over the examples of its batch.
