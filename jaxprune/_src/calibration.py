@@ -47,6 +47,16 @@ token_weights = calibration_step.token_weights
 class Calibration(NamedTuple):
   """What calibration collected for one kernel.
 
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> x = jnp.array([[1.0, 1.0, 0.0, 2.0], [2.0, 2.0, 1.0, 0.0],
+    ...                [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 1.0]])
+    >>> params = {"w": jnp.ones((4, 2)), "b": jnp.zeros(2)}
+    >>> apply_fn = lambda p, x: x @ p["w"] + p["b"]
+    >>> cal = jp.layerwise.calibrate(apply_fn, params, [x])["['w']"]
+    >>> float(cal.count), cal.h.shape, cal.cross is None
+    (4.0, (4, 4), True)
+
   Attributes:
     h: ``(d_in, d_in)`` float32, ``Σ_t w_t x_t x_tᵀ`` over calibration tokens ``t`` (weights
       ``w_t`` from ``token_mask``, 1 without it).
@@ -145,6 +155,17 @@ class Calibrator:
   Batches are recognised by identity: pass the same batch objects on every call and do not
   modify them, or numpy parameter leaves, in place. The kept states hold activations of every
   batch (about two layers' worth each).
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> x = jnp.array([[1.0, 1.0, 0.0, 2.0], [2.0, 2.0, 1.0, 0.0],
+    ...                [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 1.0]])
+    >>> params = {"w": jnp.ones((4, 2)), "b": jnp.zeros(2)}
+    >>> apply_fn = lambda p, x: x @ p["w"] + p["b"]
+    >>> calibrator = jp.layerwise.Calibrator(apply_fn)
+    >>> cal = calibrator(params, [x[:2], x[2:]])
+    >>> cal["['w']"].h[0].tolist()
+    [6.0, 6.0, 4.0, 3.0]
 
   Attributes:
     apply_fn: ``apply_fn(params, batch)``.
@@ -280,6 +301,18 @@ def calibrate(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: I
   References: Hassibi & Stork, "Second order derivatives for network pruning: Optimal Brain
   Surgeon", 1993; Frantar & Alistarh, "Optimal Brain Compression", 2022.
 
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> x = jnp.array([[1.0, 1.0, 0.0, 2.0], [2.0, 2.0, 1.0, 0.0],
+    ...                [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 1.0]])
+    >>> params = {"w": jnp.ones((4, 2)), "b": jnp.zeros(2)}
+    >>> apply_fn = lambda p, x: x @ p["w"] + p["b"]
+    >>> cal = jp.layerwise.calibrate(apply_fn, params, [x[:2], x[2:]])   # two batches
+    >>> list(cal), float(cal["['w']"].count)
+    (["['w']"], 4.0)
+    >>> bool(jnp.all(cal["['w']"].h == x.T @ x))
+    True
+
   Args:
     apply_fn: ``apply_fn(params, batch)``.
     params: parameter pytree (the model the inputs are taken from, e.g. already partly pruned).
@@ -308,6 +341,13 @@ def stages(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batch: Any,
   operations, into its input (0 when none does). Kernels of one stage (the q, k and v
   projections of one attention block) can be calibrated together once every earlier stage is
   pruned. Loop carries are followed for one iteration.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> params = {"a": jnp.ones((4, 3)), "b": jnp.ones((3, 2))}
+    >>> apply_fn = lambda p, x: jnp.tanh(x @ p["a"]) @ p["b"]
+    >>> jp.layerwise.stages(apply_fn, params, jnp.ones((1, 4)))   # b's inputs depend on a
+    [["['a']"], ["['b']"]]
 
   Args:
     apply_fn: ``apply_fn(params, batch)``.

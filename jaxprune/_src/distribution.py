@@ -137,9 +137,12 @@ def uniform_sparsities(params: PyTree, sparsity: Fraction, *,
   entries of each leaf. (``distribution="uniform"`` in `jaxprune.pruning_masks` instead rounds
   each leaf on its own, ``round(s * n_i)``, the layer-scope rule.)
 
-  Example::
+  Examples:
+    Three leaves of 3 entries at 50 %: 4 = round(4.5) entries in all, so one leaf gives 2:
 
-    jp.uniform_sparsities([jnp.zeros((1, 3))] * 3, 0.5)   # [2/3, 1/3, 1/3]: 4 = round(4.5)
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> jp.uniform_sparsities([jnp.zeros((1, 3))] * 3, 0.5)
+    [0.6666666666666666, 0.3333333333333333, 0.3333333333333333]
 
   Args:
     params: parameter pytree (only shapes and dtypes are read).
@@ -207,10 +210,15 @@ def erk_sparsities(params: PyTree, sparsity: Fraction, *, prunable: Prunable = N
   `uniform_sparsities`: the pruned total over prunable leaves is ``round(s * N)``, dense
   leaves prune nothing.
 
-  Example::
+  Examples:
+    The small layer would need a density above 1, so it stays dense and the large one takes the
+    whole budget, ``round(0.5 · 272) = 136`` of its 256 entries:
 
-    fracs = jp.erk_sparsities(params, 0.9)          # smaller layers stay denser
-    masks = jp.pruning_masks(params, 0.9, distribution=jp.erk_sparsities)
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> params = {"small": jnp.zeros((4, 4)), "big": jnp.zeros((16, 16))}
+    >>> jp.erk_sparsities(params, 0.5)
+    {'big': 0.53125, 'small': 0.0}
+    >>> masks = jp.pruning_masks(params, 0.5, distribution="erk")   # the same split
 
   Args:
     params: parameter pytree (only shapes are read).

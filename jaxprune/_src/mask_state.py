@@ -63,6 +63,15 @@ def find_masks(state: Any, params: PyTree) -> PyTree:
                               wrt=nnx.Param)
     masks = jp.find_masks(optimizer.opt_state, nnx.state(model, nnx.Param))
 
+  Examples:
+    >>> import jax.numpy as jnp, optax, jaxprune as jp
+    >>> params = {"w": jnp.array([[1.0, -4.0, 2.0], [-3.0, 0.5, 6.0]]), "b": jnp.zeros(3)}
+    >>> masks = {"w": jnp.array([[False, True, False], [True, False, True]]),
+    ...          "b": jnp.ones(3, bool)}
+    >>> state = optax.chain(optax.adam(1e-3), jp.prune(0.5, masks=masks)).init(params)
+    >>> jp.find_masks(state, params)["w"].tolist()
+    [[False, True, False], [True, False, True]]
+
   Args:
     state: an optax state (or any pytree) that contains a state with a ``masks`` field.
     params: the parameters the masks belong to.

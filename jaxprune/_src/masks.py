@@ -215,9 +215,16 @@ def unstructured_mask(scores: PyTree, sparsity: Sparsity, *, scope: str = "layer
   below every number; among equal scores the later entry (leaf order, then row-major) goes first.
   Selection is a sort-free radix select (see `jaxprune._src.select`).
 
-  Example::
-
-    masks = jp.unstructured_mask(jp.magnitude(params), 0.9, scope="global")
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> scores = jp.magnitude({"a": jnp.array([[1.0, -4.0, 2.0], [-3.0, 0.5, 6.0]]),
+    ...                        "b": jnp.array([[0.1, 0.2], [0.3, 7.0]])})
+    >>> masks = jp.unstructured_mask(scores, 0.5)   # half of each leaf
+    >>> masks["a"].tolist(), masks["b"].tolist()
+    ([[False, True, False], [True, False, True]], [[False, False], [True, True]])
+    >>> masks = jp.unstructured_mask(scores, 0.5, scope="global")   # the lowest 5 of all 10
+    >>> masks["a"].tolist(), masks["b"].tolist()
+    ([[False, True, True], [True, False, True]], [[False, False], [False, True]])
 
   Args:
     scores: pytree of float arrays, higher = more important. A leaf may be an `Elementwise`
@@ -248,9 +255,12 @@ def structured_mask(scores: PyTree, sparsity: Sparsity, *, axis: int = -1, reduc
   neuron of a Flax ``(in, out)`` kernel and the filter of an ``(H, W, in, out)`` conv kernel;
   ``axis=-2`` the input channel.
 
-  Example::
-
-    masks = jp.structured_mask(jp.magnitude(params), 0.5, axis=-1)   # half the neurons
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> w = jnp.array([[1.0, -4.0, 2.0], [-3.0, 0.5, 6.0]])
+    >>> masks = jp.structured_mask(jp.magnitude({"w": w}), 1 / 3, axis=-1)   # column norms
+    >>> masks["w"].tolist()   # 3.2, 4.0 and 6.3: the first column goes
+    [[False, True, True], [False, True, True]]
 
   Args:
     scores: pytree of float arrays.
@@ -282,9 +292,13 @@ def nm_mask(scores: PyTree, n: int = 2, m: int = 4, *, axis: int = -2,
   Within a group lower scores are pruned first, NaN first of all, and among equal scores the
   later entry.
 
-  Example::
+  Examples:
+    2:4 along the inputs (rows of an ``(in, out)`` kernel): each column keeps its 2 largest of 4.
 
-    masks = jp.nm_mask(jp.magnitude(params), 2, 4)   # 2:4 along the input axis
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> w = jnp.array([[1.0, 4.0], [3.0, 2.0], [2.0, 1.0], [4.0, 3.0]])
+    >>> jp.nm_mask(jp.magnitude({"w": w}), 2, 4)["w"].tolist()
+    [[False, True], [True, False], [False, False], [True, True]]
 
   Args:
     scores: pytree of float arrays.
@@ -332,9 +346,14 @@ def block_mask(scores: PyTree, sparsity: Sparsity, block_shape: Sequence[int], *
   is scored by ``reduce`` over its entries and exactly ``round(s·blocks)`` blocks are pruned,
   with the tie rule of `unstructured_mask` over block indices in row-major order.
 
-  Example::
+  Examples:
+    The two ``2 × 2`` blocks off the diagonal score lowest:
 
-    masks = jp.block_mask(jp.magnitude(params), 0.5, (8, 128), reduce="l2")
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> scores = jnp.array([[9.0, 9.0, 0.0, 1.0], [9.0, 9.0, 1.0, 0.0],
+    ...                     [0.0, 1.0, 9.0, 9.0], [1.0, 0.0, 9.0, 9.0]])
+    >>> jp.block_mask({"w": scores}, 0.5, (2, 2))["w"].astype(int).tolist()
+    [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]
 
   Args:
     scores: pytree of float arrays.
@@ -377,10 +396,15 @@ def apply_masks(params: PyTree, masks: Any) -> PyTree:
   export step after training with `jaxprune.prune`: pass the optimizer state and the masks are
   found in it.
 
-  Example::
-
-    pruned = jp.apply_masks(params, jp.unstructured_mask(jp.magnitude(params), 0.9))
-    exported = jp.apply_masks(params, opt_state)
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> w = jnp.array([[1.0, -4.0, 2.0], [-3.0, 0.5, 6.0]])
+    >>> masks = {"w": jnp.array([[False, True, False], [True, False, True]])}
+    >>> jp.apply_masks({"w": w}, masks)["w"].tolist()
+    [[0.0, -4.0, 0.0], [-3.0, 0.0, 6.0]]
+    >>> state = jp.prune(0.5, masks=masks).init({"w": w})   # or the optax state holding the masks
+    >>> jp.apply_masks({"w": w}, state)["w"].tolist()
+    [[0.0, -4.0, 0.0], [-3.0, 0.0, 6.0]]
 
   Args:
     params: parameter pytree.

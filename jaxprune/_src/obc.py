@@ -42,6 +42,18 @@ _BLOCK = 32
 class ObcPath(NamedTuple):
   """The greedy removal path of every output column.
 
+  Examples:
+    >>> import jax.numpy as jnp, numpy as np, jaxprune as jp
+    >>> x = jnp.array([[1.0, 1.0, 0.0, 2.0], [2.0, 2.0, 1.0, 0.0],   # inputs 0 and 1 are twins
+    ...                [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 1.0]])
+    >>> h = x.T @ x   # what calibrate collects
+    >>> w = jnp.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]])
+    >>> path = jp.layerwise.obc_path(w, h)
+    >>> path.order.tolist()   # column 0 removes input 1 first, column 1 input 0
+    [[1, 0], [3, 2], [0, 1], [2, 3]]
+    >>> path.losses.shape
+    (4, 2)
+
   Attributes:
     order: int32 ``(d_in, d_out)``: ``order[t, j]`` is the input removed at step ``t`` of column
       ``j``; each column is a permutation of the inputs. An N:M path removes ``d_in · (m - n) / m``
@@ -157,6 +169,18 @@ def obc_path(w: Array, h: Array, *, pattern: obs.Pattern = None, damp: float = 0
   stops when every group of ``m`` keeps ``n`` (OBC's N:M variant). Equal scores: the later input
   goes first.
 
+  Examples:
+    >>> import jax.numpy as jnp, numpy as np, jaxprune as jp
+    >>> x = jnp.array([[1.0, 1.0, 0.0, 2.0], [2.0, 2.0, 1.0, 0.0],   # inputs 0 and 1 are twins
+    ...                [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 1.0]])
+    >>> h = x.T @ x   # what calibrate collects
+    >>> w = jnp.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]])
+    >>> path = jp.layerwise.obc_path(w, h)   # one run serves every sparsity
+    >>> path.order[0].tolist()   # the first removal of each column is one of the twins (free)
+    [1, 0]
+    >>> jp.layerwise.obc_mask(path, 0.5).astype(int).tolist()
+    [[1, 0], [0, 1], [1, 0], [0, 1]]
+
   Args:
     w: ``(d_in, d_out)`` kernel.
     h: ``(d_in, d_in)`` Gram matrix ``XᵀX``.
@@ -231,6 +255,16 @@ def obc_mask(path: ObcPath, sparsity: Union[float, Array, None], *,
   increments, so columns whose weights are cheap to remove lose more of them (OBC's global
   per-layer mask). With an N:M path the whole path is removed.
 
+  Examples:
+    >>> import jax.numpy as jnp, numpy as np, jaxprune as jp
+    >>> x = jnp.array([[1.0, 1.0, 0.0, 2.0], [2.0, 2.0, 1.0, 0.0],   # inputs 0 and 1 are twins
+    ...                [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 1.0]])
+    >>> h = x.T @ x   # what calibrate collects
+    >>> w = jnp.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]])
+    >>> path = jp.layerwise.obc_path(w, h)
+    >>> jp.layerwise.obc_mask(path, 0.25).astype(int).tolist()
+    [[1, 0], [0, 1], [1, 1], [1, 1]]
+
   Args:
     path: an `ObcPath` from `obc_path`.
     sparsity: fraction in [0, 1], possibly traced; with an N:M pattern None or ``(m - n) / m``.
@@ -258,6 +292,16 @@ def obc_losses(path: ObcPath, sparsities: Sequence[float]) -> Array:
   removals each sparsity's mask makes, i.e. the loss of `obc` at that sparsity without rerunning
   it.
 
+  Examples:
+    >>> import jax.numpy as jnp, numpy as np, jaxprune as jp
+    >>> x = jnp.array([[1.0, 1.0, 0.0, 2.0], [2.0, 2.0, 1.0, 0.0],   # inputs 0 and 1 are twins
+    ...                [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 1.0]])
+    >>> h = x.T @ x   # what calibrate collects
+    >>> w = jnp.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]])
+    >>> path = jp.layerwise.obc_path(w, h)
+    >>> np.asarray(jp.layerwise.obc_losses(path, [0.25, 0.5, 0.75]), float).round(2).tolist()
+    [0.06, 0.52, 10.8]
+
   Args:
     path: an unstructured `ObcPath`.
     sparsities: fractions in [0, 1].
@@ -284,6 +328,20 @@ def obc(w: Array, h: Array, sparsity: Union[float, Array, None], *, pattern: obs
 
   Frantar & Alistarh 2022, "Optimal Brain Compression". See `obc_path`, `obc_mask` and `refit`;
   to prune one layer at several sparsities compute the path once and call those directly.
+
+  Examples:
+    >>> import jax.numpy as jnp, numpy as np, jaxprune as jp
+    >>> x = jnp.array([[1.0, 1.0, 0.0, 2.0], [2.0, 2.0, 1.0, 0.0],   # inputs 0 and 1 are twins
+    ...                [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 1.0]])
+    >>> h = x.T @ x   # what calibrate collects
+    >>> w = jnp.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]])
+    >>> w_new, mask = jp.layerwise.obc(w, h, 0.25)
+    >>> mask.astype(int).tolist()   # one twin goes in each column ...
+    [[1, 0], [0, 1], [1, 1], [1, 1]]
+    >>> np.asarray(w_new, float)[:2].round(2).tolist()   # ... its weight moves to the other
+    [[1.49, 0.0], [0.0, 0.51]]
+    >>> round(float(jp.layerwise.layer_loss(w, w_new, h)), 2)   # magnitude's mask costs 0.75
+    0.0
 
   Args:
     w: ``(d_in, d_out)`` kernel.

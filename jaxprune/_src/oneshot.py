@@ -47,6 +47,12 @@ Pattern = Union[None, str, tuple]
 class Layer(NamedTuple):
   """What `oneshot` did to one kernel.
 
+  Examples:
+    >>> import jaxprune as jp
+    >>> layer = jp.layerwise.Layer(path="['w']", sparsity=0.25, loss=1e-5)   # see oneshot
+    >>> layer.path, layer.sparsity
+    ("['w']", 0.25)
+
   Attributes:
     path: the kernel's leaf path.
     sparsity: the fraction of its entries pruned.
@@ -179,6 +185,17 @@ def wanda_scores(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches
   has the structure of ``params`` and works with `jaxprune.unstructured_mask`, `nm_mask` and as
   fixed scores for `jaxprune.prune`; unprunable leaves score ``|w|``.
 
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> x = jnp.array([[1.0, 1.0, 0.0, 2.0], [2.0, 2.0, 1.0, 0.0],
+    ...                [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 1.0]])
+    >>> params = {"w": jnp.ones((4, 2)), "b": jnp.zeros(2)}
+    >>> apply_fn = lambda p, x: x @ p["w"] + p["b"]
+    >>> params["w"] = jnp.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]])
+    >>> scores = jp.wanda_scores(apply_fn, params, [x])   # |w| · ‖x_i‖, all ‖x_i‖ = √6 here
+    >>> jp.unstructured_mask(scores, 0.5)["w"].astype(int).tolist()
+    [[1, 0], [0, 1], [1, 0], [0, 1]]
+
   Args:
     apply_fn: ``apply_fn(params, batch)``.
     params: the parameters.
@@ -214,12 +231,22 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
             return_layers: bool = False) -> Any:
   """Prunes a trained model at once from calibration data, updating the kept weights.
 
-  Example::
+  Examples:
+    A dense layer whose inputs 0 and 1 are always equal: SparseGPT removes input 0 and moves its
+    weights onto input 1, so the outputs barely change.
 
-    params, masks = jp.oneshot(lambda p, x: model.apply({"params": p}, x), params,
-                               calibration_batches, 0.9, method="obc")
-    # fine-tune with the masks kept:
-    tx = optax.chain(optax.adam(1e-4), jp.prune(0.9, masks=masks))
+    >>> import jax.numpy as jnp, optax, jaxprune as jp
+    >>> x = jnp.array([[1.0, 1.0, 0.0, 2.0], [2.0, 2.0, 1.0, 0.0],
+    ...                [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 1.0]])
+    >>> params = {"w": jnp.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]]),
+    ...           "b": jnp.zeros(2)}
+    >>> apply_fn = lambda p, x: x @ p["w"] + p["b"]
+    >>> pruned, masks, layers = jp.oneshot(apply_fn, params, [x], 0.25, return_layers=True)
+    >>> masks["w"].astype(int).tolist()
+    [[0, 0], [1, 1], [1, 1], [1, 1]]
+    >>> layers[0].sparsity, layers[0].loss < 1e-4   # relative reconstruction error
+    (0.25, True)
+    >>> tx = optax.chain(optax.adam(1e-4), jp.prune(0.25, masks=masks))   # fine-tune, masks kept
 
   Args:
     apply_fn: ``apply_fn(params, batch)``; every prunable kernel must be an operand of a

@@ -32,14 +32,26 @@ from jaxprune._src.types import Array, KeyPath, Prunable, PyTree, Sparsity
 
 
 class NMPattern(NamedTuple):
-  """N:M sparsity: in every ``m`` consecutive entries along ``axis`` keep ``n`` (see `nm_mask`)."""
+  """N:M sparsity: in every ``m`` consecutive entries along ``axis`` keep ``n`` (see `nm_mask`).
+
+  Examples:
+    >>> import jaxprune as jp
+    >>> jp.NMPattern(2, 4)   # 2 of every 4 inputs of an (in, out) kernel
+    NMPattern(n=2, m=4, axis=-2)
+  """
   n: int = 2
   m: int = 4
   axis: int = -2
 
 
 class BlockPattern(NamedTuple):
-  """Whole blocks of the trailing dims pruned together (see `block_mask`)."""
+  """Whole blocks of the trailing dims pruned together (see `block_mask`).
+
+  Examples:
+    >>> import jaxprune as jp
+    >>> jp.BlockPattern((8, 128), reduce="l2")   # TPU vector-register tiles
+    BlockPattern(shape=(8, 128), reduce='l2', allow_partial=False)
+  """
   shape: tuple[int, ...]
   reduce: str = "l1"
   allow_partial: bool = False
@@ -222,12 +234,15 @@ def pruning_masks(params: PyTree, sparsity: Sparsity, *, scores: Optional[PyTree
   or ``round(s·N)`` over the globally pruned leaves. Traceable: ``sparsity`` and the override
   values may be traced (a schedule's value inside a jitted step).
 
-  Example::
-
-    masks = jp.pruning_masks(params, 0.9, distribution="erk")        # magnitude, ERK split
-    params = jp.apply_masks(params, masks)
-    masks = jp.pruning_masks(params, 0.5, scores=jp.taylor(params, grads),
-                             pattern=jp.NMPattern(2, 4), prunable=is_kernel)
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> params = {"w": jnp.array([[1.0, -4.0, 2.0], [-3.0, 0.5, 6.0]]), "b": jnp.ones(3)}
+    >>> masks = jp.pruning_masks(params, 0.5)   # magnitude; biases are not prunable
+    >>> masks["w"].tolist(), masks["b"].tolist()
+    ([[False, True, False], [True, False, True]], [True, True, True])
+    >>> masks = jp.pruning_masks(params, 0.5, pattern=jp.NMPattern(1, 2))   # 1 of 2 per column
+    >>> masks["w"].tolist()
+    [[False, True, False], [True, False, True]]
 
   Args:
     params: parameter pytree; its shapes drive the distribution and its leaves the default

@@ -169,6 +169,17 @@ def refit(w: Array, h: Array, mask: Array, *, damp: float = 0.01, method: str = 
   Jittable with a traced ``mask``; a concrete mask sizes the direct systems to the largest one
   it needs, a traced one to the bound of the method.
 
+  Examples:
+    >>> import jax.numpy as jnp, numpy as np, jaxprune as jp
+    >>> x = jnp.array([[1.0, 1.0, 0.0, 2.0], [2.0, 2.0, 1.0, 0.0],   # inputs 0 and 1 are twins
+    ...                [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 1.0]])
+    >>> h = x.T @ x   # what calibrate collects
+    >>> w = jnp.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]])
+    >>> mask = jp.unstructured_mask(jp.magnitude(w), 0.25)   # drops the two 0.25s
+    >>> loss = lambda w_new: round(float(jp.layerwise.layer_loss(w, w_new, h)), 2)
+    >>> loss(w * mask), loss(jp.layerwise.refit(w, h, mask))
+    (0.75, 0.46)
+
   Args:
     w: ``(d_in, d_out)`` kernel.
     h: ``(d_in, d_in)`` Gram matrix ``XᵀX`` of the layer's inputs.

@@ -41,6 +41,13 @@ _INDEX_BYTES = 4  # int32 column indices and row pointers
 class LeafReport(NamedTuple):
   """One row of a `Report`.
 
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> params = {"w": jnp.array([[0.0, -4.0, 0.0], [-3.0, 0.0, 6.0]]), "b": jnp.ones(3)}
+    >>> row = jp.report(params).rows[1]
+    >>> row.path, row.count, row.kept, row.dense_bytes, row.bitmask_bytes   # 3·4 + 1 bytes
+    ("['w']", 6, 3, 24, 13)
+
   Attributes:
     path: key path string, e.g. ``['dense1']['kernel']``.
     shape: leaf shape.
@@ -72,6 +79,15 @@ class LeafReport(NamedTuple):
 
 class Report(NamedTuple):
   """Per-leaf rows and totals; `to_dict` gives logger scalars, `table` a printable table.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> params = {"w": jnp.array([[0.0, -4.0, 0.0], [-3.0, 0.0, 6.0]]), "b": jnp.ones(3)}
+    >>> r = jp.report(params)
+    >>> r.sparsity, r.dense_bytes, r.bitmask_bytes, r.best_bytes
+    (0.5, 36, 25, 25)
+    >>> {k: v for k, v in r.to_dict().items() if k.startswith("sparsity/")}
+    {'sparsity/total': 0.5, 'sparsity/w': 0.5}
 
   Attributes:
     rows: one `LeafReport` per leaf, in `jax.tree.leaves` order.
@@ -225,6 +241,20 @@ def report(params: PyTree, *, masks: Optional[PyTree] = None,
            apply_fn: Optional[Callable[..., Any]] = None,
            inputs: Sequence[Any] = ()) -> Report:
   """Counts, storage bytes and FLOPs of (pruned) parameters.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> params = {"w": jnp.array([[0.0, -4.0, 0.0], [-3.0, 0.0, 6.0]]), "b": jnp.ones(3)}
+    >>> r = jp.report(params, apply_fn=lambda p, x: x @ p["w"] + p["b"], inputs=(jnp.ones((4, 2)),))
+    >>> print(r.table())  # doctest: +NORMALIZE_WHITESPACE
+    path           shape  count  kept  sparsity  dense B  bitmask B  CSR B   MFLOPs  eff MFLOPs
+    -------------------------------------------------------------------------------------------
+    ['b'] (dense)      3      3     3    0.0000       12         12     12        0           0
+    ['w']            2x3      6     3    0.5000       24         13     36  4.8e-05     2.4e-05
+    -------------------------------------------------------------------------------------------
+    total                     9     6    0.5000       36         25     48    6e-05     3.6e-05
+    FLOPs: XLA count of apply_fn (total) and matmul/conv FLOPs per weight leaf; effective = dense
+    scaled by the weight's density.
 
   Args:
     params: parameter pytree (concrete arrays).

@@ -23,10 +23,14 @@ from jaxprune._src.types import Array, Prunable, PyTree
 def prune_scalars(state: Any, params: PyTree, *, prunable: Prunable = None) -> dict[str, Array]:
   """Flat ``{name: scalar}`` of a pruning state, for TensorBoard / W&B / CLU style loggers.
 
-  Example::
-
-    updates, opt_state = tx.update(grads, opt_state, params)
-    logger.log(jax.device_get(jp.prune_scalars(opt_state, params)), step=step)
+  Examples:
+    >>> import jax.numpy as jnp, optax, jaxprune as jp
+    >>> params = {"w": jnp.array([[1.0, -4.0, 2.0], [-3.0, 0.5, 6.0]]), "b": jnp.zeros(3)}
+    >>> masks = {"w": jnp.array([[False, True, False], [True, False, True]]),
+    ...          "b": jnp.ones(3, bool)}
+    >>> state = optax.chain(optax.adam(1e-3), jp.prune(0.5, masks=masks)).init(params)
+    >>> {name: float(v) for name, v in jp.prune_scalars(state, params).items()}
+    {'prune/step': 0.0, 'prune/target': 0.5, 'sparsity/total': 0.5, 'sparsity/w': 0.5}
 
   Args:
     state: an optimizer state holding masks anywhere (a `jaxprune.PruneState` inside an

@@ -156,6 +156,18 @@ def sparsegpt(w: Array, h: Array, sparsity: Union[float, Array, None], *,
   float32 either way; the total is exact). ``block_size`` is rounded down to a multiple of ``m``
   or ``bi`` (at least one group).
 
+  Examples:
+    >>> import jax.numpy as jnp, numpy as np, jaxprune as jp
+    >>> x = jnp.array([[1.0, 1.0, 0.0, 2.0], [2.0, 2.0, 1.0, 0.0],   # inputs 0 and 1 are twins
+    ...                [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 1.0]])
+    >>> h = x.T @ x   # what calibrate collects
+    >>> w = jnp.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]])
+    >>> w_new, mask = jp.layerwise.sparsegpt(w, h, 0.25)
+    >>> mask.astype(int).tolist()   # input 0 goes; its twin takes its weights
+    [[0, 0], [1, 1], [1, 1], [1, 1]]
+    >>> np.asarray(w_new, float)[:2].round(2).tolist()
+    [[0.0, 0.0], [1.48, 0.51]]
+
   Args:
     w: ``(d_in, d_out)`` kernel.
     h: ``(d_in, d_in)`` Gram matrix ``XᵀX``.
@@ -190,6 +202,16 @@ def sparsegpt_losses(w: Array, h: Array, sparsities: Sequence[float], *,
                      pattern: obs.Pattern = None, block_size: int = 128,
                      damp: float = 0.01) -> Array:
   """Layer loss of `sparsegpt` at each of ``sparsities`` (one run each, one compilation).
+
+  Examples:
+    >>> import jax.numpy as jnp, numpy as np, jaxprune as jp
+    >>> x = jnp.array([[1.0, 1.0, 0.0, 2.0], [2.0, 2.0, 1.0, 0.0],   # inputs 0 and 1 are twins
+    ...                [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 1.0]])
+    >>> h = x.T @ x   # what calibrate collects
+    >>> w = jnp.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]])
+    >>> losses = jp.layerwise.sparsegpt_losses(w, h, [0.25, 0.5, 0.75])
+    >>> np.asarray(losses, float).round(2).tolist()
+    [0.0, 0.66, 11.1]
 
   Args:
     w: ``(d_in, d_out)`` kernel.

@@ -13,6 +13,12 @@ from jaxprune._src.types import Array, Prunable, PyTree
 def sparsity(params: PyTree, prunable: Prunable = None) -> Array:
   """Fraction of exact zeros over the prunable leaves (0.0 when none is prunable).
 
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> params = {"w": jnp.array([[0.0, 1.0, 0.0], [2.0, 0.0, 3.0]]), "b": jnp.zeros(3)}
+    >>> float(jp.sparsity(params))   # the bias is not prunable, so not counted
+    0.5
+
   Args:
     params: parameter pytree.
     prunable: see `unstructured_mask`.

@@ -44,6 +44,15 @@ _ELEMENTWISE = {"gradient": scores_lib.gradient, "taylor": scores_lib.taylor,
 class PruneState(NamedTuple):
   """State of `prune`; a plain pytree of arrays (checkpointable with orbax).
 
+  Examples:
+    >>> import jax.numpy as jnp, optax, jaxprune as jp
+    >>> params = {"w": jnp.array([[1.0, -4.0, 2.0], [-3.0, 0.5, 6.0]]), "b": jnp.zeros(3)}
+    >>> masks = {"w": jnp.array([[False, True, False], [True, False, True]]),
+    ...          "b": jnp.ones(3, bool)}
+    >>> state = jp.prune(0.5, masks=masks).init(params)   # fine-tuning with given masks
+    >>> int(state.count), float(state.target), state.masks["w"].tolist()
+    (0, 0.5, [[False, True, False], [True, False, True]])
+
   Attributes:
     count: number of ``update`` calls so far (int32); the schedules are evaluated at it.
     target: the scheduled overall sparsity the current masks were computed for (float32).
@@ -159,12 +168,20 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
           masks: Optional[PyTree] = None) -> optax.GradientTransformationExtraArgs:
   """Gradual pruning inside the jitted train step; chain it after the optimizer.
 
-  Example::
+  Examples:
+    A constant sparsity prunes at the first step (`polynomial_schedule` prunes gradually):
 
-    tx = optax.chain(optax.adam(1e-3),
-                     jp.prune(jp.polynomial_schedule(0.0, 0.9, 0, 1000, frequency=100)))
-    updates, state = tx.update(grads, state, params)
-    params = optax.apply_updates(params, updates)   # exactly 0 where pruned
+    >>> import jax.numpy as jnp, optax, jaxprune as jp
+    >>> params = {"w": jnp.array([[1.0, -4.0, 2.0], [-3.0, 0.5, 6.0]]), "b": jnp.zeros(3)}
+    >>> grads = {"w": jnp.full((2, 3), 0.5), "b": jnp.ones(3)}
+    >>> tx = optax.chain(optax.sgd(0.5), jp.prune(0.5))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> params["w"].tolist()   # the smallest half exactly 0, the rest after its SGD step
+    [[0.0, -4.25, 0.0], [-3.25, 0.0, 5.75]]
+    >>> params["b"].tolist(), float(jp.sparsity(params))
+    ([-0.5, -0.5, -0.5], 0.5)
 
   At each ``update`` the schedule is evaluated at the step count (clipped to [0, 1]; a NaN value
   keeps the current masks). When it differs from the target of the current masks (for a

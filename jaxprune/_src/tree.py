@@ -56,6 +56,12 @@ def default_prunable(path: KeyPath, leaf: Any) -> bool:
 
   Biases and normalisation scales (``ndim <= 1``) stay dense.
 
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> leaves = (jnp.zeros((2, 3)), jnp.zeros(3), jnp.zeros((2, 3), int))
+    >>> [jp.default_prunable((), leaf) for leaf in leaves]   # a kernel, a bias, integers
+    [True, False, False]
+
   Args:
     path: key path of the leaf (unused by the default rule; part of the predicate signature).
     leaf: the parameter.
@@ -88,6 +94,14 @@ def _is_bool(value: Any) -> bool:
 
 def prunable_flags(params: PyTree, prunable: Prunable = None) -> PyTree:
   """Resolves a prunable specification to a pytree of Python bools shaped like ``params``.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> params = {"w": jnp.zeros((2, 3)), "b": jnp.zeros(3)}
+    >>> jp.prunable_flags(params)
+    {'b': False, 'w': True}
+    >>> jp.prunable_flags(params, lambda path, leaf: leaf.ndim >= 1)
+    {'b': True, 'w': True}
 
   Args:
     params: parameter (or score) pytree.
