@@ -23,10 +23,9 @@ def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array,
   Examples:
     >>> import jax.numpy as jnp, jaxprune as jp
     >>> logits = jnp.array([[2.0, 0.0], [0.0, 2.0]])
-    >>> float(jp.distillation_loss(logits, logits))   # the student matches its teacher
-    0.0
     >>> labels = jnp.array([0, 1])
-    >>> round(float(jp.distillation_loss(logits, logits, labels, alpha=0.5)), 4)   # ½·CE
+    >>> # the student matches its teacher, so only the hard-label half remains: ½·CE
+    >>> round(float(jp.distillation_loss(logits, logits, labels, alpha=0.5)), 4)
     0.0635
 
   Args:

@@ -43,11 +43,11 @@ class ObcPath(NamedTuple):
   """The greedy removal path of every output column.
 
   Examples:
-    >>> import jax.numpy as jnp, numpy as np, jaxprune as jp
-    >>> x = jnp.array([[1.0, 1.0, 0.0, 2.0], [2.0, 2.0, 1.0, 0.0],   # inputs 0 and 1 are twins
-    ...                [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 1.0]])
+    >>> import numpy as np, jaxprune as jp
+    >>> x = np.array([[1, 1, 0, 2], [2, 2, 1, 0], [0, 0, 1, 1], [1, 1, 2, 1]],
+    ...              np.float32)   # calibration inputs: features 0 and 1 are twins
     >>> h = x.T @ x   # what calibrate collects
-    >>> w = jnp.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]])
+    >>> w = np.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]], np.float32)
     >>> path = jp.layerwise.obc_path(w, h)
     >>> path.order.tolist()   # column 0 removes input 1 first, column 1 input 0
     [[1, 0], [3, 2], [0, 1], [2, 3]]
@@ -170,11 +170,11 @@ def obc_path(w: Array, h: Array, *, pattern: obs.Pattern = None, damp: float = 0
   goes first.
 
   Examples:
-    >>> import jax.numpy as jnp, numpy as np, jaxprune as jp
-    >>> x = jnp.array([[1.0, 1.0, 0.0, 2.0], [2.0, 2.0, 1.0, 0.0],   # inputs 0 and 1 are twins
-    ...                [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 1.0]])
+    >>> import numpy as np, jaxprune as jp
+    >>> x = np.array([[1, 1, 0, 2], [2, 2, 1, 0], [0, 0, 1, 1], [1, 1, 2, 1]],
+    ...              np.float32)   # calibration inputs: features 0 and 1 are twins
     >>> h = x.T @ x   # what calibrate collects
-    >>> w = jnp.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]])
+    >>> w = np.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]], np.float32)
     >>> path = jp.layerwise.obc_path(w, h)   # one run serves every sparsity
     >>> path.order[0].tolist()   # the first removal of each column is one of the twins (free)
     [1, 0]
@@ -256,11 +256,11 @@ def obc_mask(path: ObcPath, sparsity: Union[float, Array, None], *,
   per-layer mask). With an N:M path the whole path is removed.
 
   Examples:
-    >>> import jax.numpy as jnp, numpy as np, jaxprune as jp
-    >>> x = jnp.array([[1.0, 1.0, 0.0, 2.0], [2.0, 2.0, 1.0, 0.0],   # inputs 0 and 1 are twins
-    ...                [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 1.0]])
+    >>> import numpy as np, jaxprune as jp
+    >>> x = np.array([[1, 1, 0, 2], [2, 2, 1, 0], [0, 0, 1, 1], [1, 1, 2, 1]],
+    ...              np.float32)   # calibration inputs: features 0 and 1 are twins
     >>> h = x.T @ x   # what calibrate collects
-    >>> w = jnp.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]])
+    >>> w = np.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]], np.float32)
     >>> path = jp.layerwise.obc_path(w, h)
     >>> jp.layerwise.obc_mask(path, 0.25).astype(int).tolist()
     [[1, 0], [0, 1], [1, 1], [1, 1]]
@@ -293,11 +293,11 @@ def obc_losses(path: ObcPath, sparsities: Sequence[float]) -> Array:
   it.
 
   Examples:
-    >>> import jax.numpy as jnp, numpy as np, jaxprune as jp
-    >>> x = jnp.array([[1.0, 1.0, 0.0, 2.0], [2.0, 2.0, 1.0, 0.0],   # inputs 0 and 1 are twins
-    ...                [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 1.0]])
+    >>> import numpy as np, jaxprune as jp
+    >>> x = np.array([[1, 1, 0, 2], [2, 2, 1, 0], [0, 0, 1, 1], [1, 1, 2, 1]],
+    ...              np.float32)   # calibration inputs: features 0 and 1 are twins
     >>> h = x.T @ x   # what calibrate collects
-    >>> w = jnp.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]])
+    >>> w = np.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]], np.float32)
     >>> path = jp.layerwise.obc_path(w, h)
     >>> np.asarray(jp.layerwise.obc_losses(path, [0.25, 0.5, 0.75]), float).round(2).tolist()
     [0.06, 0.52, 10.8]
@@ -330,11 +330,11 @@ def obc(w: Array, h: Array, sparsity: Union[float, Array, None], *, pattern: obs
   to prune one layer at several sparsities compute the path once and call those directly.
 
   Examples:
-    >>> import jax.numpy as jnp, numpy as np, jaxprune as jp
-    >>> x = jnp.array([[1.0, 1.0, 0.0, 2.0], [2.0, 2.0, 1.0, 0.0],   # inputs 0 and 1 are twins
-    ...                [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 1.0]])
+    >>> import numpy as np, jaxprune as jp
+    >>> x = np.array([[1, 1, 0, 2], [2, 2, 1, 0], [0, 0, 1, 1], [1, 1, 2, 1]],
+    ...              np.float32)   # calibration inputs: features 0 and 1 are twins
     >>> h = x.T @ x   # what calibrate collects
-    >>> w = jnp.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]])
+    >>> w = np.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]], np.float32)
     >>> w_new, mask = jp.layerwise.obc(w, h, 0.25)
     >>> mask.astype(int).tolist()   # one twin goes in each column ...
     [[1, 0], [0, 1], [1, 1], [1, 1]]

@@ -195,12 +195,13 @@ def layer_loss(w_old: Array, w_new: Array, h: Array) -> Array:
   """The layer loss ``trace((w' - w)ᵀ H (w' - w))`` of replacing ``w_old`` by ``w_new``.
 
   Examples:
-    >>> import jax.numpy as jnp, numpy as np, jaxprune as jp
-    >>> x = jnp.array([[1.0, 1.0, 0.0, 2.0], [2.0, 2.0, 1.0, 0.0],   # inputs 0 and 1 are twins
-    ...                [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 1.0]])
+    >>> import numpy as np, jaxprune as jp
+    >>> x = np.array([[1, 1, 0, 2], [2, 2, 1, 0], [0, 0, 1, 1], [1, 1, 2, 1]],
+    ...              np.float32)   # calibration inputs: features 0 and 1 are twins
     >>> h = x.T @ x   # what calibrate collects
-    >>> w = jnp.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]])
-    >>> w_new = w.at[3, 0].set(0.0)   # Δ = 0.25 on input 3, with H_33 = 6
+    >>> w = np.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]], np.float32)
+    >>> w_new = w.copy()
+    >>> w_new[3, 0] = 0.0   # Δ = 0.25 on input 3, with H_33 = 6
     >>> float(jp.layerwise.layer_loss(w, w_new, h))   # 0.25² · 6
     0.375
 
@@ -225,11 +226,11 @@ def wanda(w: Array, h: Array) -> Array:
   for their least-squares weights, with `refit`.
 
   Examples:
-    >>> import jax.numpy as jnp, numpy as np, jaxprune as jp
-    >>> x = jnp.array([[1.0, 1.0, 0.0, 2.0], [2.0, 2.0, 1.0, 0.0],   # inputs 0 and 1 are twins
-    ...                [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 1.0]])
+    >>> import numpy as np, jaxprune as jp
+    >>> x = np.array([[1, 1, 0, 2], [2, 2, 1, 0], [0, 0, 1, 1], [1, 1, 2, 1]],
+    ...              np.float32)   # calibration inputs: features 0 and 1 are twins
     >>> h = x.T @ x   # what calibrate collects
-    >>> w = jnp.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]])
+    >>> w = np.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]], np.float32)
     >>> scores = jp.layerwise.wanda(w, h)   # |w| · sqrt(diag H), diag H = (6, 6, 6, 6)
     >>> np.asarray(scores, float).round(2).tolist()
     [[2.45, 1.22], [1.22, 2.45], [4.9, 0.61], [0.61, 4.9]]
@@ -257,14 +258,14 @@ def dense_target(w: Array, h_pp: Array, h_pd: Array, *, damp: float = 0.01) -> A
   the result is ``w`` up to rounding.
 
   Examples:
-    >>> import jax.numpy as jnp, numpy as np, jaxprune as jp
-    >>> x = jnp.array([[1.0, 1.0, 0.0, 2.0], [2.0, 2.0, 1.0, 0.0],   # inputs 0 and 1 are twins
-    ...                [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 1.0]])
+    >>> import numpy as np, jaxprune as jp
+    >>> x = np.array([[1, 1, 0, 2], [2, 2, 1, 0], [0, 0, 1, 1], [1, 1, 2, 1]],
+    ...              np.float32)   # calibration inputs: features 0 and 1 are twins
     >>> h = x.T @ x   # what calibrate collects
-    >>> w = jnp.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]])
-    >>> x_p = x * jnp.array([1.0, 1.0, 0.0, 1.0])   # input 2 pruned away upstream
-    >>> k = jp.layerwise.dense_target(w, x_p.T @ x_p, x_p.T @ x)
-    >>> err = lambda k: round(float(jnp.sum((x_p @ k - x @ w) ** 2)), 1)
+    >>> w = np.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]], np.float32)
+    >>> x_p = x * np.array([1, 1, 0, 1], np.float32)   # input 2 pruned away upstream
+    >>> k = np.asarray(jp.layerwise.dense_target(w, x_p.T @ x_p, x_p.T @ x))
+    >>> err = lambda k: round(float(np.sum((x_p @ k - x @ w) ** 2)), 1)
     >>> err(w), err(k)   # distance to the dense layer's outputs
     (24.4, 12.6)
 

@@ -186,9 +186,8 @@ def wanda_scores(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches
   fixed scores for `jaxprune.prune`; unprunable leaves score ``|w|``.
 
   Examples:
-    >>> import jax.numpy as jnp, jaxprune as jp
-    >>> x = jnp.array([[1.0, 1.0, 0.0, 2.0], [2.0, 2.0, 1.0, 0.0],
-    ...                [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 1.0]])
+    >>> import jax.numpy as jnp, numpy as np, jaxprune as jp
+    >>> x = np.array([[1, 1, 0, 2], [2, 2, 1, 0], [0, 0, 1, 1], [1, 1, 2, 1]], np.float32)
     >>> params = {"w": jnp.ones((4, 2)), "b": jnp.zeros(2)}
     >>> apply_fn = lambda p, x: x @ p["w"] + p["b"]
     >>> params["w"] = jnp.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]])
@@ -235,9 +234,8 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
     A dense layer whose inputs 0 and 1 are always equal: SparseGPT removes input 0 and moves its
     weights onto input 1, so the outputs barely change.
 
-    >>> import jax.numpy as jnp, optax, jaxprune as jp
-    >>> x = jnp.array([[1.0, 1.0, 0.0, 2.0], [2.0, 2.0, 1.0, 0.0],
-    ...                [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 1.0]])
+    >>> import jax.numpy as jnp, numpy as np, optax, jaxprune as jp
+    >>> x = np.array([[1, 1, 0, 2], [2, 2, 1, 0], [0, 0, 1, 1], [1, 1, 2, 1]], np.float32)
     >>> params = {"w": jnp.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]]),
     ...           "b": jnp.zeros(2)}
     >>> apply_fn = lambda p, x: x @ p["w"] + p["b"]

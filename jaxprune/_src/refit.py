@@ -170,11 +170,11 @@ def refit(w: Array, h: Array, mask: Array, *, damp: float = 0.01, method: str = 
   it needs, a traced one to the bound of the method.
 
   Examples:
-    >>> import jax.numpy as jnp, numpy as np, jaxprune as jp
-    >>> x = jnp.array([[1.0, 1.0, 0.0, 2.0], [2.0, 2.0, 1.0, 0.0],   # inputs 0 and 1 are twins
-    ...                [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 1.0]])
+    >>> import numpy as np, jaxprune as jp
+    >>> x = np.array([[1, 1, 0, 2], [2, 2, 1, 0], [0, 0, 1, 1], [1, 1, 2, 1]],
+    ...              np.float32)   # calibration inputs: features 0 and 1 are twins
     >>> h = x.T @ x   # what calibrate collects
-    >>> w = jnp.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]])
+    >>> w = np.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]], np.float32)
     >>> mask = jp.unstructured_mask(jp.magnitude(w), 0.25)   # drops the two 0.25s
     >>> loss = lambda w_new: round(float(jp.layerwise.layer_loss(w, w_new, h)), 2)
     >>> loss(w * mask), loss(jp.layerwise.refit(w, h, mask))

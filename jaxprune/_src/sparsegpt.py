@@ -157,11 +157,11 @@ def sparsegpt(w: Array, h: Array, sparsity: Union[float, Array, None], *,
   or ``bi`` (at least one group).
 
   Examples:
-    >>> import jax.numpy as jnp, numpy as np, jaxprune as jp
-    >>> x = jnp.array([[1.0, 1.0, 0.0, 2.0], [2.0, 2.0, 1.0, 0.0],   # inputs 0 and 1 are twins
-    ...                [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 1.0]])
+    >>> import numpy as np, jaxprune as jp
+    >>> x = np.array([[1, 1, 0, 2], [2, 2, 1, 0], [0, 0, 1, 1], [1, 1, 2, 1]],
+    ...              np.float32)   # calibration inputs: features 0 and 1 are twins
     >>> h = x.T @ x   # what calibrate collects
-    >>> w = jnp.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]])
+    >>> w = np.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]], np.float32)
     >>> w_new, mask = jp.layerwise.sparsegpt(w, h, 0.25)
     >>> mask.astype(int).tolist()   # input 0 goes; its twin takes its weights
     [[0, 0], [1, 1], [1, 1], [1, 1]]
@@ -204,11 +204,11 @@ def sparsegpt_losses(w: Array, h: Array, sparsities: Sequence[float], *,
   """Layer loss of `sparsegpt` at each of ``sparsities`` (one run each, one compilation).
 
   Examples:
-    >>> import jax.numpy as jnp, numpy as np, jaxprune as jp
-    >>> x = jnp.array([[1.0, 1.0, 0.0, 2.0], [2.0, 2.0, 1.0, 0.0],   # inputs 0 and 1 are twins
-    ...                [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 1.0]])
+    >>> import numpy as np, jaxprune as jp
+    >>> x = np.array([[1, 1, 0, 2], [2, 2, 1, 0], [0, 0, 1, 1], [1, 1, 2, 1]],
+    ...              np.float32)   # calibration inputs: features 0 and 1 are twins
     >>> h = x.T @ x   # what calibrate collects
-    >>> w = jnp.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]])
+    >>> w = np.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]], np.float32)
     >>> losses = jp.layerwise.sparsegpt_losses(w, h, [0.25, 0.5, 0.75])
     >>> np.asarray(losses, float).round(2).tolist()
     [0.0, 0.66, 11.1]

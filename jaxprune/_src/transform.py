@@ -168,21 +168,6 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
           masks: Optional[PyTree] = None) -> optax.GradientTransformationExtraArgs:
   """Gradual pruning inside the jitted train step; chain it after the optimizer.
 
-  Examples:
-    A constant sparsity prunes at the first step (`polynomial_schedule` prunes gradually):
-
-    >>> import jax.numpy as jnp, optax, jaxprune as jp
-    >>> params = {"w": jnp.array([[1.0, -4.0, 2.0], [-3.0, 0.5, 6.0]]), "b": jnp.zeros(3)}
-    >>> grads = {"w": jnp.full((2, 3), 0.5), "b": jnp.ones(3)}
-    >>> tx = optax.chain(optax.sgd(0.5), jp.prune(0.5))
-    >>> state = tx.init(params)
-    >>> updates, state = tx.update(grads, state, params)
-    >>> params = optax.apply_updates(params, updates)
-    >>> params["w"].tolist()   # the smallest half exactly 0, the rest after its SGD step
-    [[0.0, -4.25, 0.0], [-3.25, 0.0, 5.75]]
-    >>> params["b"].tolist(), float(jp.sparsity(params))
-    ([-0.5, -0.5, -0.5], 0.5)
-
   At each ``update`` the schedule is evaluated at the step count (clipped to [0, 1]; a NaN value
   keeps the current masks). When it differs from the target of the current masks (for a
   staircase such as `polynomial_schedule`: exactly on its update steps) the masks are
@@ -200,6 +185,21 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
     * ``"random"``: uniform random scores from the state's key (the baseline to beat).
     * a callable ``fn(params, **extra_args) -> scores`` (params' structure, higher = keep); it
       receives every extra argument given to ``update``.
+
+  Examples:
+    A constant sparsity prunes at the first step (`polynomial_schedule` prunes gradually):
+
+    >>> import jax, jax.numpy as jnp, optax, jaxprune as jp
+    >>> params = {"w": jnp.array([[1.0, -4.0, 2.0], [-3.0, 0.5, 6.0]]), "b": jnp.zeros(3)}
+    >>> grads = {"w": jnp.full((2, 3), 0.5), "b": jnp.ones(3)}
+    >>> tx = optax.chain(optax.sgd(0.5), jp.prune(0.5))
+    >>> state = tx.init(params)
+    >>> updates, state = jax.jit(tx.update)(grads, state, params)   # as in a train step
+    >>> params = optax.apply_updates(params, updates)
+    >>> params["w"].tolist()   # the smallest half exactly 0, the rest after its SGD step
+    [[0.0, -4.25, 0.0], [-3.25, 0.0, 5.75]]
+    >>> params["b"].tolist(), float(jp.sparsity(params))
+    ([-0.5, -0.5, -0.5], 0.5)
 
   Args:
     schedule: ``step -> sparsity`` (e.g. `polynomial_schedule`) or a constant sparsity; checked
