@@ -72,6 +72,29 @@ def _doctests(ns: str, name: str, obj: Any) -> list[doctest.DocTest]:
 
 PUBLIC = _public()
 
+# Examples that compile a solver, a selection or a shard_map program, run many first-time eager
+# ops, build an NNX model or draw a plot: they run with `-m slow`; the rest keep this file fast.
+SLOW = frozenset({
+    "jaxprune.Elementwise", "jaxprune.add_l1", "jaxprune.block_mask",
+    "jaxprune.distillation_loss", "jaxprune.erk_sparsities", "jaxprune.hessian_diag",
+    "jaxprune.iterative_schedule", "jaxprune.oneshot", "jaxprune.plot_sensitivity",
+    "jaxprune.polynomial_schedule", "jaxprune.proximal_group_lasso", "jaxprune.proximal_l1",
+    "jaxprune.prune", "jaxprune.prune_scalars", "jaxprune.pruning_masks",
+    "jaxprune.random_scores", "jaxprune.sensitivity_analysis", "jaxprune.unstructured_mask",
+    "jaxprune.wanda_scores",
+    "jaxprune.structured.find_groups", "jaxprune.structured.find_groups_nnx",
+    "jaxprune.structured.group_masks", "jaxprune.structured.shrink_nnx",
+    "jaxprune.layerwise.ObcPath", "jaxprune.layerwise.dense_target", "jaxprune.layerwise.obc",
+    "jaxprune.layerwise.obc_losses", "jaxprune.layerwise.obc_mask", "jaxprune.layerwise.obc_path",
+    "jaxprune.layerwise.refit", "jaxprune.layerwise.sparsegpt",
+    "jaxprune.layerwise.sparsegpt_losses",
+    "jaxprune.compress.compact", "jaxprune.compress.compact_bytes", "jaxprune.compress.densify",
+    "jaxprune.compress.dequantize", "jaxprune.compress.dequantize_array",
+    "jaxprune.compress.quantization_error", "jaxprune.compress.quantize",
+    "jaxprune.compress.quantize_array", "jaxprune.compress.sparse_matmul",
+    "jaxprune.sharding.data_parallel_hessian_diag", "jaxprune.sharding.sharded_unstructured_mask",
+})
+
 
 def test_every_public_name_has_an_example():
   missing = [f"{ns}.{name}" for ns, name, obj in PUBLIC
@@ -86,7 +109,14 @@ def test_namespaces_have_no_public_module_left_out():
   assert {f"jaxprune.{n}" for n in subpackages} <= set(NAMESPACES)
 
 
-@pytest.mark.parametrize("ns,name,obj", PUBLIC, ids=[f"{ns}.{n}" for ns, n, _ in PUBLIC])
+def test_slow_names_are_public():
+  assert SLOW <= {f"{ns}.{name}" for ns, name, _ in PUBLIC}
+
+
+@pytest.mark.parametrize("ns,name,obj", [
+    pytest.param(ns, name, obj, id=f"{ns}.{name}",
+                 marks=[pytest.mark.slow] if f"{ns}.{name}" in SLOW else [])
+    for ns, name, obj in PUBLIC])
 def test_docstring_examples(ns: str, name: str, obj: Any):
   runner = doctest.DocTestRunner(optionflags=0)
   report: list[str] = []

@@ -34,10 +34,11 @@ class QuantizedArray(NamedTuple):
   """An int8 array with per-channel float32 scales; ``values * scale`` approximates the weight.
 
   Examples:
-    >>> import jax.numpy as jnp, jaxprune as jp
-    >>> q = jp.compress.quantize_array(jnp.array([[1.0, -0.5], [0.5, 2.0]]))
-    >>> str(q.values.dtype), q.values.shape, q.scale.shape   # one scale per column
-    ('int8', (2, 2), (1, 2))
+    >>> import numpy as np, jaxprune as jp
+    >>> q = jp.compress.QuantizedArray(values=np.array([[127, -32], [64, 127]], np.int8),
+    ...                                scale=np.array([[1 / 127, 2 / 127]], np.float32))
+    >>> q.values.shape, q.scale.shape   # one scale per column (as quantize_array makes it)
+    ((2, 2), (1, 2))
 
   Attributes:
     values: int8, the leaf's shape.
