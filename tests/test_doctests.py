@@ -76,7 +76,8 @@ PUBLIC = _public()
 # ops, build an NNX model or draw a plot: they run with `-m slow`; the rest keep this file fast.
 SLOW = frozenset({
     "jaxprune.Elementwise", "jaxprune.add_l1", "jaxprune.block_mask",
-    "jaxprune.distillation_loss", "jaxprune.erk_sparsities", "jaxprune.hessian_diag",
+    "jaxprune.distillation_loss", "jaxprune.erk_sparsities", "jaxprune.find_masks",
+    "jaxprune.hessian_diag",
     "jaxprune.iterative_schedule", "jaxprune.oneshot", "jaxprune.plot_sensitivity",
     "jaxprune.polynomial_schedule", "jaxprune.proximal_group_lasso", "jaxprune.proximal_l1",
     "jaxprune.prune", "jaxprune.prune_scalars", "jaxprune.pruning_masks",
@@ -84,7 +85,8 @@ SLOW = frozenset({
     "jaxprune.wanda_scores",
     "jaxprune.structured.find_groups", "jaxprune.structured.find_groups_nnx",
     "jaxprune.structured.group_masks", "jaxprune.structured.shrink_nnx",
-    "jaxprune.layerwise.ObcPath", "jaxprune.layerwise.dense_target", "jaxprune.layerwise.obc",
+    "jaxprune.layerwise.Calibrator", "jaxprune.layerwise.ObcPath",
+    "jaxprune.layerwise.dense_target", "jaxprune.layerwise.obc",
     "jaxprune.layerwise.obc_losses", "jaxprune.layerwise.obc_mask", "jaxprune.layerwise.obc_path",
     "jaxprune.layerwise.refit", "jaxprune.layerwise.sparsegpt",
     "jaxprune.layerwise.sparsegpt_losses",

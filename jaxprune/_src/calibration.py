@@ -144,13 +144,6 @@ class Calibrator:
   at the same place, so both run one program. Programs are compiled per segment structure and
   batch shape: the segments of repeated blocks are one program whatever the depth of the model.
 
-  Example (sequential pruning)::
-
-    calibrator = Calibrator(apply_fn, token_mask=token_mask)
-    for stage in stages(apply_fn, params, batches[0]):
-      cal = calibrator(params, batches, kernels=stage, reference_params=dense)
-      params = ...  # prune the stage's kernels: new arrays for them, the other leaves as they are
-
   Batches are recognised by identity: pass the same batch objects on every call and do not
   modify them, or numpy parameter leaves, in place. The kept states hold activations of every
   batch (about two layers' worth each).
@@ -164,6 +157,21 @@ class Calibrator:
     >>> cal = calibrator(params, [x[:2], x[2:]])
     >>> cal["['w']"].h[0].tolist()
     [6.0, 6.0, 4.0, 3.0]
+
+    Sequential pruning, stage by stage, each stage's inputs taken from the model whose earlier
+    stages are pruned (new arrays for the pruned kernels, the other leaves as they are):
+
+    >>> params = {"a": jnp.arange(12.0).reshape(4, 3) - 5, "b": jnp.ones((3, 2))}
+    >>> apply_fn = lambda p, x: jnp.tanh(x @ p["a"]) @ p["b"]
+    >>> calibrator = jp.layerwise.Calibrator(apply_fn)
+    >>> for stage in jp.layerwise.stages(apply_fn, params, x):   # [["['a']"], ["['b']"]]
+    ...   cal = calibrator(params, [x], kernels=stage)
+    ...   for path in stage:
+    ...     name = path.strip("[]'")
+    ...     w, _ = jp.layerwise.sparsegpt(params[name], cal[path].h, 0.5)
+    ...     params = {**params, name: w}
+    >>> float(jp.sparsity(params))
+    0.5
 
   Attributes:
     apply_fn: ``apply_fn(params, batch)``.

@@ -57,12 +57,6 @@ def find_mask_state(state: Any, params: PyTree) -> Any:
 def find_masks(state: Any, params: PyTree) -> PyTree:
   """Finds the mask pytree held in an optimizer state (see `find_mask_state`).
 
-  Example (Flax NNX)::
-
-    optimizer = nnx.Optimizer(model, optax.chain(optax.adam(1e-3), jp.prune(0.9)),
-                              wrt=nnx.Param)
-    masks = jp.find_masks(optimizer.opt_state, nnx.state(model, nnx.Param))
-
   Examples:
     >>> import jax.numpy as jnp, optax, jaxprune as jp
     >>> params = {"w": jnp.array([[1.0, -4.0, 2.0], [-3.0, 0.5, 6.0]]), "b": jnp.zeros(3)}
@@ -71,6 +65,16 @@ def find_masks(state: Any, params: PyTree) -> PyTree:
     >>> state = optax.chain(optax.adam(1e-3), jp.prune(0.5, masks=masks)).init(params)
     >>> jp.find_masks(state, params)["w"].tolist()
     [[False, True, False], [True, False, True]]
+
+    In a Flax NNX optimizer (masks all True until the first update):
+
+    >>> from flax import nnx
+    >>> model = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
+    >>> optimizer = nnx.Optimizer(model, optax.chain(optax.adam(1e-3), jp.prune(0.5)),
+    ...                           wrt=nnx.Param)
+    >>> masks = jp.find_masks(optimizer.opt_state, nnx.state(model, nnx.Param))
+    >>> masks["kernel"][...].shape, bool(masks["kernel"][...].all())
+    ((4, 2), True)
 
   Args:
     state: an optax state (or any pytree) that contains a state with a ``masks`` field.
