@@ -124,7 +124,8 @@ def gauss_newton_diag(apply_fn: Callable[[PyTree, Any], jax.Array], params: PyTr
   Returns:
     A float32 pytree with ``params``' structure: the diagonal, summed over examples, for the
     prunable kernels and zeros elsewhere. It is exact for kernels that see one token per
-    example; otherwise the cross-token terms are dropped (see the module docstring).
+    example; otherwise the cross-token terms are dropped (the square of each example's sum
+    over tokens becomes the sum of the squares).
   """
   if loss not in LOSSES:
     raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")

@@ -82,7 +82,14 @@ PRESETS: dict[str, HardwarePreset] = {
         "cpu_unstructured", "unstructured",
         description="CPU / storage: unstructured, for bitmask or CSR compression."),
 }
-"""The presets of the module table by name (exported as ``jaxprune.HARDWARE_PRESETS``).
+"""The hardware presets by name (exported as ``jaxprune.HARDWARE_PRESETS``).
+
+* ``"gpu_2:4"``: 2 kept in every 4 consecutive weights along the input axis, the layout of
+  NVIDIA sparse tensor cores (50 %).
+* ``"tpu_8x128"``: whole ``(8, 128)`` blocks of the two trailing dims, one TPU vector-register
+  tile.
+* ``"tpu_128x128"``: whole ``(128, 128)`` blocks, one pass of the TPU matrix unit.
+* ``"cpu_unstructured"``: unstructured, for bitmask or CSR storage and sparse CPU kernels.
 
 Examples:
   >>> import jaxprune as jp
@@ -132,7 +139,7 @@ def hardware_mask(scores: PyTree, preset: str | HardwarePreset, *,
                   sparsity: Optional[Sparsity] = None, scope: str = "layer",
                   prunable: Prunable = None, incompatible: str = "raise",
                   axis: Optional[int] = None) -> PyTree:
-  """Masks in the pattern of a hardware preset (see the module table).
+  """Masks in the pattern of a hardware preset (see `jaxprune.HARDWARE_PRESETS`).
 
   Examples:
     2:4 along the inputs (rows of an ``(in, out)`` kernel): each column keeps its 2 largest of 4.

@@ -250,7 +250,8 @@ def sharded_unstructured_mask(scores: PyTree, sparsity: Sparsity,
     True = keep. Unprunable leaves get all-True masks.
 
   References:
-    The selection is a two-pass radix select; see `jaxprune._src.select`.
+    The selection is the two-pass radix select of `jaxprune.unstructured_mask`, over 2¹⁶-bin
+    histograms of order-preserving integer keys.
   """
   validation.check_choice(scope, masks_lib.SCOPES, "scope")
   leaves, paths, flags, treedef = masks_lib.prepare(scores, prunable)
