@@ -25,6 +25,7 @@ NAMESPACES = ("jaxprune", "jaxprune.structured", "jaxprune.layerwise", "jaxprune
 
 
 def _public() -> list[tuple[str, str, Any]]:
+  """(namespace, name, object) of every public name but the subpackages themselves."""
   out = []
   for ns in NAMESPACES:
     module = importlib.import_module(ns)
@@ -56,6 +57,7 @@ def _attribute_docstring(obj: Any) -> tuple[str, str, int] | None:
 
 
 def _doctests(ns: str, name: str, obj: Any) -> list[doctest.DocTest]:
+  """The non-empty doctests of a public name (of its methods too, for a class)."""
   qualname = f"{ns}.{name}"
   obj = inspect.unwrap(obj) if callable(obj) else obj   # a jitted function's docstring
   if inspect.isfunction(obj) or inspect.isclass(obj):
@@ -75,21 +77,18 @@ PUBLIC = _public()
 # Examples that compile a solver, a selection or a shard_map program, run many first-time eager
 # ops, build an NNX model or draw a plot: they run with `-m slow`; the rest keep this file fast.
 SLOW = frozenset({
-    "jaxprune.Elementwise", "jaxprune.add_l1", "jaxprune.block_mask",
-    "jaxprune.distillation_loss", "jaxprune.erk_sparsities", "jaxprune.find_masks",
-    "jaxprune.hessian_diag",
+    "jaxprune.Elementwise", "jaxprune.add_l1", "jaxprune.block_mask", "jaxprune.distillation_loss",
+    "jaxprune.erk_sparsities", "jaxprune.find_masks", "jaxprune.hessian_diag",
     "jaxprune.iterative_schedule", "jaxprune.oneshot", "jaxprune.plot_sensitivity",
     "jaxprune.polynomial_schedule", "jaxprune.proximal_group_lasso", "jaxprune.proximal_l1",
-    "jaxprune.prune", "jaxprune.prune_scalars", "jaxprune.pruning_masks",
-    "jaxprune.random_scores", "jaxprune.sensitivity_analysis", "jaxprune.unstructured_mask",
-    "jaxprune.wanda_scores",
+    "jaxprune.prune", "jaxprune.prune_scalars", "jaxprune.pruning_masks", "jaxprune.random_scores",
+    "jaxprune.sensitivity_analysis", "jaxprune.unstructured_mask", "jaxprune.wanda_scores",
     "jaxprune.structured.find_groups", "jaxprune.structured.find_groups_nnx",
     "jaxprune.structured.group_masks", "jaxprune.structured.shrink_nnx",
     "jaxprune.layerwise.Calibrator", "jaxprune.layerwise.ObcPath",
-    "jaxprune.layerwise.dense_target", "jaxprune.layerwise.obc",
-    "jaxprune.layerwise.obc_losses", "jaxprune.layerwise.obc_mask", "jaxprune.layerwise.obc_path",
-    "jaxprune.layerwise.refit", "jaxprune.layerwise.sparsegpt",
-    "jaxprune.layerwise.sparsegpt_losses",
+    "jaxprune.layerwise.dense_target", "jaxprune.layerwise.obc", "jaxprune.layerwise.obc_losses",
+    "jaxprune.layerwise.obc_mask", "jaxprune.layerwise.obc_path", "jaxprune.layerwise.refit",
+    "jaxprune.layerwise.sparsegpt", "jaxprune.layerwise.sparsegpt_losses",
     "jaxprune.compress.compact", "jaxprune.compress.compact_bytes", "jaxprune.compress.densify",
     "jaxprune.compress.dequantize", "jaxprune.compress.dequantize_array",
     "jaxprune.compress.quantization_error", "jaxprune.compress.quantize",
@@ -98,20 +97,20 @@ SLOW = frozenset({
 })
 
 
-def test_every_public_name_has_an_example():
+def test_every_public_name_has_an_example() -> None:
   missing = [f"{ns}.{name}" for ns, name, obj in PUBLIC
              if not any(t.name == f"{ns}.{name}" for t in _doctests(ns, name, obj))]
   assert not missing, f"public names without a >>> example in their docstring: {missing}"
 
 
-def test_namespaces_have_no_public_module_left_out():
+def test_namespaces_have_no_public_module_left_out() -> None:
   subpackages = {n for n, o in vars(importlib.import_module("jaxprune")).items()
                  if isinstance(o, ModuleType) and o.__name__.startswith("jaxprune.")
                  and not n.startswith("_") and o.__name__ != "jaxprune._src"}
   assert {f"jaxprune.{n}" for n in subpackages} <= set(NAMESPACES)
 
 
-def test_slow_names_are_public():
+def test_slow_names_are_public() -> None:
   assert SLOW <= {f"{ns}.{name}" for ns, name, _ in PUBLIC}
 
 
@@ -119,7 +118,7 @@ def test_slow_names_are_public():
     pytest.param(ns, name, obj, id=f"{ns}.{name}",
                  marks=[pytest.mark.slow] if f"{ns}.{name}" in SLOW else [])
     for ns, name, obj in PUBLIC])
-def test_docstring_examples(ns: str, name: str, obj: Any):
+def test_docstring_examples(ns: str, name: str, obj: Any) -> None:
   runner = doctest.DocTestRunner(optionflags=0)
   report: list[str] = []
   failed = sum(runner.run(test, out=report.append).failed for test in _doctests(ns, name, obj))
