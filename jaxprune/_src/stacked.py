@@ -238,10 +238,18 @@ def slice_values(value: Any, layers: Layers, name: str, path: str) -> list:
 
 
 def as_leaf_value(values: Sequence[Any], layers: Layers) -> Any:
-  """Per-slice values back as one per-leaf value: the value itself when all slices share it,
-  else an array over the layer axes (float32 when some value is traced, float64 otherwise)."""
-  if not layers.lead or all(v is values[0] for v in values):
-    return values[0] if values else 0.0
+  """Per-slice values back as one per-leaf value.
+
+  Args:
+    values: one value per slice.
+    layers: the leaf's `Layers`.
+
+  Returns:
+    The value of a leaf that is not stacked; for a stacked leaf an array over its layer axes,
+    float32 when some value is traced, float64 otherwise.
+  """
+  if not layers.lead:
+    return values[0]
   if any(validation.is_traced(v) for v in values):
     return jnp.stack([jnp.asarray(v, jnp.float32) for v in values]).reshape(layers.lead_shape)
   return np.asarray([float(v) for v in values], np.float64).reshape(layers.lead_shape)
