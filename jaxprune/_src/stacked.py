@@ -163,7 +163,9 @@ def resolve(tree: PyTree, stacked: Stacked, prunable: Prunable) -> list[Layers]:
   for (_, x), k, flag, path in zip(with_paths, leads, given, paths):
     shape = tuple(int(d) for d in np.shape(x))
     layers = Layers(k, shape[:k], shape[k:], _slice_flags(flag, k, shape[:k], path))
-    if layers.any and k and k >= len(shape):
+    # A stack of scalars is fine; a leaf that would be a layer, or is pruned, keeps an axis.
+    looks_prunable = layers.any or (tree_lib.is_floating(x) and len(shape) >= 2)
+    if k and k >= len(shape) and looks_prunable:
       raise validation.error("stacked", f"fewer layer axes than the {len(shape)} dimensions of "
                              "a prunable leaf", k, path)
     out.append(layers)
