@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import jaxprune as jp
-from conftest import assert_trees_equal, jit_eager
+from conftest import assert_trees_equal
 
 L = 3
 STACKED = {"w": 1, "v": 0, "b": 1}
@@ -37,56 +37,73 @@ def restack(tree):
   return {"w": jnp.stack(tree["w"]), "v": tree["v"], "b": jnp.stack(tree["b"])}
 
 
+NM_ONLY = {"w": True, "v": False, "b": False}
 MASK_FNS = {
-    "unstructured": lambda t, s, **kw: jp.unstructured_mask(t, s, **kw),
-    "structured": lambda t, s, **kw: jp.structured_mask(t, s, axis=-1, **kw),
-    "block": lambda t, s, **kw: jp.block_mask(t, s, (2, 2), reduce="max", **kw),
+    "unstructured": lambda t, s, scope, **kw: jp.unstructured_mask(t, s, scope=scope, **kw),
+    "structured": lambda t, s, scope, **kw: jp.structured_mask(t, s, axis=-1, scope=scope, **kw),
+    "block": lambda t, s, scope, **kw: jp.block_mask(t, s, (2, 2), reduce="max", scope=scope,
+                                                      **kw),
+    # N:M along axis -2 of each (in, out) slice: groups run along `in` (8), never along L (3).
+    "nm": lambda t, s, scope, stacked=None: jp.nm_mask(
+        t, 2, 4, stacked=stacked, prunable=NM_ONLY if stacked else {
+            "w": [True] * L, "v": False, "b": [False] * L}),
 }
-CASES = [f"{kind} {scope}" for kind in MASK_FNS for scope in ("layer", "global")]
 
 
-def test_masks_equal_separate_slices():
+def check_cases(cases, eager):
+  """Stacked masks == masks of the separate slices, all cases in one compiled program; the
+  ``eager`` cases also called eagerly (concrete counts) and compared with the jitted ones."""
   scores = stacked_scores()
-  nm_only = {"w": True, "v": False, "b": False}
 
   def masks(s):
-    # Every case in one compiled program; the reference masks come from the same program.
     out = {}
-    for case in CASES:
+    for case in cases:
       kind, scope = case.split()
-      out[case] = (MASK_FNS[kind](scores, s, scope=scope, stacked=STACKED),
-                   restack(MASK_FNS[kind](unstack(scores), s, scope=scope)))
-    # N:M along axis -2 of each (in, out) slice: groups run along `in` (8), never along L (3).
-    out["nm"] = (jp.nm_mask(scores, 2, 4, stacked=STACKED, prunable=nm_only),
-                 restack(jp.nm_mask(unstack(scores), 2, 4, prunable={
-                     "w": [True] * L, "v": False, "b": [False] * L})))
+      out[case] = (MASK_FNS[kind](scores, s, scope, stacked=STACKED),
+                   restack(MASK_FNS[kind](unstack(scores), s, scope)))
     return out
 
   jitted = jax.jit(masks)(0.4)
   for got, want in jitted.values():
     assert_trees_equal(got, want)
     assert bool(got["b"].all())  # stacked biases stay dense: the default rule reads the slice
-  for case in CASES:  # eager (concrete counts) == jitted (traced counts)
+  for case in eager:
     kind, scope = case.split()
-    got = MASK_FNS[kind](scores, 0.4, scope=scope, stacked=STACKED)
-    assert_trees_equal(got, jitted[case][0])
-  pruned = (~np.asarray(jitted["unstructured layer"][0]["w"])).reshape(L, -1).sum(axis=1)
+    assert_trees_equal(MASK_FNS[kind](scores, 0.4, scope, stacked=STACKED), jitted[case][0])
+  return {case: got for case, (got, _) in jitted.items()}
+
+
+def test_masks_equal_separate_slices():
+  got = check_cases(["unstructured layer", "unstructured global", "structured layer",
+                     "nm layer"], eager=["unstructured layer"])
+  pruned = (~np.asarray(got["unstructured layer"]["w"])).reshape(L, -1).sum(axis=1)
   np.testing.assert_array_equal(pruned, round(0.4 * 32))
-  nm = np.asarray(jitted["nm"][0]["w"])
+  nm = np.asarray(got["nm layer"]["w"])
   np.testing.assert_array_equal(nm.reshape(L, 2, 4, 4).sum(axis=2), 2)
+
+
+@pytest.mark.slow
+def test_every_mask_kind_and_scope_equals_separate_slices():
+  cases = [f"{kind} {scope}" for kind in ("unstructured", "structured", "block")
+           for scope in ("layer", "global")]
+  got = check_cases(cases + ["nm layer"], eager=cases + ["nm layer"])
   # Axes count within a slice: axis 0 is the input axis of every slice.
-  assert_trees_equal(jp.nm_mask(scores, 2, 4, axis=0, stacked=STACKED, prunable=nm_only),
-                     jitted["nm"][0])
+  assert_trees_equal(jp.nm_mask(stacked_scores(), 2, 4, axis=0, stacked=STACKED,
+                                prunable=NM_ONLY), got["nm layer"])
 
 
+@pytest.mark.slow
 def test_two_layer_axes_and_per_slice_sparsity():
   rng = np.random.default_rng(1)
   w = jnp.asarray(rng.integers(0, 4, size=(2, 2, 4, 4)), jnp.float32)
   fracs = np.asarray([[0.25, 0.5], [0.0, 1.0]])
-  got = jit_eager(lambda s: jp.unstructured_mask({"w": w}, {"w": s}, stacked=2), fracs)
-  ref = jp.unstructured_mask({"w": [[w[i, j] for j in range(2)] for i in range(2)]},
-                             {"w": [[f for f in row] for row in fracs]})
+  ref_w = [[w[i, j] for j in range(2)] for i in range(2)]
+  got, ref = jax.jit(lambda s: (
+      jp.unstructured_mask({"w": w}, {"w": s}, stacked=2),
+      jp.unstructured_mask({"w": ref_w}, {"w": [[s[i, j] for j in range(2)] for i in range(2)]})
+  ))(fracs)
   np.testing.assert_array_equal(got["w"], np.stack([np.stack(r) for r in ref["w"]]))
+  assert_trees_equal(jp.unstructured_mask({"w": w}, {"w": fracs}, stacked=2), got)
   np.testing.assert_array_equal((~np.asarray(got["w"])).sum(axis=(2, 3)), fracs * 16)
 
 
@@ -102,46 +119,67 @@ def test_erk_and_uniform_equal_separate_slices():
     np.testing.assert_array_equal(got["w"], want["w"])
     np.testing.assert_array_equal(got["u"], want["u"])
     assert got["v"] == want["v"]
+
+
+@pytest.mark.slow
+def test_traced_erk_and_uniform_equal_separate_slices():
+  params = {"w": jnp.zeros((L, 8, 4)), "v": jnp.zeros((6, 4)), "u": jnp.zeros((2, 5, 3))}
+  stacked = {"w": 1, "v": 0, "u": 1}
+  ref = {"w": [params["w"][i] for i in range(L)], "v": params["v"],
+         "u": [params["u"][i] for i in range(2)]}
+  for fn in (jp.erk_sparsities, jp.uniform_sparsities):
     traced = jax.jit(lambda s, fn=fn: (fn(params, s, stacked=stacked), fn(ref, s)))(0.7)
+    assert traced[0]["w"].dtype == jnp.float32
     np.testing.assert_array_equal(traced[0]["w"], np.stack(traced[1]["w"]))
     np.testing.assert_array_equal(traced[0]["u"], np.stack(traced[1]["u"]))
 
 
+def policy_params():
+  return jax.tree.map(lambda x: x - 2.5, stacked_scores(3))
+
+
+OVER = {"['w'][2]": 0.75}  # a slice path is the leaf path of that slice in the reference tree
+
+
+def test_policy_global_scope_with_a_slice_override():
+  params = policy_params()
+  got, want = jax.jit(lambda s: (
+      jp.pruning_masks(params, s, stacked=STACKED, scope="global", overrides=OVER),
+      restack(jp.pruning_masks(unstack(params), s, scope="global", overrides=OVER))))(0.5)
+  assert_trees_equal(got, want)
+  eager = jp.pruning_masks(params, 0.5, stacked=STACKED, scope="global", overrides=OVER)
+  assert_trees_equal(eager, got)
+  assert (~np.asarray(eager["w"][2])).sum() == 24
+  assert (~np.asarray(eager["w"][:2])).sum() + (~np.asarray(eager["v"])).sum() == 48
+
+
+@pytest.mark.slow
 def test_policy_equals_separate_slices():
-  scores = stacked_scores(3)
-  params = jax.tree.map(lambda x: x - 2.5, scores)
-  ref = unstack(params)
+  params = policy_params()
+  params2 = jax.tree.map(lambda x: -x, params)
   only = {"w": np.asarray([True, False, True]), "v": True, "b": False}
   ref_only = {"w": [True, False, True], "v": True, "b": [False] * L}
-  over = {"['w'][2]": 0.75}
 
   def both(s):
-    out = []
+    # Monotone from previous masks, as with separate leaves.
+    first = jp.pruning_masks(params, 0.3, stacked=STACKED)
+    out = [(jp.pruning_masks(params2, s, stacked=STACKED, previous=first),
+            restack(jp.pruning_masks(unstack(params2), s, previous=unstack(first))), first)]
     for kw, rkw in (({"distribution": "erk"}, {"distribution": "erk"}),
-                    ({"scope": "global", "overrides": over},
-                     {"scope": "global", "overrides": over}),
                     ({"prunable": only}, {"prunable": ref_only}),
-                    ({"pattern": jp.NMPattern(2, 4), "overrides": over},
-                     {"pattern": jp.NMPattern(2, 4), "overrides": over})):
+                    ({"pattern": jp.NMPattern(2, 4), "overrides": OVER},
+                     {"pattern": jp.NMPattern(2, 4), "overrides": OVER})):
       out.append((jp.pruning_masks(params, s, stacked=STACKED, **kw),
-                   restack(jp.pruning_masks(ref, s, **rkw))))
+                   restack(jp.pruning_masks(unstack(params), s, **rkw))))
     return out
 
   jitted = jax.jit(both)(0.5)
-  for got, want in jitted:
+  for got, want, *_ in jitted:
     assert_trees_equal(got, want)
-  eager = jp.pruning_masks(params, 0.5, stacked=STACKED, distribution="erk")
-  assert_trees_equal(eager, jitted[0][0])
-  eager = jp.pruning_masks(params, 0.5, stacked=STACKED, scope="global", overrides=over)
-  assert_trees_equal(eager, jitted[1][0])
-  assert (~np.asarray(eager["w"][2])).sum() == 24
-  # Monotone from previous masks, as with separate leaves.
-  first = jp.pruning_masks(params, 0.3, stacked=STACKED)
-  params2 = jax.tree.map(lambda x: -x, params)
-  got = jp.pruning_masks(params2, 0.5, stacked=STACKED, previous=first)
-  want = jp.pruning_masks(unstack(params2), 0.5, previous=unstack(first))
-  assert_trees_equal(got, restack(want))
+  got, _, first = jitted[0]
   assert not np.any(np.asarray(got["w"]) & ~np.asarray(first["w"]))
+  assert_trees_equal(jp.pruning_masks(params, 0.5, stacked=STACKED, distribution="erk"),
+                     jitted[1][0])
 
 
 class Block(nn.Module):
@@ -171,7 +209,9 @@ def test_linen_scan_model_trains_to_exact_per_slice_sparsity():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)
   y = jnp.asarray(rng.normal(size=(6, 2)), jnp.float32)
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), x)["params"]
+  # Initialised from the shapes: compiling Flax's scanned initialisers costs seconds.
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"]
+  params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape) / 2, jnp.float32), shapes)
   assert params["layers"]["up"]["kernel"].shape == (3, 4, 8)
   sched = jp.polynomial_schedule(0.5, 0.75, 0, 1, frequency=1)
   tx = optax.chain(optax.adam(1e-2), jp.prune(
@@ -211,8 +251,9 @@ def test_linen_scan_model_trains_to_exact_per_slice_sparsity():
   assert rows["['layers']['up']['kernel'][0]"].flops_dense == flops[up] / 3
   # The same report from the zeros of the trained params, and the same logger names.
   assert r == jp.report(params, stacked=in_layers, apply_fn=apply, inputs=(x,))
-  logged = jax.device_get(jax.jit(
-      lambda s, p: jp.prune_scalars(s, p, stacked=in_layers))(opt_state, params))
+  logged, zeros = jax.device_get(jax.jit(lambda s, p: (
+      jp.prune_scalars(s, p, stacked=in_layers), jp.sparsity(p, stacked=in_layers)))(
+          opt_state, params))
   expected = r.to_dict()
   assert "sparsity/layers/down/kernel/0" in logged
   assert {k for k in logged if k.startswith("sparsity/")} == {
@@ -220,8 +261,7 @@ def test_linen_scan_model_trains_to_exact_per_slice_sparsity():
   for key, value in logged.items():
     if key.startswith("sparsity/"):
       assert value == np.float32(expected[key]), key
-  assert float(jax.jit(lambda p: jp.sparsity(p, stacked=in_layers))(params)) == pytest.approx(
-      r.sparsity)
+  assert float(zeros) == pytest.approx(r.sparsity)
 
 
 W_ONLY = {"w": True, "v": False, "b": False}
