@@ -15,6 +15,7 @@ import pytest
 
 import jaxprune as jp
 from conftest import assert_trees_equal
+from jaxprune._src import group_layers
 
 L = 3
 STACKED = {"w": 1, "v": 0, "b": 1}
@@ -74,8 +75,9 @@ def check_cases(cases, eager):
 
 
 def test_masks_equal_separate_slices():
-  got = check_cases(["unstructured layer", "unstructured global", "structured layer",
-                     "nm layer"], eager=["unstructured layer"])
+  # Global scope is checked with a slice override below.
+  got = check_cases(["unstructured layer", "structured layer", "nm layer"],
+                    eager=["unstructured layer"])
   pruned = (~np.asarray(got["unstructured layer"]["w"])).reshape(L, -1).sum(axis=1)
   np.testing.assert_array_equal(pruned, round(0.4 * 32))
   nm = np.asarray(got["nm layer"]["w"])
@@ -108,7 +110,7 @@ def test_two_layer_axes_and_per_slice_sparsity():
 
 
 def test_erk_and_uniform_equal_separate_slices():
-  params = {"w": jnp.zeros((L, 8, 4)), "v": jnp.zeros((6, 4)), "u": jnp.zeros((2, 5, 3))}
+  params = {"w": np.zeros((L, 8, 4)), "v": np.zeros((6, 4)), "u": np.zeros((2, 5, 3))}
   stacked = {"w": 1, "v": 0, "u": 1}
   ref = {"w": [params["w"][i] for i in range(L)], "v": params["v"],
          "u": [params["u"][i] for i in range(2)]}
@@ -123,7 +125,7 @@ def test_erk_and_uniform_equal_separate_slices():
 
 @pytest.mark.slow
 def test_traced_erk_and_uniform_equal_separate_slices():
-  params = {"w": jnp.zeros((L, 8, 4)), "v": jnp.zeros((6, 4)), "u": jnp.zeros((2, 5, 3))}
+  params = {"w": np.zeros((L, 8, 4)), "v": np.zeros((6, 4)), "u": np.zeros((2, 5, 3))}
   stacked = {"w": 1, "v": 0, "u": 1}
   ref = {"w": [params["w"][i] for i in range(L)], "v": params["v"],
          "u": [params["u"][i] for i in range(2)]}
@@ -135,7 +137,7 @@ def test_traced_erk_and_uniform_equal_separate_slices():
 
 
 def policy_params():
-  return jax.tree.map(lambda x: x - 2.5, stacked_scores(3))
+  return jax.tree.map(lambda x: jnp.asarray(np.asarray(x) - 2.5), stacked_scores(3))
 
 
 OVER = {"['w'][2]": 0.75}  # a slice path is the leaf path of that slice in the reference tree
@@ -156,7 +158,7 @@ def test_policy_global_scope_with_a_slice_override():
 @pytest.mark.slow
 def test_policy_equals_separate_slices():
   params = policy_params()
-  params2 = jax.tree.map(lambda x: -x, params)
+  params2 = jax.tree.map(lambda x: jnp.asarray(-np.asarray(x)), params)
   only = {"w": np.asarray([True, False, True]), "v": True, "b": False}
   ref_only = {"w": [True, False, True], "v": True, "b": [False] * L}
 
@@ -241,7 +243,7 @@ def test_linen_scan_model_trains_to_exact_per_slice_sparsity():
       want = 0.25 if (name, i) == ("down", 0) else 0.75
       assert row.prunable and row.shape == (4, 8)[::1 if name == "up" else -1]
       assert row.count - row.kept == round(want * n)
-      assert np.count_nonzero(np.asarray(params["layers"][name]["kernel"][i])) == row.kept
+      assert np.count_nonzero(np.asarray(params["layers"][name]["kernel"])[i]) == row.kept
     assert not rows[f"['layers']['{name}']['bias'][1]"].prunable  # (3, d) biases stay dense
   assert rows["['embed']['kernel']"].count - rows["['embed']['kernel']"].kept == 15
   # Each slice gets a third of its kernel's scanned FLOPs.
@@ -313,3 +315,53 @@ def test_bad_policy_input():
   with pytest.raises(ValueError, match=r"^block_shape: expected at most 2 dims for shape "
                                        r"\(8, 4\), got \(1, 4, 2\) \(leaf \['w'\]\)\.$"):
     jp.block_mask(params, 0.5, (1, 4, 2), stacked=STACKED, prunable=W_ONLY)
+
+
+def under_layers(path, leaf):
+  """The `stacked` predicate for variables ``{"params": ...}`` of an `nn.scan` model."""
+  del leaf
+  return int(any(getattr(k, "key", None) == "layers" for k in path))
+
+
+def test_groups_of_scanned_blocks_are_pruned_per_layer():
+  model = ScanModel()
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5)), jnp.float32)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+  rng = np.random.default_rng(1)
+  variables = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape), jnp.float32), shapes)
+  residual, hidden = jp.structured.find_groups(model.apply, variables, x)
+  assert hidden.size == 8 and residual.size == 4
+  magnitude = jax.tree.map(lambda v: jnp.asarray(np.abs(v)), variables)
+  scores = group_layers.group_scores([residual, hidden], magnitude, stacked=under_layers)
+  assert scores[0].shape == (4,) and scores[1].shape == (3, 8)  # the residual stream is shared
+  # Each layer's hidden units scored as a group of that layer alone.
+  blocks = jax.tree.map(np.asarray, variables["params"]["layers"])
+  one = [{"up": {"kernel": blocks["up"]["kernel"][i], "bias": blocks["up"]["bias"][i]},
+          "down": {"kernel": blocks["down"]["kernel"][i]}} for i in range(3)]
+  per_layer = [jp.structured.make_group(one, [(f"[{i}]['up']['kernel']", 1),
+                                              (f"[{i}]['up']['bias']", 0),
+                                              (f"[{i}]['down']['kernel']", 0)])
+               for i in range(3)]
+  ref = jp.structured.group_scores(per_layer, jax.tree.map(lambda v: jnp.asarray(np.abs(v)), one))
+  np.testing.assert_allclose(scores[1], np.stack(ref), rtol=1e-6)
+  keep = group_layers.group_masks(scores, 0.5)
+  top = np.argsort(-np.asarray(scores[1]), axis=1, kind="stable")[:, :4]
+  np.testing.assert_array_equal(np.take_along_axis(np.asarray(keep[1]), top, 1), True)
+  np.testing.assert_array_equal(np.asarray(keep[1]).sum(axis=1), 4)  # 4 of 8 in each layer
+  np.testing.assert_array_equal(np.asarray(keep[0]).sum(), 2)
+  # Global scope ranks (group, layer, unit) in the order of separate groups.
+  glob = group_layers.group_masks(scores, 0.5, scope="global")
+  want = jp.structured.group_masks([scores[0]] + list(np.asarray(scores[1])), 0.5,
+                                   scope="global")
+  np.testing.assert_array_equal(glob[0], want[0])
+  np.testing.assert_array_equal(glob[1], np.stack(want[1:]))
+  masked = jax.tree.map(np.asarray, group_layers.apply_group_masks(
+      variables, [residual, hidden], keep)["params"])
+  k = np.asarray(keep[1])
+  up, down = masked["layers"]["up"], masked["layers"]["down"]
+  for i in range(3):
+    np.testing.assert_array_equal(up["kernel"][i][:, ~k[i]], 0)
+    np.testing.assert_array_equal(up["bias"][i][~k[i]], 0)
+    np.testing.assert_array_equal(down["kernel"][i][~k[i]], 0)
+    assert np.all(up["kernel"][i][np.asarray(keep[0])][:, k[i]] != 0)
+  np.testing.assert_array_equal(down["kernel"][..., ~np.asarray(keep[0])], 0)

@@ -14,7 +14,11 @@ A slice's path is the leaf's path followed by one index per layer axis, as
 `jax.tree_util.keystr` renders it: ``['layers']['q']['kernel'][3]``. With ``stacked`` the
 default prunable rule reads each slice (floating, ``ndim >= 2`` once the layer axes are
 dropped), so stacked biases and norm scales stay dense; a prunable flag of a stacked leaf may
-also be a bool array over its layer axes, pruning only some of its slices.
+also be a bool array over its layer axes, pruning only some of its slices. Per-slice values
+(sparsities from a distribution, overrides) are arrays over the layer axes.
+
+Dependency groups whose members all sit on stacked leaves are scored and selected per layer by
+`jaxprune._src.group_layers`.
 """
 
 from __future__ import annotations
@@ -144,8 +148,9 @@ def resolve(tree: PyTree, stacked: Stacked, prunable: Prunable) -> list[Layers]:
     One `Layers` per leaf, in leaf order.
 
   Raises:
-    ValueError: for a bad ``stacked`` or ``prunable`` value, or a pruned slice without any
-      axis (as many layer axes as the leaf has dimensions), naming the argument and the leaf.
+    ValueError: for a bad ``stacked`` or ``prunable`` value, naming the argument and the leaf;
+      also for as many layer axes as dimensions on a leaf that is pruned or is a floating array
+      with ``ndim >= 2`` (a slice must keep an axis; a 1-D leaf may be a stack of scalars).
   """
   leads = layer_axes(tree, stacked)
   with_paths = jax.tree_util.tree_flatten_with_path(tree)[0]
