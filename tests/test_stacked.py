@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import jaxprune as jp
 from conftest import assert_trees_equal
@@ -315,6 +316,30 @@ def test_bad_policy_input():
   with pytest.raises(ValueError, match=r"^block_shape: expected at most 2 dims for shape "
                                        r"\(8, 4\), got \(1, 4, 2\) \(leaf \['w'\]\)\.$"):
     jp.block_mask(params, 0.5, (1, 4, 2), stacked=STACKED, prunable=W_ONLY)
+
+
+class NNXBlock(nnx.Module):
+  def __init__(self, rngs):
+    self.up = nnx.Linear(4, 8, rngs=rngs)
+
+
+@nnx.split_rngs(splits=3)
+@nnx.vmap(in_axes=(0,), out_axes=0)
+def nnx_blocks(rngs):
+  return NNXBlock(rngs)
+
+
+def test_nnx_vmap_stacked_state():
+  shapes = nnx.state(nnx.eval_shape(lambda: nnx_blocks(nnx.Rngs(0))), nnx.Param)
+  rng = np.random.default_rng(0)
+  state = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+  assert state["up"]["kernel"][...].shape == (3, 4, 8)
+  masks = jp.unstructured_mask(jax.tree.map(np.abs, state), 0.5, stacked=1)
+  rows = jp.report(state, masks=masks, stacked=1).rows
+  # Slice paths without NNX's `.value`; biases (3, 8) stay dense.
+  assert [(r.path, r.prunable, r.kept) for r in rows] == (
+      [(f"['up']['bias'][{i}]", False, 8) for i in range(3)] +
+      [(f"['up']['kernel'][{i}]", True, 16) for i in range(3)])
 
 
 def under_layers(path, leaf):

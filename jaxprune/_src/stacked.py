@@ -193,8 +193,10 @@ def flag_tree(treedef: Any, layers: Sequence[Layers],
   out = []
   for l, f in zip(layers, flags):
     f = tuple(bool(v) for v in f)
-    out.append(f[0] if f and all(v == f[0] for v in f) else
-               bool(f) if not f else np.asarray(f, bool).reshape(l.lead_shape))
+    if not f or all(v == f[0] for v in f):
+      out.append(bool(f) and f[0])
+    else:
+      out.append(np.asarray(f, bool).reshape(l.lead_shape))
   return jax.tree.unflatten(treedef, out)
 
 
