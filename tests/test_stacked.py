@@ -6,6 +6,8 @@ traced sparsity, ties included. Slice paths (``['w'][1]``) are then the referenc
 paths, so overrides, report rows and logger names can be compared by name.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -313,6 +315,11 @@ def test_bad_policy_input():
     jp.pruning_masks(params, 0.5, stacked=STACKED, overrides={"['b'][0]": 0.2})
   with pytest.raises(ValueError, match=r"^overrides: expected keys that are leaf or slice paths"):
     jp.pruning_masks(params, 0.5, stacked=STACKED, overrides={"['w'][3]": 0.2})
+  with pytest.raises(ValueError, match=r"^pattern: expected a function that takes a stacked= "
+                                       r"keyword when stacked is given, got "
+                                       r"'sharded_unstructured_mask'\.$"):
+    jp.pruning_masks(params, 0.5, stacked=STACKED, pattern=functools.partial(
+        jp.sharding.sharded_unstructured_mask, mesh=None))
   with pytest.raises(ValueError, match=r"^block_shape: expected at most 2 dims for shape "
                                        r"\(8, 4\), got \(1, 4, 2\) \(leaf \['w'\]\)\.$"):
     jp.block_mask(params, 0.5, (1, 4, 2), stacked=STACKED, prunable=W_ONLY)

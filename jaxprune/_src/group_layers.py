@@ -198,6 +198,8 @@ def apply_group_masks(variables: PyTree, groups: Sequence[Group],
     ``variables`` with every entry of a removed unit set to zero, in each layer separately for
     per-layer masks (dtypes kept). Works under `jax.jit` with traced masks.
   """
+  if all(np.ndim(k) == 1 for k in keep):
+    return group_scores_lib.apply_group_masks(variables, groups, keep)
   group_scores_lib.check_groups(groups, "apply_group_masks")
   if len(keep) != len(groups):
     raise ValueError(f"apply_group_masks: expected one keep mask per group ({len(groups)}), got "

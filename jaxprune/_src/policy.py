@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -319,6 +320,11 @@ def pruning_masks(params: PyTree, sparsity: Sparsity, *, scores: Optional[PyTree
     raise validation.error("sparsity", "one fraction in [0, 1] (per-leaf fractions go in "
                            "overrides or a distribution)", sparsity)
   target = validation.check_fraction(sparsity, "sparsity")
+  if stacked is not None:
+    for name, fn in (("pattern", pattern), ("distribution", distribution)):
+      if callable(fn) and not _takes_stacked(fn):
+        raise validation.error(name, "a function that takes a stacked= keyword when stacked is "
+                               "given", getattr(getattr(fn, "func", fn), "__name__", fn))
   treedef = jax.tree.structure(params)
   layers = stacked_lib.resolve(params, stacked, prunable)
   flags = [l.any for l in layers]
@@ -374,6 +380,15 @@ def _dense_where_zero(mask: Array, values: list, layers: stacked_lib.Layers) -> 
     return mask
   s = jnp.asarray(stacked_lib.as_leaf_value(values, layers), jnp.float32)
   return jnp.where(s.reshape(s.shape + (1,) * (mask.ndim - s.ndim)) > 0, mask, True)
+
+
+def _takes_stacked(fn: Callable[..., Any]) -> bool:
+  """Whether ``fn`` accepts a ``stacked`` keyword (or any keyword)."""
+  try:
+    params = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):  # no signature to read: let the call decide
+    return True
+  return any(p.name == "stacked" or p.kind == p.VAR_KEYWORD for p in params)
 
 
 def _is_zero(s: Any) -> bool:
