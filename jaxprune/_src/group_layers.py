@@ -87,14 +87,27 @@ def group_scores(groups: Sequence[Group], scores: PyTree, *, reduce: str = "l2",
     chosen = frozenset(p for p, l in by_path.items() if l.any)
     leads = tuple(by_path[g.members[0].path].lead for g in per_layer)
     for i, s in zip([i for i in range(len(groups)) if i not in shared],
-                    _layer_scores(per_layer, scores, reduce, chosen, leads)):
+                    unit_scores(per_layer, scores, reduce, chosen, leads)):
       out[i] = s
   return out
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3, 4))
-def _layer_scores(groups: tuple[Group, ...], scores: PyTree, reduce: str,
-                  chosen: frozenset[str], leads: tuple[int, ...]) -> list[Array]:
+def unit_scores(groups: tuple[Group, ...], scores: PyTree, reduce: str,
+                chosen: frozenset[str], leads: tuple[int, ...]) -> list[Array]:
+  """Per group the reduced scores of its units, per layer over ``leads`` leading layer axes.
+
+  Args:
+    groups: the groups (static: hashed by identity).
+    scores: entry-wise scores keyed like the groups' variables.
+    reduce: ``"l2"`` or ``"l1"``.
+    chosen: the paths of the leaves that contribute.
+    leads: per group the number of leading layer axes of its members (0: units shared by
+      every layer, scored over the whole leaves).
+
+  Returns:
+    Per group a float32 array ``(*layer_shape, size)``.
+  """
   leaves = dict(tree_lib.leaves_with_paths(scores))
   out = []
   for g, lead in zip(groups, leads):
@@ -103,6 +116,9 @@ def _layer_scores(groups: tuple[Group, ...], scores: PyTree, reduce: str,
       if m.path not in chosen:
         continue
       s = leaves[m.path]
+      if s.shape[m.axis] != len(m.units):
+        raise ValueError(f"group_scores: leaf {m.path} has length {s.shape[m.axis]} on axis "
+                         f"{m.axis}, the group {g.name} expects {len(m.units)}")
       axes = tuple(a for a in range(lead, s.ndim) if a != m.axis)
       per_index = mask_compute.reduce_units(s, axes, reduce)  # (*layer_shape, length)
       covered = np.nonzero(m.units >= 0)[0]
@@ -239,4 +255,4 @@ def _apply(groups: tuple[Group, ...], variables: PyTree, keep: tuple[Array, ...]
   return jax.tree_util.tree_map_with_path(mask_leaf, variables)
 
 
-__all__ = ["apply_group_masks", "group_masks", "group_scores", "layer_shape"]
+__all__ = ["apply_group_masks", "group_masks", "group_scores", "layer_shape", "unit_scores"]
