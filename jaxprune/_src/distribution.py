@@ -22,19 +22,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune._src import select
-from jaxprune._src import tree as tree_lib
+from jaxprune._src import stacked as stacked_lib
 from jaxprune._src import validation
 from jaxprune._src.types import Array, Prunable, PyTree
 
 Fraction = Union[float, Array]
 
 
-def _prunable_shapes(params: PyTree, prunable: Prunable):
-  """``(treedef, flags, indices of the prunable leaves, their shapes)``."""
-  leaves, treedef = jax.tree.flatten(params)
-  flags = jax.tree.leaves(tree_lib.prunable_flags(params, prunable))
-  idx = [i for i, f in enumerate(flags) if f]
-  return treedef, len(leaves), idx, [tuple(np.shape(leaves[i])) for i in idx]
+def _prunable_shapes(params: PyTree, prunable: Prunable, stacked: stacked_lib.Stacked):
+  """``(treedef, per-leaf Layers, (leaf, slice) of each pruned slice, their shapes)``: a slice
+  of a stacked leaf counts as a leaf of its own."""
+  treedef = jax.tree.structure(params)
+  layers = stacked_lib.resolve(params, stacked, prunable)
+  where = [(i, j) for i, l in enumerate(layers) for j, f in enumerate(l.flags) if f]
+  return treedef, layers, where, [layers[i].shape for i, _ in where]
 
 
 def _largest_remainder(exact: Sequence[fractions.Fraction], caps: Sequence[int],
@@ -76,11 +77,13 @@ def _largest_remainder_traced(exact: Array, caps: Array, total: Array) -> Array:
   return floors + delta
 
 
-def _as_tree(treedef, num_leaves: int, idx: Sequence[int], values: Sequence[Fraction]) -> PyTree:
-  out: list[Fraction] = [0.0] * num_leaves
-  for i, v in zip(idx, values):
-    out[i] = v
-  return jax.tree.unflatten(treedef, out)
+def _as_tree(treedef, layers: Sequence[stacked_lib.Layers], where: Sequence[tuple[int, int]],
+             values: Sequence[Fraction]) -> PyTree:
+  per_slice: list[list[Fraction]] = [[0.0] * l.num for l in layers]
+  for (i, j), v in zip(where, values):
+    per_slice[i][j] = v
+  return jax.tree.unflatten(treedef, [stacked_lib.as_leaf_value(v, l)
+                                      for v, l in zip(per_slice, layers)])
 
 
 def _split(shapes: Sequence[tuple[int, ...]], sparsity: Fraction,
@@ -127,8 +130,8 @@ def _split(shapes: Sequence[tuple[int, ...]], sparsity: Fraction,
   return [fracs[j] for j in range(len(sizes))]
 
 
-def uniform_sparsities(params: PyTree, sparsity: Fraction, *,
-                       prunable: Prunable = None) -> PyTree:
+def uniform_sparsities(params: PyTree, sparsity: Fraction, *, prunable: Prunable = None,
+                       stacked: stacked_lib.Stacked = None) -> PyTree:
   """The same sparsity for every prunable leaf, rounded so the pruned total is ``round(s*N)``.
 
   Each leaf gets ``k_i / n_i`` where ``k_i`` is within one of ``s * n_i`` and the ``k_i`` add up
@@ -148,17 +151,20 @@ def uniform_sparsities(params: PyTree, sparsity: Fraction, *,
     params: parameter pytree (only shapes and dtypes are read).
     sparsity: overall fraction of prunable entries to prune, in [0, 1]; may be traced.
     prunable: ``None`` (default rule), a predicate ``(path, leaf) -> bool`` or a pytree of bools.
+    stacked: leading layer axes of each leaf (see `jaxprune.unstructured_mask`); each slice
+      along them then counts as a leaf of its own.
 
   Returns:
     A pytree with the structure of ``params``: Python floats for a concrete ``sparsity``, float32
-    scalars for a traced one; 0.0 for leaves that are not prunable.
+    scalars for a traced one; 0.0 for leaves that are not prunable. A stacked leaf gets an array
+    of per-slice sparsities over its layer axes.
 
   Raises:
     ValueError: if a concrete ``sparsity`` is not a number in [0, 1].
   """
   s = validation.check_fraction(sparsity, "sparsity")
-  treedef, num_leaves, idx, shapes = _prunable_shapes(params, prunable)
-  return _as_tree(treedef, num_leaves, idx, _split(shapes, s, None))
+  treedef, layers, where, shapes = _prunable_shapes(params, prunable, stacked)
+  return _as_tree(treedef, layers, where, _split(shapes, s, None))
 
 
 def erk_raw_scores(shape: Sequence[int], scale: float = 1.0) -> float:
@@ -201,7 +207,7 @@ def _erk_densities(sizes, raws, density, xp, iters: int):
 
 
 def erk_sparsities(params: PyTree, sparsity: Fraction, *, prunable: Prunable = None,
-                   scale: float = 1.0) -> PyTree:
+                   scale: float = 1.0, stacked: stacked_lib.Stacked = None) -> PyTree:
   """Erdős–Rényi-Kernel split of an overall sparsity over the prunable leaves.
 
   Leaf ``i`` with shape ``(d_1, ..., d_r)`` gets density ``min(1, eps * (sum_j d_j /
@@ -225,11 +231,13 @@ def erk_sparsities(params: PyTree, sparsity: Fraction, *, prunable: Prunable = N
     sparsity: overall fraction of prunable entries to prune, in [0, 1]; may be traced.
     prunable: ``None`` (default rule), a predicate ``(path, leaf) -> bool`` or a pytree of bools.
     scale: exponent on the ERK ratio (1.0: ERK; 0.0: uniform).
+    stacked: leading layer axes of each leaf (see `jaxprune.unstructured_mask`); each slice
+      along them then counts as a leaf of its own, with the density of its own shape.
 
   Returns:
     A pytree with the structure of ``params`` of per-leaf sparsities (Python floats for a
     concrete ``sparsity``, float32 scalars for a traced one); 0.0 for leaves that are not
-    prunable.
+    prunable. A stacked leaf gets an array of per-slice sparsities over its layer axes.
 
   Raises:
     ValueError: if a concrete ``sparsity`` is not a number in [0, 1] or ``scale`` is negative.
@@ -241,9 +249,9 @@ def erk_sparsities(params: PyTree, sparsity: Fraction, *, prunable: Prunable = N
   """
   s = validation.check_fraction(sparsity, "sparsity")
   validation.check_nonnegative(scale, "scale")
-  treedef, num_leaves, idx, shapes = _prunable_shapes(params, prunable)
+  treedef, layers, idx, shapes = _prunable_shapes(params, prunable, stacked)
   if not idx:
-    return _as_tree(treedef, num_leaves, idx, [])
+    return _as_tree(treedef, layers, idx, [])
   sizes = [math.prod(sh) for sh in shapes]
   raws = [erk_raw_scores(sh, scale) for sh in shapes]
   if validation.is_traced(s):
@@ -252,7 +260,7 @@ def erk_sparsities(params: PyTree, sparsity: Fraction, *, prunable: Prunable = N
   else:
     dens = _erk_densities(np.asarray(sizes, np.float64), np.asarray(raws, np.float64), 1.0 - s,
                           np, len(idx))
-  return _as_tree(treedef, num_leaves, idx, _split(shapes, s, dens))
+  return _as_tree(treedef, layers, idx, _split(shapes, s, dens))
 
 
 __all__ = ["erk_raw_scores", "erk_sparsities", "uniform_sparsities"]

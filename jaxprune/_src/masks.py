@@ -10,22 +10,23 @@ sparsity; called under an outer `jax.jit` it is inlined.
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxprune._src import elementwise
+from jaxprune._src import mask_compute
 from jaxprune._src import mask_state
 from jaxprune._src import select
+from jaxprune._src import stacked as stacked_lib
 from jaxprune._src import tree as tree_lib
 from jaxprune._src import validation
-from jaxprune._src.types import Array, Prunable, PyTree, Sparsity
+from jaxprune._src.types import Prunable, PyTree, Sparsity
 
 SCOPES = ("layer", "global")
+reduce_units = mask_compute.reduce_units
 REDUCTIONS = ("l1", "l2", "max", "mean")
 
 
@@ -37,19 +38,6 @@ def check_scope(scope: Any) -> str:
 def check_reduce(reduce: Any, allowed: Sequence[str] = REDUCTIONS, name: str = "reduce") -> str:
   """Checks a unit-score reduction name against ``allowed``."""
   return validation.check_choice(reduce, allowed, name)
-
-
-def reduce_units(x: Array, axes: tuple[int, ...], how: str) -> Array:
-  """Unit score over ``axes``: ``l1``, ``l2`` (sum of squares, which orders units like the norm),
-  ``max`` or ``mean`` of ``|x|``; float32."""
-  x = jnp.abs(x.astype(jnp.float32))
-  if how == "l2":
-    return jnp.sum(jnp.square(x), axis=axes)
-  if how == "max":
-    return jnp.max(x, axis=axes, initial=0.0)
-  if how == "mean":
-    return jnp.mean(x, axis=axes)
-  return jnp.sum(x, axis=axes)
 
 
 def prepare(scores: PyTree, prunable: Prunable) -> tuple[list, list[str], list[bool], Any]:
@@ -93,121 +81,44 @@ def leaf_counts(sparsity: Sparsity, scores: PyTree, sizes: dict[int, int], paths
   return [select.num_to_prune(sparsity, sum(sizes.values()), "sparsity")]
 
 
-def _after(scores: elementwise.ScoreLike, previous: Array) -> elementwise.Elementwise:
-  """``scores`` read only once ``previous`` is computed; the values are unchanged.
+def prepare_layers(scores: PyTree, prunable: Prunable, stacked: stacked_lib.Stacked,
+                   ) -> tuple[list, list[str], list[stacked_lib.Layers], list[int], Any]:
+  """`prepare` with layer axes: ``(leaves, paths, per-leaf Layers, selected leaves, treedef)``."""
+  leaves, paths, _, treedef = prepare(scores, False)
+  layers = stacked_lib.resolve(scores, stacked, prunable)
+  return leaves, paths, layers, [i for i, l in enumerate(layers) if l.any], treedef
 
-  Under jit the per-leaf selections are independent, so XLA runs them side by side and holds
-  every leaf's chunk buffers at once (scratch memory about twice the scores' size with many
-  leaves). Adding a zero derived from the previous leaf's mask, which XLA cannot fold, makes
-  them run one after another. ``x + 0.0 == x`` for every float (``-0.0`` becomes ``+0.0``,
-  which the selection already treats as equal).
+
+def layer_counts(sparsity: Sparsity, scores: PyTree, layers: list[stacked_lib.Layers],
+                 units: dict[int, int], paths: list[str], scope: str) -> list:
+  """`leaf_counts` per slice: per selected leaf its count or per-slice counts (layer scope), or
+  one count over every pruned slice (global scope).
+
+  Args:
+    sparsity: a fraction, or (layer scope) a pytree prefix of per-leaf fractions, where a
+      stacked leaf's may be an array of fractions over its layer axes.
+    scores: the scores pytree (for broadcasting a prefix).
+    layers: per leaf its `stacked.Layers`.
+    units: leaf index -> number of units of one slice of each selected leaf.
+    paths: leaf paths for messages.
+    scope: ``"layer"`` or ``"global"``.
+
+  Returns:
+    Counts as `stacked.slice_counts` gives them (layer scope), or one count (global scope).
   """
-  zero = jnp.minimum(previous.reshape(-1)[0].astype(jnp.float32), 0.0)
-  if isinstance(scores, elementwise.Elementwise):
-    fn = scores.fn
-    return elementwise.Elementwise(lambda *ops: fn(*ops) + zero, scores.operands)
-  return elementwise.Elementwise(lambda s: s + zero, (scores,))
-
-
-def _select_units(unit_scores: list, counts: list[Array], scope: str) -> list[Array]:
-  """Prune masks (True = prune) over per-leaf unit scores, per leaf or globally."""
   if scope == "global":
-    return select.prune_lowest(unit_scores, counts[0])
-  out: list[Array] = []
-  for s, k in zip(unit_scores, counts):
-    ordered = [p for p in out if p.size]
-    if ordered:
-      s = _after(s, ordered[-1])
-    out.append(select.prune_lowest([s], k)[0])
-  return out
-
-
-class _Layout(NamedTuple):
-  """Everything static about one mask computation: the jitted program is cached on it."""
-  kind: str                            # "unstructured" | "structured" | "block" | "nm"
-  shapes: tuple[tuple[int, ...], ...]  # every leaf
-  idx: tuple[int, ...]                 # the selected leaves
-  fns: tuple                           # per selected leaf: its Elementwise fn, or None
-  scope: str
-  options: tuple                       # per kind: axes and reduce / block shapes / n, m, axes
-
-
-def _units(layout: _Layout, j: int, leaf: elementwise.ScoreLike) -> elementwise.ScoreLike:
-  """The unit scores of the ``j``-th selected leaf."""
-  if layout.kind == "unstructured":
-    return leaf
-  x = leaf.evaluate() if isinstance(leaf, elementwise.Elementwise) else leaf
-  if layout.kind == "structured":
-    axes, how = layout.options
-    return reduce_units(x, tuple(a for a in range(x.ndim) if a != axes[j]), how)
-  blocks, how = layout.options
-  bs = blocks[j]
-  nb = tuple(-(-d // b) for d, b in zip(x.shape, bs))
-  # |x| padded with zeros: no padding entry raises an l1 / l2 / max block score, and the mean
-  # divides by the true number of entries of each block.
-  padded = jnp.pad(jnp.abs(x.astype(jnp.float32)), [(0, n * b - d)
-                                                     for d, b, n in zip(x.shape, bs, nb)])
-  inner = tuple(range(1, 2 * x.ndim, 2))
-  blocked = padded.reshape([v for n, b in zip(nb, bs) for v in (n, b)])
-  s = reduce_units(blocked, inner, "l1" if how == "mean" else how)
-  if how == "mean":
-    counts = [np.minimum(b, d - b * np.arange(n)) for d, b, n in zip(x.shape, bs, nb)]
-    s = s / functools.reduce(np.multiply.outer, counts).astype(np.float32)
-  return s
-
-
-def _expand(layout: _Layout, j: int, keep_units: Array) -> Array:
-  """Entry masks of the ``j``-th selected leaf from its unit masks."""
-  shape = layout.shapes[layout.idx[j]]
-  if layout.kind == "unstructured":
-    return keep_units.reshape(shape)
-  if layout.kind == "structured":
-    ax = layout.options[0][j]
-    unit_shape = [1] * len(shape)
-    unit_shape[ax] = shape[ax]
-    return jnp.broadcast_to(keep_units.reshape(unit_shape), shape)
-  full = keep_units
-  for ax, b in enumerate(layout.options[0][j]):
-    full = jnp.repeat(full, b, axis=ax)
-  return full[tuple(slice(0, d) for d in shape)]
-
-
-def _nm_keep(x: Array, n: int, m: int, ax: int) -> Array:
-  """Rank within each group of ``m`` along ``ax``: keep the ``n`` entries ranked first."""
-  keys = jnp.moveaxis(select.score_keys(x), ax, -1)
-  groups = keys.reshape(keys.shape[:-1] + (keys.shape[-1] // m, m))
-  a, b = groups[..., :, None], groups[..., None, :]
-  j_before_i = jnp.arange(m)[None, :] < jnp.arange(m)[:, None]
-  # rank of entry i = number of entries j that take precedence over it
-  rank = jnp.sum((b > a) | ((b == a) & j_before_i), axis=-1)
-  return jnp.moveaxis((rank < n).reshape(keys.shape), -1, ax)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _compute(layout: _Layout, operands: list, counts: list) -> list[Array]:
-  leaves = elementwise.join_elementwise(layout.fns, operands)
-  if layout.kind == "nm":
-    n, m, axes = layout.options
-    keep = [_nm_keep(x.evaluate() if isinstance(x, elementwise.Elementwise) else x, n, m, axes[j])
-            for j, x in enumerate(leaves)]
-  else:
-    units = [_units(layout, j, x) for j, x in enumerate(leaves)]
-    pruned = _select_units(units, counts, layout.scope)
-    keep = [_expand(layout, j, ~p) for j, p in enumerate(pruned)]
-  out = dict(zip(layout.idx, keep))
-  return [out[i] if i in out else jnp.ones(s, bool) for i, s in enumerate(layout.shapes)]
-
-
-def _run(kind: str, leaves: list, idx: list[int], treedef: Any, scope: str, options: tuple,
-         counts: list) -> PyTree:
-  fns, operands = elementwise.split_elementwise([leaves[i] for i in idx])
-  layout = _Layout(kind, tuple(tuple(x.shape) for x in leaves), tuple(idx), fns, scope, options)
-  masks = _compute(layout, operands, [jnp.asarray(k, jnp.int32) for k in counts])
-  return jax.tree.unflatten(treedef, masks)
+    sizes = {i: n * sum(layers[i].flags) for i, n in units.items()}
+    return leaf_counts(sparsity, scores, sizes, paths, scope)
+  single = jax.tree_util.treedef_is_leaf(jax.tree.structure(sparsity)) and sparsity is not None
+  if sparsity is None or single:
+    sparsity = validation.check_fraction(sparsity, "sparsity")
+  per_leaf = validation.broadcast_prefix(sparsity, scores, "sparsity", "a fraction")
+  return [stacked_lib.slice_counts(per_leaf[i], layers[i], n, paths[i])
+          for i, n in units.items()]
 
 
 def unstructured_mask(scores: PyTree, sparsity: Sparsity, *, scope: str = "layer",
-                      prunable: Prunable = None) -> PyTree:
+                      prunable: Prunable = None, stacked: stacked_lib.Stacked = None) -> PyTree:
   """Masks that prune the lowest-scoring individual entries.
 
   Exactly ``round(s·n)`` entries of each prunable leaf (``scope="layer"``) or ``round(s·N)`` of
@@ -231,22 +142,25 @@ def unstructured_mask(scores: PyTree, sparsity: Sparsity, *, scope: str = "layer
       (e.g. ``Elementwise(jnp.abs, (w,))``): its scores are then computed chunk by chunk and
       never held whole, which saves a parameter-sized array per leaf.
     sparsity: fraction in [0, 1], possibly traced; for ``scope="layer"`` also a pytree prefix of
-      per-leaf fractions.
+      per-leaf fractions (for a stacked leaf a fraction or an array of them over its layer axes).
     scope: ``"layer"`` (each leaf separately) or ``"global"`` (one threshold over all leaves).
     prunable: None (floating, ndim >= 2), a predicate ``(path, leaf) -> bool`` or a bool pytree.
+    stacked: leading layer axes of each leaf: None, an int (or bool) for every leaf, a pytree
+      prefix of them or a function ``(path, leaf) -> int``. Each slice along those axes is then
+      pruned as its own layer (see `jaxprune._src.stacked`).
 
   Returns:
     Pytree of bool masks shaped like ``scores``; True = keep. Unprunable leaves are all True.
   """
   check_scope(scope)
-  leaves, paths, flags, treedef = prepare(scores, prunable)
-  idx = [i for i, f in enumerate(flags) if f]
-  counts = leaf_counts(sparsity, scores, {i: leaves[i].size for i in idx}, paths, scope)
-  return _run("unstructured", leaves, idx, treedef, scope, (), counts)
+  leaves, paths, layers, idx, treedef = prepare_layers(scores, prunable, stacked)
+  counts = layer_counts(sparsity, scores, layers, {i: layers[i].size for i in idx}, paths, scope)
+  return mask_compute.run("unstructured", leaves, idx, treedef, scope, (), counts, layers)
 
 
 def structured_mask(scores: PyTree, sparsity: Sparsity, *, axis: int = -1, reduce: str = "l2",
-                    scope: str = "layer", prunable: Prunable = None) -> PyTree:
+                    scope: str = "layer", prunable: Prunable = None,
+                    stacked: stacked_lib.Stacked = None) -> PyTree:
   """Masks that prune whole slices (neurons, filters, channels) along ``axis``.
 
   Each index along ``axis`` is one unit, scored by ``reduce`` of its scores over all other axes;
@@ -265,26 +179,28 @@ def structured_mask(scores: PyTree, sparsity: Sparsity, *, axis: int = -1, reduc
   Args:
     scores: pytree of float arrays.
     sparsity: fraction of units to prune (possibly traced; per-leaf prefix pytree for layer scope).
-    axis: the unit axis.
+    axis: the unit axis (of one slice of a stacked leaf).
     reduce: unit score: ``"l2"`` (norm) or ``"l1"``.
     scope: ``"layer"`` or ``"global"``.
     prunable: see `unstructured_mask`.
+    stacked: see `unstructured_mask`; a unit is then a (slice, index along ``axis``) pair.
 
   Returns:
     Pytree of bool masks shaped like ``scores``, constant along every axis but ``axis``.
   """
   check_scope(scope)
   check_reduce(reduce, ("l1", "l2"))
-  leaves, paths, flags, treedef = prepare(scores, prunable)
-  idx = [i for i, f in enumerate(flags) if f]
-  axes = tuple(validation.normalize_axis(axis, leaves[i].ndim, "axis", paths[i]) for i in idx)
-  sizes = {i: leaves[i].shape[a] for i, a in zip(idx, axes)}
-  counts = leaf_counts(sparsity, scores, sizes, paths, scope)
-  return _run("structured", leaves, idx, treedef, scope, (axes, reduce), counts)
+  leaves, paths, layers, idx, treedef = prepare_layers(scores, prunable, stacked)
+  axes = tuple(validation.normalize_axis(axis, len(layers[i].shape), "axis", paths[i])
+               for i in idx)
+  sizes = {i: layers[i].shape[a] for i, a in zip(idx, axes)}
+  counts = layer_counts(sparsity, scores, layers, sizes, paths, scope)
+  return mask_compute.run("structured", leaves, idx, treedef, scope, (axes, reduce), counts,
+                          layers)
 
 
 def nm_mask(scores: PyTree, n: int = 2, m: int = 4, *, axis: int = -2,
-            prunable: Prunable = None) -> PyTree:
+            prunable: Prunable = None, stacked: stacked_lib.Stacked = None) -> PyTree:
   """N:M masks: in every group of ``m`` consecutive entries along ``axis`` keep the ``n`` best.
 
   The default 2:4 along ``axis=-2`` groups along the reduction (input) dimension of a Flax
@@ -304,8 +220,9 @@ def nm_mask(scores: PyTree, n: int = 2, m: int = 4, *, axis: int = -2,
     scores: pytree of float arrays.
     n: entries kept per group, ``0 <= n <= m``.
     m: group size, ``m >= 1``; ``scores.shape[axis]`` must be divisible by it.
-    axis: axis along which groups run.
+    axis: axis along which groups run (of one slice of a stacked leaf: never a layer axis).
     prunable: see `unstructured_mask`.
+    stacked: see `unstructured_mask`.
 
   Returns:
     Pytree of bool masks with exactly ``n`` True per group on prunable leaves.
@@ -315,14 +232,14 @@ def nm_mask(scores: PyTree, n: int = 2, m: int = 4, *, axis: int = -2,
   """
   m = validation.check_int(m, "m", 1)
   n = validation.check_int(n, "n", 0, m)
-  leaves, paths, flags, treedef = prepare(scores, prunable)
-  idx = [i for i, f in enumerate(flags) if f]
-  axes = tuple(validation.normalize_axis(axis, leaves[i].ndim, "axis", paths[i]) for i in idx)
+  leaves, paths, layers, idx, treedef = prepare_layers(scores, prunable, stacked)
+  axes = tuple(validation.normalize_axis(axis, len(layers[i].shape), "axis", paths[i])
+               for i in idx)
   for i, a in zip(idx, axes):
-    if leaves[i].shape[a] % m:
-      raise validation.error("m", f"a divisor of {leaves[i].shape[a]}, the size along axis "
+    if layers[i].shape[a] % m:
+      raise validation.error("m", f"a divisor of {layers[i].shape[a]}, the size along axis "
                              f"{axis}", m, paths[i])
-  return _run("nm", leaves, idx, treedef, "layer", (n, m, axes), [])
+  return mask_compute.run("nm", leaves, idx, treedef, "layer", (n, m, axes), [], layers)
 
 
 def check_block_shape(block_shape: Any) -> tuple[int, ...]:
@@ -338,7 +255,7 @@ def check_block_shape(block_shape: Any) -> tuple[int, ...]:
 
 def block_mask(scores: PyTree, sparsity: Sparsity, block_shape: Sequence[int], *,
                reduce: str = "l1", scope: str = "layer", prunable: Prunable = None,
-               allow_partial: bool = False) -> PyTree:
+               allow_partial: bool = False, stacked: stacked_lib.Stacked = None) -> PyTree:
   """Masks that prune whole blocks of entries.
 
   ``block_shape`` applies to the trailing dimensions of each leaf (leading ones get block size
@@ -364,6 +281,7 @@ def block_mask(scores: PyTree, sparsity: Sparsity, block_shape: Sequence[int], *
     prunable: see `unstructured_mask`.
     allow_partial: if False, a dimension not divisible by its block size is an error; if True the
       edge blocks are partial (scored over their true entries only).
+    stacked: see `unstructured_mask`; blocks then tile one slice, never the layer axes.
 
   Returns:
     Pytree of bool masks shaped like ``scores``, constant within each block.
@@ -371,11 +289,10 @@ def block_mask(scores: PyTree, sparsity: Sparsity, block_shape: Sequence[int], *
   check_scope(scope)
   check_reduce(reduce)
   block_shape = check_block_shape(block_shape)
-  leaves, paths, flags, treedef = prepare(scores, prunable)
-  idx = [i for i, f in enumerate(flags) if f]
+  leaves, paths, layers, idx, treedef = prepare_layers(scores, prunable, stacked)
   blocks, sizes = [], {}
   for i in idx:
-    shape, path = leaves[i].shape, paths[i]
+    shape, path = layers[i].shape, paths[i]
     if len(block_shape) > len(shape):
       raise validation.error("block_shape", f"at most {len(shape)} dims for shape {shape}",
                              block_shape, path)
@@ -385,8 +302,9 @@ def block_mask(scores: PyTree, sparsity: Sparsity, block_shape: Sequence[int], *
                              bs, path)
     blocks.append(bs)
     sizes[i] = math.prod(-(-d // b) for d, b in zip(shape, bs))
-  counts = leaf_counts(sparsity, scores, sizes, paths, scope)
-  return _run("block", leaves, idx, treedef, scope, (tuple(blocks), reduce), counts)
+  counts = layer_counts(sparsity, scores, layers, sizes, paths, scope)
+  return mask_compute.run("block", leaves, idx, treedef, scope, (tuple(blocks), reduce), counts,
+                          layers)
 
 
 def apply_masks(params: PyTree, masks: Any) -> PyTree:
@@ -428,5 +346,5 @@ def apply_masks(params: PyTree, masks: Any) -> PyTree:
 
 MaskFn = Callable[..., PyTree]
 __all__ = ["apply_masks", "block_mask", "check_block_shape", "check_reduce", "check_scope",
-           "leaf_counts", "nm_mask", "prepare", "reduce_units", "structured_mask",
-           "unstructured_mask"]
+           "layer_counts", "leaf_counts", "nm_mask", "prepare", "prepare_layers", "reduce_units",
+           "structured_mask", "unstructured_mask"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -26,6 +27,7 @@ from jaxprune._src import elementwise
 from jaxprune._src import masks as masks_lib
 from jaxprune._src import scores as scores_lib
 from jaxprune._src import sharding
+from jaxprune._src import stacked as stacked_lib
 from jaxprune._src import tree as tree_lib
 from jaxprune._src import validation
 from jaxprune._src.types import Array, KeyPath, Prunable, PyTree, Sparsity
@@ -108,36 +110,63 @@ def check_distribution(distribution: Any, scope: str) -> Distribution:
   return distribution
 
 
-def leaf_overrides(params: PyTree, flags: Sequence[bool], overrides: Overrides) -> list:
-  """Per leaf (in leaf order) the override given for it, or None.
+def _split_override(value: Any, layers: stacked_lib.Layers, path: str) -> list:
+  """An override of a whole leaf as one value per slice (a schedule applies to every slice)."""
+  if value is None:
+    return [None] * layers.num
+  if callable(value):
+    return [value] * layers.num
+  return stacked_lib.slice_values(value, layers, "overrides", path)
+
+
+def slice_overrides(params: PyTree, layers: Sequence[stacked_lib.Layers],
+                    overrides: Overrides) -> list[list]:
+  """Per leaf (in leaf order), per slice, the override given for it, or None.
 
   Args:
     params: the parameter pytree.
-    flags: prunable flag per leaf.
-    overrides: None, a mapping from leaf path (as `jax.tree_util.keystr` renders it) to a value,
-      or a callable ``(path, leaf) -> value | None``.
+    layers: per leaf its `stacked.Layers` (a leaf that is not stacked is one slice).
+    overrides: None, a mapping from leaf path or slice path (as `jax.tree_util.keystr` renders
+      it, e.g. ``['layers']['q']['kernel'][3]``) to a value, or a callable
+      ``(path, leaf) -> value | None``. A stacked leaf's value may be an array over its layer
+      axes (one value per slice).
 
   Returns:
-    One value or None per leaf; overridden leaves are checked to be prunable.
+    Per leaf a list with one value or None per slice; overridden slices are checked to be
+    prunable.
   """
   with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
   paths = [tree_lib.path_str(p) for p, _ in with_paths]
+  per_slice = [stacked_lib.slice_paths(p, l) for (p, _), l in zip(with_paths, layers)]
   if overrides is None:
-    return [None] * len(paths)
+    return [[None] * l.num for l in layers]
   if isinstance(overrides, Mapping):
-    unknown = [k for k in overrides if k not in paths]
+    known = set(paths) | {q for l, qs in zip(layers, per_slice) if l.lead for q in qs}
+    unknown = [k for k in overrides if k not in known]
     if unknown:
-      raise validation.error("overrides", f"keys that are leaf paths of the params such as "
+      what = "leaf or slice paths" if any(l.lead for l in layers) else "leaf paths"
+      raise validation.error("overrides", f"keys that are {what} of the params such as "
                              f"{paths[:3]}", unknown[0])
-    values = [overrides.get(p) for p in paths]
+    values = []
+    for path, qs, l in zip(paths, per_slice, layers):
+      vals = _split_override(overrides.get(path), l, path)
+      for j, q in enumerate(qs if l.lead else ()):
+        if q in overrides:
+          if path in overrides:
+            raise validation.error("overrides", "one key per slice (the leaf's path or the "
+                                   "slice's)", q, path)
+          vals[j] = overrides[q]
+      values.append(vals)
   elif callable(overrides):
-    values = [overrides(p, x) for p, x in with_paths]
+    values = [_split_override(overrides(p, x), l, path)
+              for (p, x), l, path in zip(with_paths, layers, paths)]
   else:
     raise validation.error("overrides", "None, a mapping from leaf path to sparsity or a "
                            "callable (path, leaf) -> sparsity | None", type(overrides).__name__)
-  for path, flag, value in zip(paths, flags, values):
-    if value is not None and not flag:
-      raise validation.error("overrides", "overrides of prunable leaves only", value, path)
+  for qs, l, vals in zip(per_slice, layers, values):
+    for q, flag, value in zip(qs, l.flags, vals):
+      if value is not None and not flag:
+        raise validation.error("overrides", "overrides of prunable leaves only", value, q)
   return values
 
 
@@ -198,32 +227,44 @@ def _leaf_scores(params: PyTree, scores: Optional[PyTree], flags: list[bool],
   return out
 
 
-def _per_leaf(params: PyTree, target: Any, flags: list[bool], overridden: list,
-              distribution: Distribution) -> list:
-  """Per-leaf sparsity (0 on unprunable leaves) from the distribution and the overrides."""
+def _per_slice(params: PyTree, target: Any, layers: list[stacked_lib.Layers], overridden: list,
+               distribution: Distribution, stacked: stacked_lib.Stacked) -> list[list]:
+  """Per leaf, per slice, its sparsity (0 where not pruned) from the distribution and the
+  overrides."""
   treedef = jax.tree.structure(params)
-  free = [f and o is None for f, o in zip(flags, overridden)]
+  free = [[f and o is None for f, o in zip(l.flags, ov)] for l, ov in zip(layers, overridden)]
+  with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
+  paths = [tree_lib.path_str(p) for p, _ in with_paths]
   if distribution == "uniform":
-    split = [target] * len(flags)
+    split = [[target] * l.num for l in layers]
   else:
     fn = distribution_lib.erk_sparsities if distribution == "erk" else distribution
-    split = validation.broadcast_prefix(
-        fn(params, target, prunable=jax.tree.unflatten(treedef, free)), params, "distribution",
-        "a per-leaf sparsity")
+    kwargs = {} if stacked is None else {"stacked": stacked}
+    per_leaf = validation.broadcast_prefix(
+        fn(params, target, prunable=stacked_lib.flag_tree(treedef, layers, free), **kwargs),
+        params, "distribution", "a per-leaf sparsity")
+    split = [stacked_lib.slice_values(v, l, "distribution", path)
+             for v, l, path in zip(per_leaf, layers, paths)]
   out = []
-  for (path, _), f, value, o in zip(tree_lib.leaves_with_paths(params), free, split, overridden):
-    if o is not None:
-      out.append(validation.check_fraction(o, "overrides", path))
-    else:
-      out.append(validation.check_fraction(value, "distribution", path) if f else 0.0)
+  for (p, _), l, fs, values, ovs in zip(with_paths, layers, free, split, overridden):
+    out.append([validation.check_fraction(o, "overrides", q) if o is not None else
+                validation.check_fraction(v, "distribution", q) if f else 0.0
+                for q, f, v, o in zip(stacked_lib.slice_paths(p, l), fs, values, ovs)])
   return out
+
+
+def _leaf_value(values: list, layers: stacked_lib.Layers) -> Any:
+  """Per-slice sparsities as a mask function's per-leaf value: one scalar when shared."""
+  if values and all(v is values[0] for v in values):
+    return values[0]
+  return stacked_lib.as_leaf_value(values, layers)
 
 
 def pruning_masks(params: PyTree, sparsity: Sparsity, *, scores: Optional[PyTree] = None,
                   scope: str = "layer", distribution: Distribution = "uniform",
                   overrides: Overrides = None, prunable: Prunable = None,
-                  pattern: Pattern = "unstructured",
-                  previous: Optional[PyTree] = None) -> PyTree:
+                  pattern: Pattern = "unstructured", previous: Optional[PyTree] = None,
+                  stacked: stacked_lib.Stacked = None) -> PyTree:
   """Masks that bring ``params`` to a target sparsity: the pruning policy in one function.
 
   The target is split across the prunable leaves by ``distribution`` (``scope="layer"``) or met
@@ -258,7 +299,9 @@ def pruning_masks(params: PyTree, sparsity: Sparsity, *, scores: Optional[PyTree
       params; called with a traced ``sparsity`` under jit), e.g. `uniform_sparsities`.
     overrides: per-leaf sparsities replacing the distribution: a mapping from leaf path (as
       `jax.tree_util.keystr` renders it, e.g. ``"['dense1']['kernel']"``) to a fraction, or a
-      callable ``(path, leaf) -> fraction | None``. Overridden leaves are pruned per leaf.
+      callable ``(path, leaf) -> fraction | None``. Overridden leaves are pruned per leaf. With
+      ``stacked``, keys may also be slice paths (``"['layers']['q']['kernel'][3]"``) and a
+      stacked leaf's value an array over its layer axes.
     prunable: which leaves are pruned: None (floating arrays with ``ndim >= 2``), a predicate
       ``(path, leaf) -> bool`` or a pytree of bools.
     pattern: ``"unstructured"``; ``NMPattern(n, m, axis)`` (the pattern fixes the sparsity at
@@ -267,6 +310,10 @@ def pruning_masks(params: PyTree, sparsity: Sparsity, *, scores: Optional[PyTree
       ``fn(scores, sparsity, *, scope, prunable) -> masks`` such as
       ``functools.partial(jp.sharding.sharded_unstructured_mask, mesh=mesh, specs=specs)``.
     previous: masks in force (bool pytree with the params' structure), or None.
+    stacked: leading layer axes of each leaf (None, an int or bool, a pytree prefix of them or
+      ``(path, leaf) -> int``); each slice along them is then a layer of its own for the
+      scope, the distribution, the overrides and the pattern (see `jaxprune.unstructured_mask`).
+      A distribution function or mask-function pattern then also receives ``stacked=``.
 
   Returns:
     Bool masks with the structure and shapes of ``params`` (True = keep); unprunable leaves are
@@ -288,29 +335,37 @@ def pruning_masks(params: PyTree, sparsity: Sparsity, *, scores: Optional[PyTree
     raise validation.error("sparsity", "one fraction in [0, 1] (per-leaf fractions go in "
                            "overrides or a distribution)", sparsity)
   target = validation.check_fraction(sparsity, "sparsity")
+  if stacked is not None:
+    for name, fn in (("pattern", pattern), ("distribution", distribution)):
+      if callable(fn) and not _takes_stacked(fn):
+        raise validation.error(name, "a function that takes a stacked= keyword when stacked is "
+                               "given", getattr(getattr(fn, "func", fn), "__name__", fn))
   treedef = jax.tree.structure(params)
-  flags = jax.tree.leaves(tree_lib.prunable_flags(params, prunable))
+  layers = stacked_lib.resolve(params, stacked, prunable)
+  flags = [l.any for l in layers]
   for (path, leaf), flag in zip(tree_lib.leaves_with_paths(params), flags):
     if flag and not tree_lib.is_floating(leaf):
       raise validation.error("params", "floating-point prunable leaves",
                              f"dtype {getattr(leaf, 'dtype', type(leaf).__name__)}", path)
   if previous is not None:
     tree_lib.check_same_structure(params, previous, "params", "previous")
-  overridden = leaf_overrides(params, flags, overrides)
-  per_leaf = _per_leaf(params, target, flags, overridden, distribution)
+  overridden = slice_overrides(params, layers, overrides)
+  per_slice = _per_slice(params, target, layers, overridden, distribution, stacked)
   live_nan = 0.0 if isinstance(pattern, BlockPattern) else -np.inf
   leaves = _leaf_scores(params, scores, flags, previous, live_nan)
   if callable(pattern) and not reads_elementwise(pattern):
     leaves = [s.evaluate() if isinstance(s, elementwise.Elementwise) else s for s in leaves]
   scores_tree = jax.tree.unflatten(treedef, leaves)
-  tree_of = functools.partial(jax.tree.unflatten, treedef)
+  values = jax.tree.unflatten(treedef, [_leaf_value(v, l) for v, l in zip(per_slice, layers)])
+  flag_tree = functools.partial(stacked_lib.flag_tree, treedef, layers)
+  kwargs = {} if stacked is None else {"stacked": stacked}
 
   if isinstance(pattern, NMPattern):
     nm = masks_lib.nm_mask(scores_tree, pattern.n, pattern.m, axis=pattern.axis,
-                           prunable=tree_of([f and not _is_zero(s)
-                                             for f, s in zip(flags, per_leaf)]))
-    masks = tree_of([jnp.where(s > 0, m, True) if validation.is_traced(s) else m
-                     for m, s in zip(jax.tree.leaves(nm), per_leaf)])
+                           prunable=flag_tree([[f and not _is_zero(s) for f, s in zip(l.flags, ss)]
+                                               for l, ss in zip(layers, per_slice)]), **kwargs)
+    masks = jax.tree.unflatten(treedef, [
+        _dense_where_zero(m, ss, l) for m, ss, l in zip(jax.tree.leaves(nm), per_slice, layers)])
   else:
     if isinstance(pattern, BlockPattern):
       select_fn = functools.partial(masks_lib.block_mask, block_shape=pattern.shape,
@@ -318,18 +373,37 @@ def pruning_masks(params: PyTree, sparsity: Sparsity, *, scores: Optional[PyTree
     else:
       select_fn = masks_lib.unstructured_mask if pattern == "unstructured" else pattern
     if scope == "layer":
-      masks = select_fn(scores_tree, tree_of(per_leaf), scope="layer", prunable=tree_of(flags))
+      masks = select_fn(scores_tree, values, scope="layer", prunable=flag_tree(), **kwargs)
     else:
-      free = [f and o is None for f, o in zip(flags, overridden)]
-      masks = select_fn(scores_tree, target, scope="global", prunable=tree_of(free))
-      if any(o is not None for o in overridden):
-        chosen = tree_of([o is not None for o in overridden])
+      free = [[f and o is None for f, o in zip(l.flags, ov)]
+              for l, ov in zip(layers, overridden)]
+      masks = select_fn(scores_tree, target, scope="global", prunable=flag_tree(free), **kwargs)
+      if any(o is not None for ov in overridden for o in ov):
+        chosen = flag_tree([[o is not None for o in ov] for ov in overridden])
         masks = jax.tree.map(jnp.logical_and, masks,
-                             select_fn(scores_tree, tree_of(per_leaf), scope="layer",
-                                       prunable=chosen))
+                             select_fn(scores_tree, values, scope="layer", prunable=chosen,
+                                       **kwargs))
   if previous is not None:
     masks = jax.tree.map(lambda m, p: jnp.logical_and(m, jnp.asarray(p, bool)), masks, previous)
   return masks
+
+
+def _dense_where_zero(mask: Array, values: list, layers: stacked_lib.Layers) -> Array:
+  """An N:M mask left dense in the slices whose traced sparsity is 0 (concrete zeros were left
+  out of the selection)."""
+  if not any(validation.is_traced(v) for v in values):
+    return mask
+  s = jnp.asarray(stacked_lib.as_leaf_value(values, layers), jnp.float32)
+  return jnp.where(s.reshape(s.shape + (1,) * (mask.ndim - s.ndim)) > 0, mask, True)
+
+
+def _takes_stacked(fn: Callable[..., Any]) -> bool:
+  """Whether ``fn`` accepts a ``stacked`` keyword (or any keyword)."""
+  try:
+    params = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):  # no signature to read: let the call decide
+    return True
+  return any(p.name == "stacked" or p.kind == p.VAR_KEYWORD for p in params)
 
 
 def _is_zero(s: Any) -> bool:
@@ -337,5 +411,5 @@ def _is_zero(s: Any) -> bool:
   return not validation.is_traced(s) and float(s) == 0.0
 
 
-__all__ = ["BlockPattern", "NMPattern", "check_distribution", "check_pattern", "leaf_overrides",
-           "pruning_masks", "reads_elementwise"]
+__all__ = ["BlockPattern", "NMPattern", "check_distribution", "check_pattern", "pruning_masks",
+           "reads_elementwise", "slice_overrides"]

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune._src import stacked as stacked_lib
 from jaxprune._src import tree as tree_lib
 from jaxprune._src.flops import matmul_flops_by_leaf, xla_flops
 from jaxprune._src.mask_state import find_masks, holds_masks
@@ -90,7 +91,7 @@ class Report(NamedTuple):
     {'sparsity/total': 0.5, 'sparsity/w': 0.5}
 
   Attributes:
-    rows: one `LeafReport` per leaf, in `jax.tree.leaves` order.
+    rows: one `LeafReport` per leaf (per slice of a stacked leaf), in `jax.tree.leaves` order.
     flops_dense: XLA's FLOP count of ``apply_fn`` (None without ``apply_fn``).
     flops_effective: ``flops_dense`` minus the multiply-adds of pruned weights (None without
       ``apply_fn``).
@@ -239,7 +240,7 @@ def _check_report_args(params: PyTree, masks: Optional[PyTree],
 def report(params: PyTree, *, masks: Optional[PyTree] = None,
            prunable: tree_lib.Prunable = None,
            apply_fn: Optional[Callable[..., Any]] = None,
-           inputs: Sequence[Any] = ()) -> Report:
+           inputs: Sequence[Any] = (), stacked: stacked_lib.Stacked = None) -> Report:
   """Counts, storage bytes and FLOPs of (pruned) parameters.
 
   Examples:
@@ -270,6 +271,9 @@ def report(params: PyTree, *, masks: Optional[PyTree] = None,
       nnx.split(model, nnx.Param, ...)``; for Equinox, ``lambda p, x: eqx.combine(p, static)(x)``
       (see docs/families.md).
     inputs: the remaining arguments of ``apply_fn``, a tuple: ``inputs=(x,)``, not ``x``.
+    stacked: leading layer axes of each leaf (see `jaxprune.unstructured_mask`): a stacked leaf
+      gets one row per slice, with the slice's path (``['layers']['q']['kernel'][3]``), shape
+      and counts, and an equal share of the leaf's FLOPs.
 
   Returns:
     A `Report`; see the module docstring for the byte and FLOP formulas.
@@ -284,7 +288,7 @@ def report(params: PyTree, *, masks: Optional[PyTree] = None,
       masks = find_masks(masks, params)
     tree_lib.check_same_structure(params, masks, "params", "masks")
   inputs = _check_report_args(params, masks, apply_fn, inputs)
-  flags = jax.tree.leaves(tree_lib.prunable_flags(params, prunable))
+  layers = stacked_lib.resolve(params, stacked, prunable)
   with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
   mask_leaves = jax.tree.leaves(masks) if masks is not None else [None] * len(with_paths)
 
@@ -295,26 +299,30 @@ def report(params: PyTree, *, masks: Optional[PyTree] = None,
     flops_dense, leaf_flops = None, [0.0] * len(with_paths)
 
   rows = []
-  for (path, leaf), flag, mask, fl in zip(with_paths, flags, mask_leaves, leaf_flops):
-    shape = tuple(int(d) for d in np.shape(leaf))
+  for (path, leaf), l, mask, fl in zip(with_paths, layers, mask_leaves, leaf_flops):
     dtype = np.dtype(getattr(leaf, "dtype", np.asarray(leaf).dtype))
-    count = math.prod(shape)
-    if not flag:
-      kept = count
-    elif mask is not None:
-      kept = int(np.count_nonzero(np.asarray(mask)))
-    else:
-      kept = int(np.count_nonzero(np.asarray(leaf)))
-    dense, bitmask, csr = leaf_bytes(shape, dtype.itemsize, kept)
-    if not flag:
-      bitmask = csr = dense
-    density = kept / count if count else 1.0
-    rows.append(LeafReport(
-        path=tree_lib.path_str(path), shape=shape, dtype=dtype.name, prunable=bool(flag),
-        count=count, kept=kept, sparsity=1.0 - density, dense_bytes=dense,
-        bitmask_bytes=bitmask, csr_bytes=csr, flops_dense=fl, flops_effective=fl * density))
+    # Only pruned layers are counted: the others are read as dense, never copied to the host.
+    values = (np.asarray(leaf if mask is None else mask).reshape((l.num,) + l.shape)
+              if l.any else [None] * l.num)
+    for j, q in enumerate(stacked_lib.slice_paths(path, l)):
+      rows.append(_row(q, l.shape, dtype, l.flags[j], values[j], fl / max(l.num, 1)))
 
   flops_effective = None
   if flops_dense is not None:
     flops_effective = flops_dense - sum(r.flops_dense - r.flops_effective for r in rows)
   return Report(rows=tuple(rows), flops_dense=flops_dense, flops_effective=flops_effective)
+
+
+def _row(path: str, shape: tuple[int, ...], dtype: np.dtype, flag: bool,
+         kept_of: Optional[np.ndarray], flops: float) -> LeafReport:
+  """One layer's row; ``kept_of`` is its mask, or its values (kept = nonzero) without masks."""
+  count = math.prod(shape)
+  kept = int(np.count_nonzero(kept_of)) if flag else count
+  dense, bitmask, csr = leaf_bytes(shape, dtype.itemsize, kept)
+  if not flag:
+    bitmask = csr = dense
+  density = kept / count if count else 1.0
+  return LeafReport(
+      path=path, shape=tuple(int(d) for d in shape), dtype=dtype.name, prunable=bool(flag),
+      count=count, kept=kept, sparsity=1.0 - density, dense_bytes=dense, bitmask_bytes=bitmask,
+      csr_bytes=csr, flops_dense=flops, flops_effective=flops * density)

@@ -12,15 +12,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxprune._src import mask_state
 from jaxprune._src import report as report_lib
+from jaxprune._src import stacked as stacked_lib
 from jaxprune._src import tree as tree_lib
 from jaxprune._src.types import Array, Prunable, PyTree
 
 
-def prune_scalars(state: Any, params: PyTree, *, prunable: Prunable = None) -> dict[str, Array]:
+def prune_scalars(state: Any, params: PyTree, *, prunable: Prunable = None,
+                  stacked: stacked_lib.Stacked = None) -> dict[str, Array]:
   """Flat ``{name: scalar}`` of a pruning state, for TensorBoard / W&B / CLU style loggers.
 
   Examples:
@@ -39,32 +40,38 @@ def prune_scalars(state: Any, params: PyTree, *, prunable: Prunable = None) -> d
       read, so traced parameters work).
     prunable: the prunable rule the transformation was built with (see
       `jaxprune.prunable_flags`); only prunable leaves are reported.
+    stacked: the layer axes the transformation was built with (see `jaxprune.prune`): a stacked
+      leaf is reported per slice, ``sparsity/<leaf>/<index>``, as `jaxprune.report` does.
 
   Returns:
     ``prune/step`` (the state's update count) and ``prune/target`` (the overall sparsity the
     current masks were computed for) when the state has them, then ``sparsity/total`` (pruned
-    fraction over all prunable entries) and ``sparsity/<leaf>`` per prunable leaf, as float32
-    (``prune/step`` int32) scalars. Empty leaves count as 0.0.
+    fraction over all prunable entries) and ``sparsity/<leaf>`` per prunable leaf (or slice), as
+    float32 (``prune/step`` int32) scalars. Empty leaves count as 0.0.
   """
   node = mask_state.find_mask_state(state, params)
   masks = jax.tree.leaves(tree_lib.like(node.masks, params))
-  flags = jax.tree.leaves(tree_lib.prunable_flags(params, prunable))
+  layers = stacked_lib.resolve(params, stacked, prunable)
   out: dict[str, Array] = {}
   if hasattr(node, "count"):
     out["prune/step"] = jnp.asarray(node.count)
   if hasattr(node, "target"):
     out["prune/target"] = jnp.asarray(node.target, jnp.float32)
-  chosen = [(path, mask) for (path, _), mask, flag in
-            zip(tree_lib.leaves_with_paths(params), masks, flags) if flag]
-  sizes = [int(np.size(mask)) for _, mask in chosen]
+  chosen = []  # (path, size, pruned entries) of every pruned layer
+  for (path, _), mask, l in zip(jax.tree_util.tree_flatten_with_path(params)[0], masks, layers):
+    if not l.any:
+      continue
+    pruned = (l.size - jnp.sum(jnp.asarray(mask, jnp.int32).reshape(l.num, l.size), axis=1))
+    chosen += [(q, l.size, pruned[j].astype(jnp.float32))
+               for j, q in enumerate(stacked_lib.slice_paths(path, l)) if l.flags[j]]
+  sizes = [n for _, n, _ in chosen]
   # Under jit XLA turns a division by a constant into a product with its reciprocal, one ulp
   # away from the eager quotient at times; opaque sizes keep jitted and eager values equal.
   denominators = jax.lax.optimization_barrier(
       jnp.asarray([max(n, 1) for n in sizes] + [max(sum(sizes), 1)], jnp.float32))
   # float32 sums: an int32 count of pruned entries would overflow past 2**31 parameters.
-  pruned = [(n - jnp.sum(jnp.asarray(mask, jnp.int32))).astype(jnp.float32)
-            for (_, mask), n in zip(chosen, sizes)]
-  out["sparsity/total"] = sum(pruned, jnp.zeros((), jnp.float32)) / denominators[-1]
-  for i, ((path, _), count) in enumerate(zip(chosen, pruned)):
+  out["sparsity/total"] = sum((c for _, _, c in chosen), jnp.zeros((), jnp.float32)) / (
+      denominators[-1])
+  for i, (path, _, count) in enumerate(chosen):
     out[f"sparsity/{report_lib.log_name(path)}"] = count / denominators[i]
   return out

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxprune._src import tree as tree_lib
+from jaxprune._src import stacked as stacked_lib
 from jaxprune._src.types import Array, Prunable, PyTree
 
 
-def sparsity(params: PyTree, prunable: Prunable = None) -> Array:
+def sparsity(params: PyTree, prunable: Prunable = None,
+             stacked: stacked_lib.Stacked = None) -> Array:
   """Fraction of exact zeros over the prunable leaves (0.0 when none is prunable).
 
   Examples:
@@ -22,12 +24,17 @@ def sparsity(params: PyTree, prunable: Prunable = None) -> Array:
   Args:
     params: parameter pytree.
     prunable: see `unstructured_mask`.
+    stacked: leading layer axes of each leaf (see `unstructured_mask`); the prunable rule then
+      reads each slice.
 
   Returns:
     float32 scalar in [0, 1].
   """
-  flags = jax.tree.leaves(tree_lib.prunable_flags(params, prunable))
-  chosen = [jnp.asarray(x) for x, f in zip(jax.tree.leaves(params), flags) if f]
+  chosen = []
+  for x, l in zip(jax.tree.leaves(params), stacked_lib.resolve(params, stacked, prunable)):
+    if l.any:
+      x = jnp.asarray(x).reshape(l.num, l.size)
+      chosen.append(x if all(l.flags) else x[np.flatnonzero(l.flags)])
   total = sum(x.size for x in chosen)
   if total == 0:
     return jnp.float32(0.0)

@@ -29,6 +29,7 @@ from jax import lax
 from jaxprune._src import elementwise
 from jaxprune._src import policy
 from jaxprune._src import scores as scores_lib
+from jaxprune._src import stacked as stacked_lib
 from jaxprune._src import tree as tree_lib
 from jaxprune._src import validation
 from jaxprune._src.types import Array, Prunable, PyTree, Schedule, ScheduleLike
@@ -110,13 +111,17 @@ def _maybe_update(changed: Array, update: Callable[[PyTree], PyTree], masks: PyT
                         (changed, masks))[1]
 
 
-def _resolve(params: PyTree, prunable: Prunable, overrides: Any) -> tuple[list, list]:
-  """Prunable flags, and per leaf its override schedule or None (host side, at trace time)."""
-  flags = jax.tree.leaves(tree_lib.prunable_flags(params, prunable))
-  values = policy.leaf_overrides(params, flags, overrides)
-  paths = [p for p, _ in tree_lib.leaves_with_paths(params)]
-  return flags, [None if v is None else as_schedule(v, f"overrides[{p!r}]")
-                 for v, p in zip(values, paths)]
+def _resolve(params: PyTree, prunable: Prunable, overrides: Any,
+             stacked: stacked_lib.Stacked) -> tuple[list[stacked_lib.Layers], list]:
+  """Per leaf its layers and prunable slices, and the ``(leaf or slice path, schedule)`` of every
+  overridden slice (host side, at trace time)."""
+  layers = stacked_lib.resolve(params, stacked, prunable)
+  values = policy.slice_overrides(params, layers, overrides)
+  chosen = []
+  for (p, _), l, vals in zip(jax.tree_util.tree_flatten_with_path(params)[0], layers, values):
+    chosen += [(q, as_schedule(v, f"overrides[{q!r}]"))
+               for q, v in zip(stacked_lib.slice_paths(p, l), vals) if v is not None]
+  return layers, chosen
 
 
 def _hessian(score: Any, params: PyTree, key: Array, loss_fn: Optional[Callable[..., Array]],
@@ -164,8 +169,8 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
           scope: str = "layer", distribution: policy.Distribution = "uniform",
           overrides: Optional[Any] = None, prunable: Prunable = None,
           pattern: policy.Pattern = "unstructured", num_probes: int = 8,
-          average_hessian: bool = False, seed: int = 0,
-          masks: Optional[PyTree] = None) -> optax.GradientTransformationExtraArgs:
+          average_hessian: bool = False, seed: int = 0, masks: Optional[PyTree] = None,
+          stacked: stacked_lib.Stacked = None) -> optax.GradientTransformationExtraArgs:
   """Gradual pruning inside the jitted train step; chain it after the optimizer.
 
   At each ``update`` the schedule is evaluated at the step count (clipped to [0, 1]; a NaN value
@@ -208,8 +213,9 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
     scope: ``"layer"`` or ``"global"`` (see `pruning_masks`).
     distribution: ``"uniform"``, ``"erk"`` or ``fn(params, sparsity, *, prunable)`` (see
       `pruning_masks`); ``"uniform"`` with ``scope="global"``.
-    overrides: per-leaf sparsities or schedules: a mapping from leaf path to a fraction or a
-      schedule, or a callable ``(path, leaf) -> fraction | schedule | None``.
+    overrides: per-leaf sparsities or schedules: a mapping from leaf path (or, with ``stacked``,
+      slice path) to a fraction or a schedule, or a callable
+      ``(path, leaf) -> fraction | schedule | None``.
     prunable: None (floating arrays with ``ndim >= 2``), a predicate ``(path, leaf) -> bool`` or
       a pytree of bools.
     pattern: ``"unstructured"``, an `NMPattern`, a `BlockPattern` or a mask function (see
@@ -221,6 +227,8 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
     masks: initial masks (bool, the params' structure; e.g. from `jaxprune.oneshot`). The state
       then starts at the schedule's step-0 target, so a constant schedule keeps these masks
       while fine-tuning and a rising one prunes further from them.
+    stacked: leading layer axes of each leaf (see `pruning_masks`): each slice is pruned as a
+      layer of its own, e.g. ``stacked={"params": {"layers": 1}, ...}`` for ``nn.scan`` blocks.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` with ``update(updates, state, params, *,
@@ -244,21 +252,21 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
   accumulate = bool(average_hessian) and score in _HESSIAN_SCORES
 
   def init_fn(params: PyTree) -> PruneState:
-    flags, leaf_schedules = _resolve(params, prunable, overrides)
+    layers, chosen = _resolve(params, prunable, overrides, stacked)
+    flags = [l.any for l in layers]
     for (path, leaf), flag in zip(tree_lib.leaves_with_paths(params), flags):
       if flag and not tree_lib.is_floating(leaf):
         raise validation.error("params", "floating-point prunable leaves",
                                f"dtype {getattr(leaf, 'dtype', type(leaf).__name__)}", path)
-    override_schedules = [s for s in leaf_schedules if s is not None]
     check_schedule_start(target_schedule, "schedule")
-    for s in override_schedules:
+    for _, s in chosen:
       check_schedule_start(s, "overrides")
-    start, initial = jnp.zeros((), jnp.float32), _initial_masks(params, masks, flags)
+    start, initial = jnp.zeros((), jnp.float32), _initial_masks(params, masks, layers)
     if masks is not None:
       start = jnp.clip(jnp.asarray(target_schedule(jnp.zeros((), jnp.int32)), jnp.float32), 0, 1)
     return PruneState(
         count=jnp.zeros((), jnp.int32), target=start,
-        override_targets=tuple(jnp.zeros((), jnp.float32) for _ in override_schedules),
+        override_targets=tuple(jnp.zeros((), jnp.float32) for _ in chosen),
         masks=initial,
         key=jax.random.PRNGKey(seed),
         hess_sum=(jax.tree.unflatten(jax.tree.structure(params), [
@@ -272,9 +280,10 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
       raise validation.error("params", "the current params as the third argument of update",
                              None)
     tree_lib.check_same_structure(params, state.masks, "params", "state.masks")
-    flags, leaf_schedules = _resolve(params, prunable, overrides)
+    layers, chosen = _resolve(params, prunable, overrides, stacked)
+    flags = [l.any for l in layers]
+    flag_tree = jax.tree.unflatten(jax.tree.structure(params), flags)
     target = _evaluate(target_schedule, state.count, state.target)
-    chosen = [(i, s) for i, s in enumerate(leaf_schedules) if s is not None]
     override_targets = tuple(_evaluate(s, state.count, old)
                              for (_, s), old in zip(chosen, state.override_targets))
     changed = target != state.target
@@ -286,9 +295,8 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
     if accumulate:
       h = _hessian(score, params, sub, loss_fn, batch, num_probes)
       hess_sum = jax.tree.map(lambda a, x, f: a + jnp.asarray(x, jnp.float32) if f else a,
-                              hess_sum, h, tree_lib.prunable_flags(params, prunable))
+                              hess_sum, h, flag_tree)
       hess_steps = hess_steps + 1
-    paths = [p for p, _ in tree_lib.leaves_with_paths(params)]
 
     def recompute(masks):
       hess = None
@@ -298,9 +306,9 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
       scores = _scores(score, params, flags, sub, hess, num_probes, grad, loss_fn, batch, extra)
       return policy.pruning_masks(
           params, target, scores=scores, scope=scope, distribution=distribution,
-          overrides={paths[i]: t for (i, _), t in zip(chosen, override_targets)} or None,
-          prunable=jax.tree.unflatten(jax.tree.structure(params), flags), pattern=pattern,
-          previous=masks)
+          overrides={q: t for (q, _), t in zip(chosen, override_targets)} or None,
+          prunable=stacked_lib.flag_tree(jax.tree.structure(params), layers), pattern=pattern,
+          previous=masks, stacked=stacked)
 
     masks = _maybe_update(changed, recompute, state.masks)
     if accumulate:  # a fresh average after each mask update
@@ -308,8 +316,7 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
       hess_steps = jnp.where(changed, 0, hess_steps)
     # -p, not 0: p + (-p) is exactly +0.0 whatever the inner optimizer proposed.
     new_updates = jax.tree.map(lambda u, p, m, f: jnp.where(m, u, -p) if f else u,
-                               updates, params, masks,
-                               jax.tree.unflatten(jax.tree.structure(params), flags))
+                               updates, params, masks, flag_tree)
     return new_updates, PruneState(
         count=optax.safe_increment(state.count), target=target,
         override_targets=override_targets, masks=masks, key=key, hess_sum=hess_sum,
@@ -318,18 +325,19 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _initial_masks(params: PyTree, masks: Optional[PyTree], flags: list[bool]) -> PyTree:
-  """All-True masks, or the given ones checked against the params (unprunable leaves all True)."""
+def _initial_masks(params: PyTree, masks: Optional[PyTree],
+                   layers: list[stacked_lib.Layers]) -> PyTree:
+  """All-True masks, or the given ones checked against the params (all True where not pruned)."""
   if masks is None:
     return jax.tree.map(lambda p: jnp.ones(np.shape(p), jnp.bool_), params)
   tree_lib.check_same_structure(params, masks, "params", "masks")
   out = []
-  for (path, p), m, flag in zip(tree_lib.leaves_with_paths(params), jax.tree.leaves(masks),
-                                flags):
+  for (path, p), m, l in zip(tree_lib.leaves_with_paths(params), jax.tree.leaves(masks), layers):
     if np.shape(m) != np.shape(p) or jnp.result_type(m) != jnp.bool_:
       raise validation.error("masks", f"a bool array of shape {np.shape(p)}",
                              f"{jnp.result_type(m)} {np.shape(m)}", path)
-    out.append(jnp.asarray(m) if flag else jnp.ones(np.shape(p), jnp.bool_))
+    pruned = np.asarray(l.flags, bool).reshape(l.lead_shape + (1,) * len(l.shape))
+    out.append(jnp.asarray(m) if pruned.all() else jnp.logical_or(jnp.asarray(m), ~pruned))
   return jax.tree.unflatten(jax.tree.structure(params), out)
 
 
