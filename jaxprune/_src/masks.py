@@ -124,7 +124,7 @@ def unstructured_mask(scores: PyTree, sparsity: Sparsity, *, scope: str = "layer
   Exactly ``round(s·n)`` entries of each prunable leaf (``scope="layer"``) or ``round(s·N)`` of
   all prunable entries together (``scope="global"``) are pruned. Lower scores go first, NaN
   below every number; among equal scores the later entry (leaf order, then row-major) goes first.
-  Selection is a sort-free radix select (see `jaxprune._src.select`).
+  Selection is a sort-free radix select over 2¹⁶-bin histograms of order-preserving keys.
 
   Examples:
     >>> import jax.numpy as jnp, jaxprune as jp

@@ -276,7 +276,7 @@ def report(params: PyTree, *, masks: Optional[PyTree] = None,
       and counts, and an equal share of the leaf's FLOPs.
 
   Returns:
-    A `Report`; see the module docstring for the byte and FLOP formulas.
+    A `Report`; `LeafReport` gives the byte and FLOP formulas.
 
   Raises:
     ValueError: for masks or an optimizer state that do not match ``params``, non-bool masks,
