@@ -413,6 +413,12 @@ def data_parallel_hessian_diag(loss_fn: Callable[..., Array], params: PyTree, *a
       raise ValueError(f"args: batch leaf {path} with shape {np.shape(x)} must have a leading "
                        f"dimension divisible by the {shards} shards of {batch_axis!r}.")
 
+  # A concrete batch is placed on the mesh here: under Explicit mesh axes, shard_map requires its
+  # operands to carry the batch spec already (an unsharded array would be a type error).
+  if isinstance(mesh, Mesh):
+    batch = NamedSharding(mesh, PartitionSpec(names if len(names) > 1 else names[0]))
+    args = tuple(jax.tree.map(
+        lambda x: x if validation.is_traced(x) else jax.device_put(x, batch), a) for a in args)
   estimate = _data_parallel_estimator(loss_fn, mesh, names, num_probes, len(args))
   return estimate(params, key, *args)
 
