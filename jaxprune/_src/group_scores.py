@@ -230,7 +230,8 @@ def group_masks(scores: Sequence[Array], sparsity: Sparsity, *, scope: str = "la
       counts = k if isinstance(k, list) else [k]
       full = [j for j, c in enumerate(counts) if isinstance(c, int) and c >= size]
       if full and lay.num:
-        where = f" in layer {list(list(np.ndindex(*lay.lead_shape))[full[0]])}" if lay.lead else ""
+        layer = [int(j) for j in np.unravel_index(full[0], lay.lead_shape)]
+        where = f" in layer {layer}" if lay.lead else ""
         raise ValueError(f"group_masks: sparsity {frac} would remove all {size} units of "
                          f"group {i}{where}; expected to keep at least one")
       ks.append(jnp.asarray(k, jnp.int32).reshape(lay.lead_shape))
