@@ -3,7 +3,8 @@ scores and masks, and the surgery that physically removes them.
 
 `find_groups` traces a model's jaxpr to find which slices of which leaves must go together,
 `group_scores` / `group_masks` rank and select whole groups, and `shrink` cuts them out so the
-model really gets smaller.
+model really gets smaller. With ``stacked=`` (layers stacked by ``nn.scan`` or ``nnx.vmap``), a
+group whose members all lie on stacked leaves is scored, selected and cut in each layer.
 """
 
 from jaxprune._src.groups import find_groups as find_groups

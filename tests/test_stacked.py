@@ -18,7 +18,6 @@ from flax import nnx
 
 import jaxprune as jp
 from conftest import assert_trees_equal
-from jaxprune._src import group_layers
 
 L = 3
 STACKED = {"w": 1, "v": 0, "b": 1}
@@ -188,18 +187,24 @@ def test_policy_equals_separate_slices():
 
 
 class Block(nn.Module):
+  width: int = 4
+  hidden: int = 8
+
   @nn.compact
   def __call__(self, x, _):
-    h = nn.relu(nn.Dense(8, name="up")(x))
-    return x + nn.Dense(4, name="down")(h), None
+    h = nn.relu(nn.Dense(self.hidden, name="up")(x))
+    return x + nn.Dense(self.width, name="down")(h), None
 
 
 class ScanModel(nn.Module):
+  width: int = 4
+  hidden: int = 8
+
   @nn.compact
   def __call__(self, x):
-    x = nn.Dense(4, name="embed")(x)
+    x = nn.Dense(self.width, name="embed")(x)
     blocks = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
-    x, _ = blocks(name="layers")(x, None)
+    x, _ = blocks(self.width, self.hidden, name="layers")(x, None)
     return nn.Dense(2, name="head")(x)
 
 
@@ -355,7 +360,8 @@ def under_layers(path, leaf):
   return int(any(getattr(k, "key", None) == "layers" for k in path))
 
 
-def test_groups_of_scanned_blocks_are_pruned_per_layer():
+@pytest.fixture(scope="module")
+def scan_groups():
   model = ScanModel()
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5)), jnp.float32)
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
@@ -363,9 +369,20 @@ def test_groups_of_scanned_blocks_are_pruned_per_layer():
   variables = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape), jnp.float32), shapes)
   residual, hidden = jp.structured.find_groups(model.apply, variables, x)
   assert hidden.size == 8 and residual.size == 4
+  return x, variables, [residual, hidden]
+
+
+def test_groups_of_scanned_blocks_are_pruned_per_layer(scan_groups):
+  _, variables, groups = scan_groups
   magnitude = jax.tree.map(lambda v: jnp.asarray(np.abs(v)), variables)
-  scores = group_layers.group_scores([residual, hidden], magnitude, stacked=under_layers)
+  scores = jp.structured.group_scores(groups, magnitude, stacked=under_layers)
   assert scores[0].shape == (4,) and scores[1].shape == (3, 8)  # the residual stream is shared
+  # Without stacked= every group is shared: the hidden units sum over layers.
+  shared = jp.structured.group_scores(groups, magnitude,
+                                      prunable=lambda p, x: x.ndim - under_layers(p, x) >= 2)
+  np.testing.assert_array_equal(shared[0], scores[0])
+  np.testing.assert_allclose(shared[1] ** 2, np.sum(np.asarray(scores[1]) ** 2, axis=0),
+                             rtol=1e-5)
   # Each layer's hidden units scored as a group of that layer alone.
   blocks = jax.tree.map(np.asarray, variables["params"]["layers"])
   one = [{"up": {"kernel": blocks["up"]["kernel"][i], "bias": blocks["up"]["bias"][i]},
@@ -376,19 +393,20 @@ def test_groups_of_scanned_blocks_are_pruned_per_layer():
                for i in range(3)]
   ref = jp.structured.group_scores(per_layer, jax.tree.map(lambda v: jnp.asarray(np.abs(v)), one))
   np.testing.assert_allclose(scores[1], np.stack(ref), rtol=1e-6)
-  keep = group_layers.group_masks(scores, 0.5)
+  keep = jp.structured.group_masks(scores, 0.5, stacked=[0, 1])
   top = np.argsort(-np.asarray(scores[1]), axis=1, kind="stable")[:, :4]
   np.testing.assert_array_equal(np.take_along_axis(np.asarray(keep[1]), top, 1), True)
   np.testing.assert_array_equal(np.asarray(keep[1]).sum(axis=1), 4)  # 4 of 8 in each layer
   np.testing.assert_array_equal(np.asarray(keep[0]).sum(), 2)
   # Global scope ranks (group, layer, unit) in the order of separate groups.
-  glob = group_layers.group_masks(scores, 0.5, scope="global")
+  glob = jp.structured.group_masks(scores, 0.5, scope="global",
+                                   stacked=lambda _, s: s.ndim - 1)
   want = jp.structured.group_masks([scores[0]] + list(np.asarray(scores[1])), 0.5,
                                    scope="global")
   np.testing.assert_array_equal(glob[0], want[0])
   np.testing.assert_array_equal(glob[1], np.stack(want[1:]))
-  masked = jax.tree.map(np.asarray, group_layers.apply_group_masks(
-      variables, [residual, hidden], keep)["params"])
+  masked = jax.tree.map(np.asarray, jp.structured.apply_group_masks(
+      variables, groups, keep, stacked=under_layers)["params"])
   k = np.asarray(keep[1])
   up, down = masked["layers"]["up"], masked["layers"]["down"]
   for i in range(3):
@@ -397,3 +415,94 @@ def test_groups_of_scanned_blocks_are_pruned_per_layer():
     np.testing.assert_array_equal(down["kernel"][i][~k[i]], 0)
     assert np.all(up["kernel"][i][np.asarray(keep[0])][:, k[i]] != 0)
   np.testing.assert_array_equal(down["kernel"][..., ~np.asarray(keep[0])], 0)
+
+
+def test_per_slice_prunable_and_per_layer_sparsity(scan_groups):
+  _, variables, groups = scan_groups
+  magnitude = jax.tree.map(lambda v: jnp.asarray(np.abs(v)), variables)
+
+  def only(path, leaf):  # the up kernel of layer 1 is not pruned: it does not count
+    if jax.tree_util.keystr(path).endswith("['up']['kernel']"):
+      return np.asarray([True, False, True])
+    return leaf.ndim - under_layers(path, leaf) >= 2
+
+  res, hid = jp.structured.group_scores(groups, magnitude, stacked=under_layers, prunable=only)
+  p = jax.tree.map(np.asarray, variables["params"])
+  up, down = p["layers"]["up"]["kernel"], p["layers"]["down"]["kernel"]
+  flag = np.asarray([1.0, 0.0, 1.0])
+  want_hid = np.sqrt(flag[:, None] * (up ** 2).sum(axis=1) + (down ** 2).sum(axis=2))
+  np.testing.assert_allclose(hid, want_hid, rtol=1e-5)
+  want_res = np.sqrt((p["embed"]["kernel"] ** 2).sum(0) + (p["head"]["kernel"] ** 2).sum(1)
+                     + (flag[:, None, None] * up ** 2).sum((0, 2)) + (down ** 2).sum((0, 1)))
+  np.testing.assert_allclose(res, want_res, rtol=1e-5)
+  # One fraction per layer for the per-layer group, traced or not.
+  fracs = [0.5, np.asarray([0.25, 0.5, 0.0])]
+  eager = jp.structured.group_masks([res, hid], fracs, stacked=[0, 1])
+  assert [int(k.sum()) for k in eager[:1]] == [2]
+  np.testing.assert_array_equal(np.asarray(eager[1]).sum(axis=1), [6, 4, 8])
+  jitted = jax.jit(lambda f: jp.structured.group_masks([res, hid], f, stacked=[0, 1]))(fracs)
+  assert_trees_equal(eager, jitted)
+  keep = [np.ones(4, bool), np.asarray(eager[1])]
+  assert_trees_equal(jp.structured.apply_group_masks(variables, groups, keep, stacked=under_layers),
+                     jax.jit(lambda v, k: jp.structured.apply_group_masks(
+                         v, groups, k, stacked=under_layers))(variables, keep))
+
+
+def test_shrunk_scan_model_equals_masked_one(scan_groups):
+  x, variables, groups = scan_groups
+  scores = jp.structured.group_scores(groups, jp.magnitude(variables), stacked=under_layers)
+  keep = jp.structured.group_masks(scores, 0.5, stacked=[0, 1])
+  small = jp.structured.shrink(variables, groups, keep, stacked=under_layers)
+  sizes = jp.structured.linen_features(small["params"])
+  assert sizes == {"embed": 2, "layers/up": 4, "layers/down": 2, "head": 2}
+  assert small["params"]["layers"]["up"]["kernel"].shape == (3, 2, 4)
+  # Each layer keeps its own units, in their original order.
+  k = np.asarray(keep[1])
+  up = np.asarray(variables["params"]["layers"]["up"]["kernel"])[..., np.asarray(keep[0]), :]
+  for i in range(3):
+    np.testing.assert_array_equal(small["params"]["layers"]["up"]["kernel"][i], up[i][:, k[i]])
+  masked = jp.structured.apply_group_masks(variables, groups, keep, stacked=under_layers)
+  apply = jax.jit(ScanModel().apply)
+  want = apply(masked, x)
+  got = jax.jit(ScanModel(width=2, hidden=4).apply)(small, x)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  assert float(jnp.max(jnp.abs(want - apply(variables, x)))) > 1e-2  # pruning changed it
+
+
+def test_stacked_group_bad_input(scan_groups):
+  _, variables, groups = scan_groups
+  per_layer = [np.ones(4, bool), np.ones((3, 8), bool)]
+  with pytest.raises(ValueError, match=r"^group_masks: expected 1-D per-unit scores, got shapes "
+                                       r"\[\(4,\), \(3, 8\)\] \(per-layer scores need stacked=\)"):
+    jp.structured.group_masks([jnp.ones(4), jnp.ones((3, 8))], 0.5)
+  with pytest.raises(ValueError, match=r"^stacked: expected 1 layer axes for per-unit scores of "
+                                       r"shape \(3, 8\) \(layers, then units\), got 0 "
+                                       r"\(leaf \[1\]\)\.$"):
+    jp.structured.group_masks([jnp.ones(4), jnp.ones((3, 8))], 0.5, stacked=0)
+  with pytest.raises(ValueError, match=r"^stacked: expected a number of leading layer axes .*, "
+                                       r"got -1 \(leaf \[0\]\)\.$"):
+    jp.structured.group_masks([jnp.ones(4)], 0.5, stacked=-1)
+  with pytest.raises(ValueError, match=r"^group_masks: sparsity 1\.0 would remove all 8 units of "
+                                       r"group 1 in layer \[0\]; expected to keep at least one$"):
+    jp.structured.group_masks([jnp.ones(4), jnp.ones((3, 8))], [0.5, 1.0], stacked=[0, 1])
+  with pytest.raises(ValueError, match=r"^keep: expected shape \(8,\) for group .*, got shape "
+                                       r"\(3, 8\)\.$"):
+    jp.structured.apply_group_masks(variables, groups, per_layer)
+  with pytest.raises(ValueError, match=r"^keep: expected shape \(8,\) or \(3, 8\) for group .*, "
+                                       r"got shape \(2, 8\)\.$"):
+    jp.structured.shrink(variables, groups, [np.ones(4, bool), np.ones((2, 8), bool)],
+                         stacked=under_layers)
+  uneven = np.ones((3, 8), bool)
+  uneven[1, :3] = False
+  with pytest.raises(ValueError, match=r"^keep: expected the same number of kept units in every "
+                                       r"layer \(the shrunk leaf has one shape\), got counts "
+                                       r"\[8, 5, 8\] \(leaf \['params'\]\['layers'\]"):
+    jp.structured.shrink(variables, groups, [np.ones(4, bool), uneven], stacked=under_layers)
+  uneven[1] = False
+  with pytest.raises(ValueError, match=r"removes all 8 units in some layer"):
+    jp.structured.shrink(variables, groups, [np.ones(4, bool), uneven], stacked=under_layers)
+  with pytest.raises(ValueError, match=r"^prunable: expected a prunable member slice of group .* "
+                                       r"in every layer, got none in layer \[1\]\.$"):
+    jp.structured.group_scores(groups, jp.magnitude(variables), stacked=under_layers,
+                               prunable=lambda p, x: np.asarray([True, False, True])
+                               if x.ndim == 3 else False)

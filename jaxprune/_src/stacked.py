@@ -3,12 +3,13 @@
 Models built with ``flax.linen.scan``, ``nnx.scan`` or ``nnx.vmap`` hold one leaf per kind of
 kernel with a leading layer axis: ``params['layers']['attn']['q']['kernel']`` of shape
 ``(L, d_in, d_out)``. The ``stacked`` argument of the mask functions, the distributions, the
-policy, `jaxprune.prune`, `jaxprune.report` and `jaxprune.prune_scalars` says how many leading
-axes of each leaf index layers; each slice ``leaf[i]`` (``leaf[i, j]`` for two layer axes) is
-then one layer: its own exact count in layer scope, its own ERK density, its own N:M groups and
-structured units, its own report row. The result is the one computed on a tree in which every
-stacked leaf is replaced by the list of its slices (``tests/test_stacked.py`` checks it
-bitwise), without ever splitting the leaf: selections run over the slices with `jax.lax.map`.
+policy, `jaxprune.prune`, `jaxprune.report`, `jaxprune.prune_scalars` and the structured group
+functions says how many leading axes of each leaf index layers; each slice ``leaf[i]``
+(``leaf[i, j]`` for two layer axes) is then one layer: its own exact count in layer scope, its
+own ERK density, its own N:M groups and structured units, its own report row. The result is the
+one computed on a tree in which every stacked leaf is replaced by the list of its slices
+(``tests/test_stacked.py`` checks it bitwise), without ever splitting the leaf: selections run
+over the slices with `jax.lax.map`.
 
 A slice's path is the leaf's path followed by one index per layer axis, as
 `jax.tree_util.keystr` renders it: ``['layers']['q']['kernel'][3]``. With ``stacked`` the
@@ -17,8 +18,9 @@ dropped), so stacked biases and norm scales stay dense; a prunable flag of a sta
 also be a bool array over its layer axes, pruning only some of its slices. Per-slice values
 (sparsities from a distribution, overrides) are arrays over the layer axes.
 
-Dependency groups whose members all sit on stacked leaves are scored and selected per layer by
-`jaxprune._src.group_layers`.
+Dependency groups whose members all sit on stacked leaves are scored, selected, masked and
+shrunk per layer by `jaxprune.structured.group_scores`, `group_masks`, `apply_group_masks` and
+`shrink`, each with a ``stacked`` argument.
 """
 
 from __future__ import annotations

@@ -20,32 +20,53 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune._src import stacked as stacked_lib
 from jaxprune._src import tree as tree_lib
-from jaxprune._src.group_scores import axis_keep_by_leaf, check_groups
+from jaxprune._src import validation
+from jaxprune._src.group_layers import axis_keep_by_leaf, check_axis_keep
+from jaxprune._src.group_scores import check_keep
 from jaxprune._src.groups import Group
+from jaxprune._src.types import PyTree
 
 
-def _concrete_keep(groups: Sequence[Group], keep: Sequence[Any], name: str) -> list[np.ndarray]:
-  check_groups(groups, name)
-  if len(keep) != len(groups):
-    raise ValueError(f"{name}: expected one keep mask per group ({len(groups)}), got {len(keep)}")
+def _concrete_keep(groups: Sequence[Group], keep: Sequence[Any], variables: PyTree,
+                   stacked: stacked_lib.Stacked, name: str) -> list[np.ndarray]:
+  check_keep(groups, keep, variables, stacked, name)
   out = []
   for g, k in zip(groups, keep):
     if isinstance(k, jax.core.Tracer):
       raise ValueError(f"{name}: keep masks must be concrete (new shapes are static); the mask "
                        f"of group {g.name} is traced. Call it outside jit.")
     k = np.asarray(k, bool)
-    if k.shape != (g.size,):
-      raise ValueError(f"{name}: keep mask of group {g.name}: expected shape ({g.size},), got "
-                       f"{k.shape}")
-    if not k.any():
-      raise ValueError(f"{name}: the keep mask of group {g.name} removes all {g.size} units; "
-                       "expected at least one unit kept (a layer cannot be removed entirely)")
+    if not k.any(axis=-1).all():
+      where = "" if k.ndim == 1 else " in some layer"
+      raise ValueError(f"{name}: the keep mask of group {g.name} removes all {g.size} units"
+                       f"{where}; expected at least one unit kept (a layer cannot be removed "
+                       "entirely)")
     out.append(k)
   return out
 
 
-def shrink(variables: Any, groups: Sequence[Group], keep: Sequence[Any]) -> Any:
+def _take(x: Any, keep: np.ndarray, axis: int, path: str) -> Any:
+  """``x`` with only the kept indices of ``axis``; per layer for a per-layer mask, which must
+  keep as many indices in every layer (the shrunk leaf has one shape)."""
+  if keep.ndim == 1:
+    return jnp.take(x, np.nonzero(keep)[0], axis=axis)
+  counts = keep.sum(axis=-1)
+  if np.any(counts != counts.flat[0]):
+    raise validation.error("keep", "the same number of kept units in every layer (the shrunk "
+                           "leaf has one shape)", validation.Text(
+                               f"counts {counts.tolist()}"), path)
+  # A stable sort of ~keep lists each layer's kept indices first, in their original order.
+  idx = np.argsort(~keep, axis=-1, kind="stable")[..., :counts.flat[0]]
+  lead = keep.ndim - 1
+  shape = list(idx.shape[:-1]) + [1] * (np.ndim(x) - lead)
+  shape[axis] = idx.shape[-1]
+  return jnp.take_along_axis(jnp.asarray(x), idx.reshape(shape), axis=axis)
+
+
+def shrink(variables: PyTree, groups: Sequence[Group], keep: Sequence[Any], *,
+           stacked: stacked_lib.Stacked = None) -> PyTree:
   """Removes the pruned units of every group from every coupled leaf.
 
   Examples:
@@ -58,18 +79,28 @@ def shrink(variables: Any, groups: Sequence[Group], keep: Sequence[Any]) -> Any:
     >>> small = jp.structured.shrink(params, [group], [jnp.array([True, False, True])])
     >>> small["hidden"]["kernel"].tolist(), small["out"]["kernel"].tolist()
     ([[2.0, 1.0], [1.0, 0.0]], [[1.0], [0.0]])
+    >>> two = jax.tree.map(lambda x: jnp.stack([x, x]), params)   # two stacked layers
+    >>> per_layer = jp.structured.make_group(two, [(p, a + 1) for p, a in axes])
+    >>> keep = [jnp.array([[True, False, True], [False, True, True]])]   # 2 units per layer
+    >>> jp.structured.shrink(two, [per_layer], keep, stacked=1)["out"]["kernel"].tolist()
+    [[[1.0], [0.0]], [[2.0], [0.0]]]
 
   Args:
     variables: the pytree the groups were found on (e.g. a Linen
       ``{"params": ..., "batch_stats": ...}`` dict or an NNX state).
     groups: the groups.
     keep: one concrete bool array per group, True = keep; at least one unit
-      of every group must be kept.
+      of every group must be kept. With ``stacked``, the mask of a per-layer group (see
+      `jaxprune.structured.group_scores`) may be ``(*layer_shape, size)``, keeping the same
+      number of units in every layer: each layer keeps its own units, gathered along the
+      unit axis.
+    stacked: leading layer axes of each leaf of ``variables``, as in
+      `jaxprune.structured.group_scores`.
 
   Returns:
     A pytree of the same structure with smaller leaves (dtypes kept).
   """
-  keep = _concrete_keep(groups, keep, "shrink")
+  keep = _concrete_keep(groups, keep, variables, stacked, "shrink")
   axis_keep = axis_keep_by_leaf(groups, keep, np)
   flat, treedef = jax.tree_util.tree_flatten_with_path(variables)
   known = {tree_lib.path_str(p) for p, _ in flat}
@@ -79,11 +110,10 @@ def shrink(variables: Any, groups: Sequence[Group], keep: Sequence[Any]) -> Any:
                      "expected the pytree the groups were found on")
   out = []
   for p, x in flat:
-    for axis, k in axis_keep.get(tree_lib.path_str(p), {}).items():
-      if np.shape(x)[axis] != k.shape[0]:
-        raise ValueError(f"shrink: leaf {tree_lib.path_str(p)} has length {np.shape(x)[axis]} "
-                         f"on axis {axis}, the groups expect {k.shape[0]}")
-      x = jnp.take(x, np.nonzero(k)[0], axis=axis)
+    path = tree_lib.path_str(p)
+    for axis, k in axis_keep.get(path, {}).items():
+      check_axis_keep(path, tuple(np.shape(x)), axis, k, "shrink")
+      x = _take(x, k, axis, path)
     out.append(x)
   return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -181,7 +211,7 @@ def shrink_nnx(model: Any, groups: Sequence[Group], keep: Sequence[Any]) -> Any:
   Args:
     model: an ``nnx.Module``.
     groups: groups found by `jaxprune.structured.find_groups_nnx` on this model.
-    keep: one concrete bool array per group, True = keep.
+    keep: one concrete bool array per group of shape ``(group.size,)``, True = keep.
 
   Returns:
     A smaller ``nnx.Module`` of the same class.
