@@ -73,10 +73,10 @@ def test_dense_einsum_out_in_h_excludes_padding(monkeypatch, row_block):
 
 
 def im2col_same_3x3(x):
-  """(n, h, w, c) -> (n*h*w, c*3*3) patches, rows ordered (channel, tap row, tap col)."""
+  """(n, h, w, c) -> (n*h*w, 3*3*c) patches, features ordered (tap row, tap col, channel)."""
   n, hh, ww, c = x.shape
   xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  rows = [xp[i, r:r + 3, s:s + 3, :].transpose(2, 0, 1).ravel()
+  rows = [xp[i, r:r + 3, s:s + 3, :].ravel()
           for i in range(n) for r in range(hh) for s in range(ww)]
   return np.stack(rows)
 
@@ -87,7 +87,7 @@ def test_flax_conv_h_is_patches_gram():
   x = rand(22, (2, 4, 5, 2))
   (cal,) = calibration.calibrate(conv.apply, params, [x]).values()
   np.testing.assert_allclose(cal.h, gram(im2col_same_3x3(x)), rtol=2e-5, atol=2e-5)
-  assert float(cal.count) == 2 * 4 * 5 and cal.site.contract_axes == (2, 0, 1)
+  assert float(cal.count) == 2 * 4 * 5 and cal.site.contract_axes == (0, 1, 2)
 
 
 @jax.custom_jvp

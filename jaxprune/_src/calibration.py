@@ -34,6 +34,7 @@ from jaxprune._src import calibration_step
 from jaxprune._src import interpret
 from jaxprune._src import jaxpr_walk
 from jaxprune._src import tree as tree_lib
+from jaxprune._src import validation
 from jaxprune._src.interpret import Traced
 from jaxprune._src.jaxpr_walk import Site
 
@@ -49,7 +50,8 @@ class Calibration(NamedTuple):
 
   Attributes:
     h: ``(d_in, d_in)`` float32, ``Σ_t w_t x_t x_tᵀ`` over calibration tokens ``t`` (weights
-      ``w_t`` from ``token_mask``, 1 without it).
+      ``w_t`` from ``token_mask``, 1 without it); with ``diagonal=True`` only its diagonal,
+      ``(d_in,)`` ``Σ_t w_t x_t²``.
     count: float32 scalar, ``Σ_t w_t`` (the number of tokens for a boolean mask).
     cross: ``(d_in, d_in)`` float32 ``Σ_t w_t x_t x̄_tᵀ`` with ``x̄`` the same site's input when
       ``apply_fn`` runs on ``reference_params``, or None without them.
@@ -151,15 +153,20 @@ class Calibrator:
     token_mask: see `calibrate`.
     prunable: see `calibrate`.
     resume: whether states are kept between calls (False: every call runs from the start).
+    diagonal: see `calibrate`.
   """
 
   def __init__(self, apply_fn: Callable[[PyTree, Any], Any], *,
                token_mask: Optional[Callable[[Any], jax.Array]] = None,
-               prunable: tree_lib.Prunable = None, resume: bool = True) -> None:
+               prunable: tree_lib.Prunable = None, resume: bool = True,
+               diagonal: bool = False) -> None:
+    if not isinstance(diagonal, bool):
+      raise validation.error("diagonal", "a bool", diagonal)
     self.apply_fn = apply_fn
     self.token_mask = token_mask
     self.prunable = prunable
     self.resume = resume
+    self.diagonal = diagonal
     self._programs: dict = {}
     self._sets: dict[str, tuple[list, dict[int, _Batch]]] = {}
 
@@ -169,6 +176,11 @@ class Calibrator:
     if key not in self._programs:
       self._programs[key] = calibration_step.Program(interpret.trace(self.apply_fn, params, batch))
     return self._programs[key]
+
+  def trace(self, params: PyTree, batch: Any) -> Traced:
+    """``apply_fn`` traced on arguments shaped like ``(params, batch)``, the trace every call on
+    such arguments reuses (one trace per parameter and batch structure and shapes)."""
+    return self._program(params, batch).traced
 
   def _changed(self, name: str, leaves: list) -> Optional[list[int]]:
     """Indices of the leaves that differ from those the kept states of ``name`` were taken with."""
@@ -203,6 +215,9 @@ class Calibrator:
     """Calibrates ``kernels`` on ``batches``; arguments and results as in `calibrate`."""
     first, batches = first_batch(batches)
     if reference_params is not None:
+      if self.diagonal:
+        raise ValueError("reference_params: expected None with diagonal=True (the cross term "
+                         "is a full matrix), got a parameter tree.")
       tree_lib.check_same_structure(params, reference_params, "params", "reference_params")
     sets = [("params", jax.tree.leaves(params))]
     if reference_params is not None:
@@ -211,7 +226,8 @@ class Calibrator:
     acc = {}
     for path, sites in selected.items():
       d = sites[0].d_in
-      acc[path] = (np.zeros((d, d), np.float32), np.zeros((), np.float32),
+      acc[path] = (np.zeros((d,) if self.diagonal else (d, d), np.float32),
+                   np.zeros((), np.float32),
                    None if reference_params is None else np.zeros((d, d), np.float32))
     changed = {name: self._changed(name, leaves) for name, leaves in sets}
     kept: dict[str, dict[int, _Batch]] = {name: {} for name, _ in sets}
@@ -220,7 +236,7 @@ class Calibrator:
         program = self._program(params, batch)
         by_path = select_sites(program.traced, params, tuple(selected), None)
         for path, group in by_path.items():
-          if acc[path][0].shape != (group[0].d_in,) * 2:
+          if acc[path][0].shape[0] != group[0].d_in:
             raise ValueError(f"batches: expected every batch to give {path} inputs of "
                              f"{acc[path][0].shape[0]} features, got {group[0].d_in}")
         sites = [s for group in by_path.values() for s in group]
@@ -243,7 +259,8 @@ class Calibrator:
             rows[tokens] = (None, w.reshape(-1)) if sharded else calibration_step.token_rows(w)
           used, w = rows.get(tokens, (None, None))
           acc[s.path] = calibration_step.accumulate(
-              acc[s.path], x, xs[1][k] if len(xs) > 1 else None, used, w)
+              acc[s.path], x, xs[1][k] if len(xs) > 1 else None, used, w,
+              diagonal=self.diagonal)
     finally:
       # States of batches this call did not reach were taken with other parameters.
       self._sets = {name: (leaves, kept[name]) for name, leaves in sets} if self.resume else {}
@@ -271,7 +288,8 @@ def calibrate(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: I
               kernels: Kernels = None,
               token_mask: Optional[Callable[[Any], jax.Array]] = None,
               reference_params: Optional[PyTree] = None,
-              prunable: tree_lib.Prunable = None) -> dict[str, Calibration]:
+              prunable: tree_lib.Prunable = None,
+              diagonal: bool = False) -> dict[str, Calibration]:
   """Accumulates ``H = Σ xxᵀ`` over calibration tokens for each kernel of ``apply_fn``.
 
   One call, streaming over ``batches``; sequential pruning, which calibrates stage after stage,
@@ -292,11 +310,14 @@ def calibrate(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: I
       given, ``cross`` pairs each input with the same site's input under them.
     prunable: which leaves are prunable (None: floating, ``ndim >= 2``; a predicate or a bool
       pytree); used when ``kernels`` is None.
+    diagonal: accumulate only the diagonal of ``H``, ``Σ x²`` per input feature (``O(d_in)``
+      memory: all Wanda needs); not with ``reference_params``.
 
   Returns:
     ``{path: Calibration}`` in leaf order.
   """
-  calibrator = Calibrator(apply_fn, token_mask=token_mask, prunable=prunable, resume=False)
+  calibrator = Calibrator(apply_fn, token_mask=token_mask, prunable=prunable, resume=False,
+                          diagonal=diagonal)
   return calibrator(params, batches, kernels=kernels, reference_params=reference_params)
 
 
@@ -320,7 +341,11 @@ def stages(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batch: Any,
     The stages, each a list of paths in leaf order.
   """
   traced = interpret.trace(apply_fn, params, batch)
-  selected = select_sites(traced, params, kernels, prunable)
+  return stage_order(traced, select_sites(traced, params, kernels, prunable))
+
+
+def stage_order(traced: Traced, selected: dict[str, list[Site]]) -> list[list[str]]:
+  """`stages` of the kernels ``selected`` (`select_sites`) in an already traced model."""
   at = {s.location: s for sites in selected.values() for s in sites}
   deps: dict[str, set[str]] = {p: set() for p in selected}
   union = lambda values: frozenset().union(*values)

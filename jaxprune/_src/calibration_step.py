@@ -296,10 +296,21 @@ def gram(a: jax.Array, b: jax.Array) -> jax.Array:
                          preferred_element_type=jnp.float32, out_sharding=out)
 
 
-@jax.jit
+def gram_diagonal(a: jax.Array, b: jax.Array) -> jax.Array:
+  """The diagonal of ``aᵀb``, ``Σ_t a_ti b_ti``, like `gram` over rows that may be sharded."""
+  mesh = getattr(jax.typeof(a).sharding, "mesh", None)
+  out = None
+  if mesh is not None and not mesh.empty and AxisType.Explicit in mesh.axis_types:
+    out = NamedSharding(mesh, PartitionSpec())
+  return lax.dot_general(a, b, (((0,), (0,)), ((1,), (1,))), precision=lax.Precision.HIGHEST,
+                         preferred_element_type=jnp.float32, out_sharding=out)
+
+
+@functools.partial(jax.jit, static_argnames="diagonal")
 def accumulate(acc: tuple[jax.Array, jax.Array, Optional[jax.Array]], x: jax.Array,
                reference: Optional[jax.Array], rows: Optional[jax.Array],
-               weights: Optional[jax.Array]) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
+               weights: Optional[jax.Array], *,
+               diagonal: bool = False) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
   """Adds one site's inputs to ``(H, count, cross)``.
 
   Args:
@@ -308,16 +319,18 @@ def accumulate(acc: tuple[jax.Array, jax.Array, Optional[jax.Array]], x: jax.Arr
     reference: the same site's inputs under the reference parameters, or None.
     rows: which of the flattened tokens to use (`token_rows`), or None for all.
     weights: one weight per used token, or None for all ones.
+    diagonal: ``h`` is the ``(d,)`` diagonal only.
 
   Returns:
-    ``(h + xᵀ diag(w) x, count + Σ w, cross + xᵀ diag(w) x̄)``.
+    ``(h + xᵀ diag(w) x, count + Σ w, cross + xᵀ diag(w) x̄)``; with ``diagonal`` the first
+    term is ``h + Σ_t w_t x_t²``.
   """
   h, count, cross = acc
   x2 = x.reshape(-1, x.shape[-1])
   if rows is not None:
     x2 = x2[rows]
   w = (jnp.ones(x2.shape[:1], jnp.float32) if weights is None else weights).reshape(-1, 1)
-  h = h + gram(x2 * w, x2)
+  h = h + (gram_diagonal if diagonal else gram)(x2 * w, x2)
   if reference is not None:
     xd = reference.reshape(-1, x.shape[-1])
     cross = cross + gram(x2 * w, xd if rows is None else xd[rows])

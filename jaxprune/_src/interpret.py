@@ -29,7 +29,9 @@ import numpy as np
 from jax import lax
 
 from jaxprune._src import jaxpr_walk
+from jaxprune._src import obs
 from jaxprune._src import tree as tree_lib
+from jaxprune._src import validation
 from jaxprune._src.jaxpr_walk import Location, Site
 
 PyTree = Any
@@ -125,6 +127,85 @@ def from_matrix(w2: jax.Array, site: Site, shape: Optional[Sequence[int]] = None
   return jnp.transpose(w, tuple(int(i) for i in np.argsort(perm))).reshape(shape)
 
 
+def _atom_owners(site: Site) -> list[int]:
+  """The leaf axis each atom of ``site.atoms`` refines (a split axis owns consecutive atoms)."""
+  owners, k = [], 0
+  for axis, d in enumerate(site.shape):
+    n, k = site.atoms[k], k + 1
+    owners.append(axis)
+    while n < d:
+      n, k = n * site.atoms[k], k + 1
+      owners.append(axis)
+  return owners
+
+
+def _run_size(atoms: Sequence[int], per_atom: Sequence[int], axes: Sequence[int]) -> Optional[int]:
+  """Length of the run of consecutive rows (or columns) that a block covers over ``axes``
+  flattened outer to inner, or None when the block is not one aligned run: the inner atoms must
+  be covered whole up to one partly covered atom, and the outer ones not at all."""
+  size, partial = 1, False
+  for a in reversed(axes):
+    if partial and per_atom[a] != 1:
+      return None
+    partial = partial or per_atom[a] != atoms[a]
+    size *= per_atom[a]
+  return size
+
+
+def site_pattern(pattern: Any, site: Site) -> obs.ParsedPattern:
+  """A sparsity pattern resolved to the kernel's ``(d_in, d_out)`` view at ``site``.
+
+  ``"n:m"`` groups run along the view's rows, the kernel's input features whatever its layout;
+  a `jaxprune.NMPattern` must name the leaf axis of the innermost input feature (``-2`` for
+  Flax Dense ``(in, out)``, Conv ``(kh, kw, in, out)`` and einsum ``(heads, d_model, d_head)``
+  kernels, ``-1`` for an ``(out, in)`` weight), where its groups are the same rows. A
+  `jaxprune.BlockPattern` blocks the leaf's trailing dims as `jaxprune.block_mask` does, and
+  each block must be one rectangle of the view (an ``(r, c)`` block of a Flax Dense kernel is an
+  ``r × c`` tile; of an ``(out, in)`` weight a ``c × r`` one).
+
+  Args:
+    pattern: any spelling of `jaxprune._src.obs.parse_pattern`.
+    site: the kernel's `Site`.
+
+  Returns:
+    The `obs.ParsedPattern` for the view, checked against its shape.
+  """
+  pat = obs.parse_pattern(pattern)
+  shape, atoms, owners = site.shape, site.atoms, _atom_owners(site)
+  if pat.kind == "nm" and pat.axis is not None:
+    axis = validation.normalize_axis(pat.axis, len(shape), "pattern.axis", site.path)
+    inner = owners[site.contract_axes[-1]] if site.contract_axes else None
+    if axis != inner:
+      want = "none" if inner is None else f"{inner} or {inner - len(shape)}"
+      raise validation.error("pattern.axis", f"{want}, the innermost input axis of the kernel",
+                             pat.axis, site.path)
+    if atoms[site.contract_axes[-1]] % pat.b:
+      raise validation.error("pattern", f"groups of m={pat.b} dividing the "
+                             f"{atoms[site.contract_axes[-1]]} entries of axis {axis}",
+                             f"{pat.a}:{pat.b}", site.path)
+    pat = pat._replace(axis=None)
+  elif pat.kind == "block" and pat.shape is not None:
+    if len(pat.shape) > len(shape):
+      raise validation.error("pattern.shape", f"at most {len(shape)} dims for shape {shape}",
+                             pat.shape, site.path)
+    block = (1,) * (len(shape) - len(pat.shape)) + pat.shape
+    if any(d % b for d, b in zip(shape, block)):
+      raise validation.error("pattern.shape", f"a divisor of shape {shape}", pat.shape, site.path)
+    per_atom = [1] * len(atoms)
+    for a in reversed(range(len(atoms))):  # inner atoms of an axis take its block first
+      b = block[owners[a]]
+      per_atom[a] = min(b, atoms[a]) if b % atoms[a] == 0 or atoms[a] % b == 0 else 0
+      block = block[:owners[a]] + (max(b // atoms[a], 1),) + block[owners[a] + 1:]
+    rows = _run_size(atoms, per_atom, site.contract_axes)
+    cols = _run_size(atoms, per_atom, site.out_axes)
+    if not rows or not cols or 0 in per_atom:
+      raise validation.error("pattern.shape", "blocks that are tiles of the kernel's (inputs, "
+                             f"outputs) view (atoms {atoms}, inputs {site.contract_axes})",
+                             pat.shape, site.path)
+    pat = pat._replace(a=rows, b=cols, shape=None)
+  return obs.layer_pattern(pat, (site.d_in, site.d_out), path=site.path)
+
+
 def _bind(eqn: Any, args: Sequence[Any]) -> list[Any]:
   params = eqn.primitive.get_bind_params(eqn.params)
   subfuns: tuple = ()
@@ -185,7 +266,11 @@ def _conv_patches(site: Site, x: jax.Array) -> jax.Array:
       x, tuple(kernel_shape[d] for d in dn.rhs_spec[2:]), p["window_strides"], p["padding"],
       lhs_dilation=p["lhs_dilation"], rhs_dilation=p["rhs_dilation"],
       dimension_numbers=canonical, precision=lax.Precision.HIGHEST)
-  return jnp.transpose(patches, (dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1]))
+  patches = jnp.transpose(patches, (dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1]))
+  channels = kernel_shape[dn.rhs_spec[1]]
+  # Rows as `Site.contract_axes` orders them: tap outer, input channel inner.
+  patches = patches.reshape(*patches.shape[:-1], channels, -1)
+  return jnp.swapaxes(patches, -1, -2).reshape(*patches.shape[:-2], site.d_in)
 
 
 def site_inputs(site: Site, x: jax.Array) -> jax.Array:
@@ -197,7 +282,8 @@ def site_inputs(site: Site, x: jax.Array) -> jax.Array:
 
   Returns:
     ``dot_general``: ``x`` with its free axes first (the tokens) and its contracted axes
-    flattened last; ``conv_general_dilated``: the patches, ``(batch, *output spatial, d_in)``.
+    flattened last; ``conv_general_dilated``: the patches, ``(batch, *output spatial, d_in)``,
+    features ordered (kernel tap, input channel) with the channel fastest.
   """
   x = jnp.asarray(x, jnp.float32)
   if site.primitive == "conv_general_dilated":
