@@ -88,6 +88,21 @@ def test_flax_conv_h_is_patches_gram():
   (cal,) = calibration.calibrate(conv.apply, params, [x]).values()
   np.testing.assert_allclose(cal.h, gram(im2col_same_3x3(x)), rtol=2e-5, atol=2e-5)
   assert float(cal.count) == 2 * 4 * 5 and cal.site.contract_axes == (0, 1, 2)
+  (diag,) = calibration.calibrate(conv.apply, params, [x], diagonal=True).values()
+  np.testing.assert_allclose(diag.h, np.diagonal(cal.h), rtol=1e-6)
+
+
+def test_diagonal_only_is_the_diagonal_of_h_padding_excluded():
+  batches = [seq_batch(0, [3, 5]), seq_batch(1, [5, 1])]
+  full = calibration.calibrate(seq_model, SEQ_PARAMS, batches, token_mask=valid)
+  diag = calibration.calibrate(seq_model, SEQ_PARAMS, batches, token_mask=valid, diagonal=True)
+  for path in full:
+    assert diag[path].h.shape == full[path].h.shape[:1]
+    np.testing.assert_allclose(diag[path].h, np.diagonal(full[path].h), rtol=1e-6)
+    assert float(diag[path].count) == float(full[path].count) == 14
+  with pytest.raises(ValueError, match="reference_params: expected None with diagonal=True"):
+    calibration.calibrate(seq_model, SEQ_PARAMS, batches, reference_params=SEQ_PARAMS,
+                          diagonal=True)
 
 
 @jax.custom_jvp

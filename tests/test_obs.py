@@ -213,6 +213,11 @@ def test_wanda_layer_loss_and_dense_target():
   np.testing.assert_allclose(got[DEAD], w[DEAD], rtol=1e-5)
   with pytest.raises(ValueError, match="h: expected shape"):
     obs.wanda(w, h[:3])
+  # the diagonal alone gives the same scores (what diagonal-only calibration holds)
+  np.testing.assert_array_equal(np.asarray(obs.wanda(w, np.diagonal(h).copy())),
+                                np.asarray(obs.wanda(w, h)))
+  with pytest.raises(ValueError, match=r"h: expected a float \(72,\) diagonal"):
+    obs.wanda(w, np.diagonal(h)[:3].copy())
 
 
 def test_prune_lowest_tie_rule_and_pattern_parsing():

@@ -80,6 +80,70 @@ def test_nm_pattern_groups_exact(setup):
   for m in _kernels(masks).values():
     groups = np.asarray(m).reshape(m.shape[0] // 4, 4, m.shape[1])
     np.testing.assert_array_equal(groups.sum(axis=1), 2)
+  # the policy's spelling is the same pattern
+  again, masks2 = jp.oneshot(apply_fn, params, batches, 0.5, method="sparsegpt",
+                             pattern=jp.NMPattern(2, 4), progress=False)
+  for a, b in zip(jax.tree.leaves((out, masks)), jax.tree.leaves((again, masks2))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_block_pattern_inside_obc_whole_tiles_and_below_magnitude(setup):
+  params, batches, _ = setup
+  kwargs = dict(pattern=jp.BlockPattern((4, 4)), allocation="uniform", target="pruned",
+                sequential=False, progress=False, return_layers=True)
+  out, masks, layers = jp.oneshot(apply_fn, params, batches, 0.5, method="obc", **kwargs)
+  _, _, mag = jp.oneshot(apply_fn, params, batches, 0.5, method="magnitude", **kwargs)
+  for name, m in _kernels(masks).items():
+    tiles = np.asarray(m).reshape(m.shape[0] // 4, 4, m.shape[1] // 4, 4)
+    removed = (~tiles).all(axis=(1, 3))
+    assert np.all(tiles.all(axis=(1, 3)) | removed)
+    assert int(removed.sum()) == round(0.5 * removed.size)
+    np.testing.assert_array_equal(np.asarray(out[name]["kernel"])[~np.asarray(m)], 0.0)
+  for ours, theirs in zip(layers, mag):
+    assert ours.loss < theirs.loss, (ours, theirs)
+
+
+def test_patterns_follow_each_kernels_input_axis():
+  """Magnitude one-shot is the library's own mask on the leaf: N:M along the input channels of
+  a conv kernel at each tap (as `nm_mask` on HWIO), along axis -1 of an (out, in) weight, and
+  blocks of the leaf's trailing dims whatever the layout."""
+  conv = nn.Conv(8, (2, 2))
+  x = jax.random.normal(jax.random.PRNGKey(3), (4, 5, 5, 8))
+  params = {"conv": conv.init(jax.random.PRNGKey(4), x)["params"],
+            "w": jax.random.normal(jax.random.PRNGKey(5), (6, 8))}  # (out, in)
+
+  def model(p, batch):
+    h = jnp.tanh(conv.apply({"params": p["conv"]}, batch))
+    return h @ p["w"].T
+
+  run = lambda pattern, s=None: jp.oneshot(model, params, [x], s, method="magnitude",
+                                           pattern=pattern, allocation="uniform",
+                                           sequential=False, progress=False)[1]
+  scores = jp.magnitude(params)
+  nm = run("2:4")
+  np.testing.assert_array_equal(nm["conv"]["kernel"],
+                                jp.nm_mask(scores["conv"]["kernel"], 2, 4, axis=-2))
+  np.testing.assert_array_equal(nm["w"], jp.nm_mask(scores["w"], 2, 4, axis=-1))
+  with pytest.raises(ValueError, match=r"pattern.axis: expected 1 or -1, .* \['w'\]"):
+    run(jp.NMPattern(2, 4))
+  blocks = run(jp.BlockPattern((2, 4)), 0.5)
+  for path in (("conv", "kernel"), ("w",)):
+    leaf, got = scores, blocks
+    for k in path:
+      leaf, got = leaf[k], got[k]
+    np.testing.assert_array_equal(got, jp.block_mask(leaf, 0.5, (2, 4)))
+
+
+def test_apply_fn_traced_once(setup):
+  params, batches, _ = setup
+  traces = []
+
+  def counted(p, x):
+    traces.append(None)
+    return apply_fn(p, x)
+
+  jp.oneshot(counted, params, batches, 0.5, method="magnitude", progress=False)
+  assert len(traces) == 1
 
 
 @pytest.mark.parametrize("method,refit", [("obc", False), ("magnitude", True), ("wanda", True)])

@@ -275,6 +275,11 @@ def layer_loss(w_old: Array, w_new: Array, h: Array) -> Array:
     float32 scalar: the summed squared change of the layer's outputs over the calibration set.
   """
   check_layer(w_old, h, "w_old")
+  return _layer_loss(w_old, w_new, h)
+
+
+@jax.jit
+def _layer_loss(w_old: Array, w_new: Array, h: Array) -> Array:
   delta = jnp.asarray(w_new, jnp.float32) - jnp.asarray(w_old, jnp.float32)
   return jnp.sum(delta * (jnp.asarray(h, jnp.float32) @ delta))
 
@@ -330,7 +335,12 @@ def dense_target(w: Array, h_pp: Array, h_pd: Array, *, damp: float = 0.01) -> A
   check_layer(w, h_pp)
   check_layer(w, h_pd)
   check_damp(damp)
-  hd, dead = dampen(h_pp, damp)
+  return _dense_target(w, h_pp, h_pd, jnp.float32(damp))
+
+
+@jax.jit
+def _dense_target(w: Array, h_pp: Array, h_pd: Array, damp: Array) -> Array:
+  hd, _ = dampen(h_pp, damp)
   w = jnp.asarray(w, jnp.float32)
   # The right side gets what H_pp got on its diagonal (λ, and 1 for dead inputs), so that at
   # X_p = X_d the solve returns w.

@@ -273,7 +273,7 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
                                  cal[path].cross, damp=damp)
       w_new, mask = solve_layer(method, w, h, s, patterns[path], refit=refit, damp=damp,
                                 block_size=block_size)
-      energy = float(jnp.sum(w * (h @ w)))
+      energy = float(obs_lib.layer_loss(jnp.zeros_like(w), w, h))
       loss = float(obs_lib.layer_loss(w, w_new, h)) / max(energy, 1e-30)
       new_leaves[i] = interpret.from_matrix(w_new, site, leaf.shape).astype(leaf.dtype)
       changed = True
@@ -306,7 +306,7 @@ def _obs_allocation(calibrator: calib_lib.Calibrator, params: PyTree, batches: l
     site = sites[path]
     w = interpret.to_matrix(leaves[path], site).astype(jnp.float32)
     h = cal[path].h
-    energy = max(float(jnp.sum(w * (h @ w))), 1e-30)
+    energy = max(float(obs_lib.layer_loss(jnp.zeros_like(w), w, h)), 1e-30)
     if method == "obc" and not refit:
       losses = obc_lib.obc_losses(obc_lib.obc_path(w, h, pattern=patterns[path], damp=damp),
                                   grid)
