@@ -71,8 +71,10 @@ def test_path_equals_brute_force_greedy():
                                atol=1e-4 * losses.max())
 
 
-def test_tile_path_equals_brute_force_greedy_over_tiles():
-  """2 × 2 tiles of a 12-input layer: each group of 2 columns removes 2 inputs at a time."""
+def test_tile_path_equals_brute_force_greedy_over_tiles(monkeypatch):
+  """2 × 2 tiles of a 12-input layer: each group of 2 columns removes 2 inputs at a time, with
+  the downdates folded every 4 removals (the last block partial)."""
+  monkeypatch.setattr(obc_lib, "_BLOCK", 8)
   _, h, w = _problem(8, d_in=12, d_out=4)
   path = obc_lib.obc_path(w, h, pattern=jp.BlockPattern((2, 2)))
   assert path.order.shape == (6, 2)
