@@ -89,6 +89,9 @@ def test_tile_path_equals_brute_force_greedy_over_tiles(monkeypatch):
   assert int((~tiles).all(axis=(1, 3)).sum()) == 6
   new, keep2 = obc_lib.obc(w, h, 0.5, pattern=jp.BlockPattern((2, 2)))
   np.testing.assert_array_equal(np.asarray(keep2), keep)
+  tile_l1 = np.abs(w).reshape(6, 2, 2, 2).sum(axis=(1, 3))
+  magnitude = np.repeat(np.repeat(~reference.prune_lowest([tile_l1], 6)[0], 2, 0), 2, 1)
+  assert float(obs.layer_loss(w, new, h)) < float(obs.layer_loss(w, np.where(magnitude, w, 0), h))
   # the path's losses of the chosen tiles add up to the refitted weights' loss
   dead = np.diag(h) == 0
   metric = np.where(np.outer(dead, dead), 0.0, np.asarray(obs.dampen(h, 0.01)[0], np.float64))

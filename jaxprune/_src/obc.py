@@ -161,6 +161,14 @@ class _Tiles(NamedTuple):
   losses: Array
 
 
+def _spd_solve(a: Array, b: Array) -> Array:
+  """``a⁻¹ b`` for (batches of) small symmetric positive definite ``a``, through Cholesky, which
+  compiles several times faster than the LU of `jnp.linalg.solve`."""
+  chol = jnp.linalg.cholesky(a)
+  z = lax.linalg.triangular_solve(chol, b, left_side=True, lower=True)
+  return lax.linalg.triangular_solve(chol, z, left_side=True, lower=True, transpose_a=True)
+
+
 def _tile_step(t: Array, i: Array, c: _Tiles, end: int, live: Array) -> _Tiles:
   """Removes the cheapest tile: step ``t`` of the path, ``i`` of the current block; steps from
   ``end`` on (the tail of the last block) change nothing."""
@@ -170,7 +178,7 @@ def _tile_step(t: Array, i: Array, c: _Tiles, end: int, live: Array) -> _Tiles:
   active = t < end
   wt = (c.w * live).reshape(tiles, rows, cols)
   blocks = jnp.where(c.removed[:, None, None], eye, c.diag)
-  score = jnp.sum(wt * jnp.linalg.solve(blocks, wt), axis=(1, 2))
+  score = jnp.sum(wt * _spd_solve(blocks, wt), axis=(1, 2))
   score = jnp.where(c.removed, jnp.inf, score)
   p = tiles - 1 - jnp.argmin(score[::-1])  # among equal scores the later tile goes first
   q = p * rows
@@ -179,7 +187,7 @@ def _tile_step(t: Array, i: Array, c: _Tiles, end: int, live: Array) -> _Tiles:
   col = lax.dynamic_slice_in_dim(c.g, q, rows, axis=1) - jnp.einsum("dib,ibq->dq", u3, pending)
   gone = jnp.repeat(c.removed, rows)[:, None]
   col = jnp.where(active & ~gone, col, 0.0)  # G_:Q of the current inverse
-  inv = jnp.linalg.inv(jnp.where(active, lax.dynamic_slice_in_dim(col, q, rows), eye))
+  inv = _spd_solve(jnp.where(active, lax.dynamic_slice_in_dim(col, q, rows), eye), eye)
   w = c.w - col @ (inv @ lax.dynamic_slice_in_dim(c.w, q, rows))
   on = (jnp.arange(d) // rows == p)[:, None] & active
   col3 = col.reshape(tiles, rows, rows)
