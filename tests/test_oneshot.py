@@ -235,3 +235,23 @@ def test_wanda_scores_pytree(setup):
                                 np.abs(np.asarray(params["fc1"]["bias"])))
   masks = jp.unstructured_mask(scores, 0.5)
   assert int(jnp.sum(~masks["fc2"]["kernel"])) == round(0.5 * params["fc2"]["kernel"].size)
+
+
+def test_scan_stacked_kernel_pruned_slice_by_slice_with_its_own_h():
+  """Stacked layers read inside lax.scan: each slice is pruned with the H of its iteration."""
+  layers = jax.random.normal(jax.random.PRNGKey(6), (3, 8, 8)) * 0.4
+  x = jax.random.normal(jax.random.PRNGKey(7), (32, 8))
+  model = lambda p, v: jax.lax.scan(lambda c, w: (jnp.tanh(c @ w), None), v, p["layers"])[0]
+  params = {"layers": layers}
+  out, masks = jp.oneshot(model, params, [x], 0.5, target="pruned", progress=False)
+  keep = np.asarray(masks["layers"])
+  assert keep.shape == (3, 8, 8) and [int((~k).sum()) for k in keep] == [32, 32, 32]
+  (cal,) = jp.layerwise.calibrate(model, params, [x]).values()
+  for k in range(3):
+    want_w, want_keep = jp.layerwise.sparsegpt(layers[k], cal.h[k], 0.5)
+    np.testing.assert_array_equal(keep[k], np.asarray(want_keep))
+    np.testing.assert_allclose(np.asarray(out["layers"][k]), np.asarray(want_w), rtol=1e-6,
+                               atol=1e-6)
+  scores = jp.wanda_scores(model, params, [x])["layers"]
+  np.testing.assert_allclose(np.asarray(scores[1]), np.asarray(jp.layerwise.wanda(
+      layers[1], cal.h[1])), rtol=1e-6)

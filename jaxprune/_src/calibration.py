@@ -12,7 +12,10 @@ of ``H`` follow `interpret.to_matrix`'s rows.
 Tokens are every position of the activation except its features (batch, sequence, image
 positions). ``token_mask`` leaves out padding; ``H`` is a sum over tokens, not a mean, and
 ``count`` is the (weighted) number of tokens. A kernel read by several sites with the same layout
-(a layer applied twice) pools all its uses: ``H`` and ``count`` sum over them. A batch sharded
+(a layer applied twice) pools all its uses: ``H`` and ``count`` sum over them, as do the
+iterations of a ``scan`` whose body reads a kernel it closes over. A kernel stacked along a
+``scan`` (scanned over, one layer per slice of its leading axis, as ``nn.scan`` stacks them) gets
+one ``H`` per slice, from the inputs of its own iteration. A batch sharded
 over a mesh's data axis gives the same ``H``, the reduction over tokens becoming a cross-device
 sum in the compiled program.
 
@@ -51,10 +54,12 @@ class Calibration(NamedTuple):
   Attributes:
     h: ``(d_in, d_in)`` float32, ``Σ_t w_t x_t x_tᵀ`` over calibration tokens ``t`` (weights
       ``w_t`` from ``token_mask``, 1 without it); with ``diagonal=True`` only its diagonal,
-      ``(d_in,)`` ``Σ_t w_t x_t²``.
-    count: float32 scalar, ``Σ_t w_t`` (the number of tokens for a boolean mask).
+      ``(d_in,)`` ``Σ_t w_t x_t²``. A kernel stacked along a ``scan`` (one layer per slice of
+      its leading axis, as ``nn.scan`` stacks them) has one per slice, ``(slices, ...)``.
+    count: float32 scalar, ``Σ_t w_t`` (the number of tokens for a boolean mask; of one slice
+      for a stacked kernel, and summed over the iterations for a kernel read at each).
     cross: ``(d_in, d_in)`` float32 ``Σ_t w_t x_t x̄_tᵀ`` with ``x̄`` the same site's input when
-      ``apply_fn`` runs on ``reference_params``, or None without them.
+      ``apply_fn`` runs on ``reference_params``, or None without them (per slice if stacked).
     site: the kernel's `Site` (its first one when it is read several times, all alike).
   """
   h: jax.Array
@@ -64,7 +69,8 @@ class Calibration(NamedTuple):
 
 
 def select_sites(traced: Traced, params: PyTree, kernels: Kernels,
-                 prunable: tree_lib.Prunable, *, pooled: bool = True) -> dict[str, list[Site]]:
+                 prunable: tree_lib.Prunable, *, pooled: bool = True,
+                 stacked: bool = False) -> dict[str, list[Site]]:
   """Chooses the kernels to calibrate and checks that each can be.
 
   Args:
@@ -73,6 +79,8 @@ def select_sites(traced: Traced, params: PyTree, kernels: Kernels,
     kernels: paths to calibrate, or None for every prunable leaf read by a dot/conv site.
     prunable: the prunable specification (`jaxprune._src.tree.prunable_flags`).
     pooled: whether the sites of one kernel must share one layout (their inputs are pooled).
+    stacked: whether sites inside one ``scan`` (not nested, not inside ``while`` or ``cond``)
+      are accepted: stacked layers, or a kernel read at every iteration.
 
   Returns:
     ``{path: sites}`` in leaf order.
@@ -105,10 +113,13 @@ def select_sites(traced: Traced, params: PyTree, kernels: Kernels,
       if s.problem:
         raise ValueError(f"kernels: {path} cannot be calibrated: {s.problem}")
       loops = [n for n in s.scope if n in jaxpr_walk.CONTROL_FLOW]
-      if loops:
-        raise ValueError(f"kernels: {path} is read inside {loops[0]}; stacked layers inside "
-                         "scan (and kernels inside while or cond) are not supported by "
-                         "calibration")
+      if loops and not stacked:
+        raise ValueError(f"kernels: {path} is read inside {loops[0]}; kernels inside scan, "
+                         "while or cond are not supported here")
+      if loops and loops != ["scan"]:
+        raise ValueError(f"kernels: {path} is read inside {' > '.join(loops)}; calibration "
+                         "supports kernels inside one scan (stacked layers), not inside while, "
+                         "cond or nested scans")
     if pooled and len({s.layout for s in sites}) > 1:
       dims = sorted({(s.d_in, s.d_out) for s in sites})
       raise ValueError(f"kernels: {path} is read by {len(sites)} sites with different input "
@@ -222,23 +233,24 @@ class Calibrator:
     sets = [("params", jax.tree.leaves(params))]
     if reference_params is not None:
       sets.append(("reference", jax.tree.leaves(reference_params)))
-    selected = select_sites(self._program(params, first).traced, params, kernels, self.prunable)
+    selected = select_sites(self._program(params, first).traced, params, kernels, self.prunable,
+                            stacked=True)
     acc = {}
     for path, sites in selected.items():
-      d = sites[0].d_in
-      acc[path] = (np.zeros((d,) if self.diagonal else (d, d), np.float32),
+      d, stack = sites[0].d_in, (sites[0].slices,) if sites[0].loop_axes else ()
+      acc[path] = (np.zeros(stack + ((d,) if self.diagonal else (d, d)), np.float32),
                    np.zeros((), np.float32),
-                   None if reference_params is None else np.zeros((d, d), np.float32))
+                   None if reference_params is None else np.zeros(stack + (d, d), np.float32))
     changed = {name: self._changed(name, leaves) for name, leaves in sets}
     kept: dict[str, dict[int, _Batch]] = {name: {} for name, _ in sets}
     try:
       for index, batch in enumerate(batches):
         program = self._program(params, batch)
-        by_path = select_sites(program.traced, params, tuple(selected), None)
+        by_path = select_sites(program.traced, params, tuple(selected), None, stacked=True)
         for path, group in by_path.items():
-          if acc[path][0].shape[0] != group[0].d_in:
+          if acc[path][0].shape[-1] != group[0].d_in:
             raise ValueError(f"batches: expected every batch to give {path} inputs of "
-                             f"{acc[path][0].shape[0]} features, got {group[0].d_in}")
+                             f"{acc[path][0].shape[-1]} features, got {group[0].d_in}")
         sites = [s for group in by_path.values() for s in group]
         batch_leaves = jax.tree.leaves(batch)
         # The reference pass resumes where the pass under params did: one segment, one program.
@@ -251,7 +263,8 @@ class Calibrator:
         rows: dict[tuple[int, ...], tuple[Optional[np.ndarray], np.ndarray]] = {}
         for k, s in enumerate(sites):
           x = xs[0][k]
-          tokens = x.shape[:-1]
+          lead = int("scan" in s.scope)  # inputs inside a scan come stacked over its iterations
+          tokens = x.shape[lead:-1]
           if mask is not None and tokens not in rows:
             w = token_weights(mask, tokens, s.path)
             # Selecting rows would gather a sharded batch onto every device.
@@ -260,7 +273,7 @@ class Calibrator:
           used, w = rows.get(tokens, (None, None))
           acc[s.path] = calibration_step.accumulate(
               acc[s.path], x, xs[1][k] if len(xs) > 1 else None, used, w,
-              diagonal=self.diagonal)
+              diagonal=self.diagonal, lead=lead, stacked=bool(s.loop_axes))
     finally:
       # States of batches this call did not reach were taken with other parameters.
       self._sets = {name: (leaves, kept[name]) for name, leaves in sets} if self.resume else {}
@@ -341,7 +354,7 @@ def stages(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batch: Any,
     The stages, each a list of paths in leaf order.
   """
   traced = interpret.trace(apply_fn, params, batch)
-  return stage_order(traced, select_sites(traced, params, kernels, prunable))
+  return stage_order(traced, select_sites(traced, params, kernels, prunable, stacked=True))
 
 
 def stage_order(traced: Traced, selected: dict[str, list[Site]]) -> list[list[str]]:

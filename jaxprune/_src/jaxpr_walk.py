@@ -334,6 +334,11 @@ class Site(NamedTuple):
     return math.prod(self.atoms[a] for a in self.out_axes)
 
   @property
+  def slices(self) -> int:
+    """Number of stacked layers the kernel holds (1 outside ``scan``)."""
+    return math.prod(self.atoms[a] for a in self.loop_axes)
+
+  @property
   def layout(self) -> tuple:
     """What two sites of one leaf must share for their inputs to be pooled."""
     return (self.atoms, self.contract_axes, self.out_axes, self.loop_axes)

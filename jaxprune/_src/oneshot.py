@@ -89,6 +89,19 @@ def _layer_sparsities(params: PyTree, paths: Sequence[str], sparsity: Any,
   raise AssertionError(allocation)
 
 
+def _slices(x: Optional[jax.Array], site: Any) -> Optional[jax.Array]:
+  """A kernel-shaped calibration array with a leading axis of layers (one for an unstacked
+  kernel, one per slice of a kernel stacked along a scan)."""
+  return x if x is None or site.loop_axes else x[None]
+
+
+def _slice_counts(total: int, slices: int) -> list[int]:
+  """``total`` removals split over equal slices, exactly, by differences of rounded cumulative
+  targets."""
+  cum = [0] + [round(total * (k + 1) / slices) for k in range(slices)]
+  return [b - a for a, b in zip(cum, cum[1:])]
+
+
 def _mask(scores: jax.Array, sparsity: float, pattern: obs_lib.ParsedPattern) -> jax.Array:
   """The library's own selection on an ``(inputs, outputs)`` score matrix: exact counts, ties."""
   if pattern.kind == "none":
@@ -161,8 +174,10 @@ def wanda_scores(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches
     path = tree_lib.path_str(p)
     if path in cal:
       site = cal[path].site
-      w = interpret.to_matrix(x, site).astype(jnp.float32)
-      out.append(interpret.from_matrix(obs_lib.wanda(w, cal[path].h), site, x.shape))
+      ws = _slices(interpret.to_matrix(x, site).astype(jnp.float32), site)
+      hs = _slices(cal[path].h, site)
+      scores = jnp.stack([obs_lib.wanda(w, h) for w, h in zip(ws, hs)])
+      out.append(interpret.from_matrix(scores if site.loop_axes else scores[0], site, x.shape))
     else:
       out.append(jnp.abs(jnp.asarray(x)).astype(jnp.float32))
   return jax.tree.unflatten(treedef, out)
@@ -185,9 +200,14 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
     # fine-tune with the masks kept:
     tx = optax.chain(optax.adam(1e-4), jp.prune(0.9, masks=masks))
 
+  A kernel stacked along a ``scan`` (``nn.scan`` layers) is pruned slice by slice, each slice
+  with the ``H`` of its own iteration and exactly its share of the kernel's count; all slices of
+  one kernel are pruned in the same stage, so a slice's inputs come from the model whose earlier
+  stages, not earlier slices, are pruned.
+
   Args:
     apply_fn: ``apply_fn(params, batch)``; every prunable kernel must be an operand of a
-      ``dot_general`` or ``conv_general_dilated`` in it.
+      ``dot_general`` or ``conv_general_dilated`` in it (also inside one ``scan``).
     params: the trained parameters (not modified).
     batches: calibration batches (an iterable; read once per pruning stage).
     sparsity: fraction of the prunable entries to prune; ``None`` with an N:M pattern.
@@ -238,7 +258,7 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
   # to matter instead of running the model from the start.
   calibrator = calib_lib.Calibrator(apply_fn, token_mask=token_mask, prunable=prunable)
   traced = calibrator.trace(params, batches[0])
-  selected = calib_lib.select_sites(traced, params, None, prunable)
+  selected = calib_lib.select_sites(traced, params, None, prunable, stacked=True)
   sites = {p: v[0] for p, v in selected.items()}
   paths = list(sites)
   patterns = {p: interpret.site_pattern(pattern, sites[p]) for p in paths}
@@ -261,24 +281,36 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
     cal = calibrator(current, batches, kernels=stage,
                      reference_params=dense if target == "dense" and changed else None)
     for path in stage:
-      i, site, s = index[path], sites[path], per_layer[path]
+      i, site = index[path], sites[path]
       leaf = new_leaves[i]
-      if select_lib.num_to_prune(s, leaf.size) == 0:
+      total = select_lib.num_to_prune(per_layer[path], leaf.size)
+      if total == 0:
         layers.append(Layer(path, 0.0, 0.0))
         continue
-      h = cal[path].h
-      w = interpret.to_matrix(leaf, site).astype(jnp.float32)
-      if target == "dense" and cal[path].cross is not None:
-        w = obs_lib.dense_target(interpret.to_matrix(flat[i][1], site).astype(jnp.float32), h,
-                                 cal[path].cross, damp=damp)
-      w_new, mask = solve_layer(method, w, h, s, patterns[path], refit=refit, damp=damp,
-                                block_size=block_size)
-      energy = float(obs_lib.layer_loss(jnp.zeros_like(w), w, h))
-      loss = float(obs_lib.layer_loss(w, w_new, h)) / max(energy, 1e-30)
+      ws, dense_ws, cal_h, cross = (_slices(x, site) for x in (
+          interpret.to_matrix(leaf, site).astype(jnp.float32),
+          interpret.to_matrix(flat[i][1], site).astype(jnp.float32), cal[path].h,
+          cal[path].cross if target == "dense" else None))
+      outs, masks, loss, energy = [], [], 0.0, 0.0
+      for k, count in enumerate(_slice_counts(total, len(ws))):
+        w, h = ws[k], cal_h[k]
+        if count == 0:
+          outs.append(w)
+          masks.append(jnp.ones(w.shape, bool))
+          continue
+        if cross is not None:
+          w = obs_lib.dense_target(dense_ws[k], h, cross[k], damp=damp)
+        w_new, mask = solve_layer(method, w, h, count / w.size, patterns[path], refit=refit,
+                                  damp=damp, block_size=block_size)
+        energy += float(obs_lib.layer_loss(jnp.zeros_like(w), w, h))
+        loss += float(obs_lib.layer_loss(w, w_new, h))
+        outs.append(w_new)
+        masks.append(mask)
+      w_new, mask = (jnp.stack(x) if site.loop_axes else x[0] for x in (outs, masks))
       new_leaves[i] = interpret.from_matrix(w_new, site, leaf.shape).astype(leaf.dtype)
       changed = True
       mask_leaves[i] = interpret.from_matrix(mask, site, leaf.shape)
-      layers.append(Layer(path, 1.0 - float(jnp.mean(mask)), loss))
+      layers.append(Layer(path, 1.0 - float(jnp.mean(mask)), loss / max(energy, 1e-30)))
   out = (jax.tree.unflatten(treedef, new_leaves), jax.tree.unflatten(treedef, mask_leaves))
   return out + (layers,) if return_layers else out
 
@@ -304,19 +336,18 @@ def _obs_allocation(calibrator: calib_lib.Calibrator, params: PyTree, batches: l
   curves, sizes = [], []
   for path in paths:
     site = sites[path]
-    w = interpret.to_matrix(leaves[path], site).astype(jnp.float32)
-    h = cal[path].h
-    energy = max(float(obs_lib.layer_loss(jnp.zeros_like(w), w, h)), 1e-30)
-    if method == "obc" and not refit:
-      losses = obc_lib.obc_losses(obc_lib.obc_path(w, h, pattern=patterns[path], damp=damp),
-                                  grid)
-      errors = [float(e) / energy for e in losses]
-    else:
-      errors = [0.0] + [
-          float(obs_lib.layer_loss(w, solve_layer(method, w, h, float(s), patterns[path],
-                                                  refit=refit, damp=damp,
-                                                  block_size=block_size)[0], h))
-          / energy for s in grid[1:]]
+    ws = _slices(interpret.to_matrix(leaves[path], site).astype(jnp.float32), site)
+    errors, energy = np.zeros(len(grid)), 1e-30
+    for w, h in zip(ws, _slices(cal[path].h, site)):  # a stacked kernel's slices add up
+      energy += float(obs_lib.layer_loss(jnp.zeros_like(w), w, h))
+      if method == "obc" and not refit:
+        path_ = obc_lib.obc_path(w, h, pattern=patterns[path], damp=damp)
+        errors += np.asarray(obc_lib.obc_losses(path_, grid))
+      else:
+        errors[1:] += [float(obs_lib.layer_loss(w, solve_layer(
+            method, w, h, float(s), patterns[path], refit=refit, damp=damp,
+            block_size=block_size)[0], h)) for s in grid[1:]]
+    errors = errors / energy
     curves.append((grid, np.maximum.accumulate(np.asarray(errors))))
     sizes.append(int(leaves[path].size))
   total = sum(sizes)
