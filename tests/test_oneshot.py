@@ -30,14 +30,19 @@ def apply_fn(params, x):
   return MODEL.apply({"params": params}, x)
 
 
+def rand(seed, shape, scale=1.0):
+  """Test data from numpy: jax.random would compile its sampler once per shape."""
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape) * scale, jnp.float32)
+
+
 @pytest.fixture(scope="module")
 def setup():
-  key = jax.random.PRNGKey(0)
-  k1, k2, k3 = jax.random.split(key, 3)
   # Correlated inputs: what makes reconstruction matter.
-  mix = jax.random.normal(k1, (16, 16))
-  x = jax.random.normal(k2, (256, 16)) @ mix
-  params = MODEL.init(k3, x[:1])["params"]
+  x = rand(1, (256, 16)) @ rand(0, (16, 16))
+  sizes = {"fc1": (16, 24), "fc2": (24, 16), "fc3": (16, 24)}
+  params = {name: {"kernel": rand(2 + k, shape, shape[0] ** -0.5),
+                   "bias": rand(5 + k, shape[1:], 0.1)}
+            for k, (name, shape) in enumerate(sizes.items())}
   batches = [x[i:i + 64] for i in range(0, 256, 64)]
   return params, batches, x
 
@@ -88,48 +93,38 @@ def test_nm_pattern_groups_exact(setup):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_block_pattern_inside_obc_whole_tiles(setup):
-  params, batches, _ = setup
-  out, masks = jp.oneshot(apply_fn, params, batches, 0.5, method="obc",
-                          pattern=jp.BlockPattern((4, 4)), allocation="uniform",
-                          sequential=False, progress=False)
-  for name, m in _kernels(masks).items():
-    tiles = np.asarray(m).reshape(m.shape[0] // 4, 4, m.shape[1] // 4, 4)
-    removed = (~tiles).all(axis=(1, 3))
-    assert np.all(tiles.all(axis=(1, 3)) | removed)
-    assert int(removed.sum()) == round(0.5 * removed.size)
-    np.testing.assert_array_equal(np.asarray(out[name]["kernel"])[~np.asarray(m)], 0.0)
-
-
-def test_patterns_follow_each_kernels_input_axis():
-  """Magnitude one-shot is the library's own mask on the leaf: N:M along the input channels of
-  a conv kernel at each tap (as `nm_mask` on HWIO), along axis -1 of an (out, in) weight, and
-  blocks of the leaf's trailing dims whatever the layout."""
+def test_patterns_follow_each_kernels_input_axis_and_obc_prunes_whole_blocks():
+  """Magnitude 2:4 is the library's own mask on the leaf: N:M along the input channels of a conv
+  kernel at each tap (as `nm_mask` on HWIO) and along axis -1 of an (out, in) weight. OBC over a
+  BlockPattern removes whole blocks of each leaf's trailing dims, whatever its layout."""
   conv = nn.Conv(8, (2, 2))
-  x = jax.random.normal(jax.random.PRNGKey(3), (4, 5, 5, 8))
-  params = {"conv": conv.init(jax.random.PRNGKey(4), x)["params"],
-            "w": jax.random.normal(jax.random.PRNGKey(5), (6, 8))}  # (out, in)
+  x = rand(10, (4, 5, 5, 8))
+  params = {"conv": {"kernel": rand(11, (2, 2, 8, 8), 0.2), "bias": rand(12, (8,), 0.1)},
+            "w": rand(13, (6, 8))}  # (out, in)
 
   def model(p, batch):
     h = jnp.tanh(conv.apply({"params": p["conv"]}, batch))
     return h @ p["w"].T
 
-  run = lambda pattern, s=None: jp.oneshot(model, params, [x], s, method="magnitude",
-                                           pattern=pattern, allocation="uniform",
-                                           sequential=False, progress=False)[1]
+  run = lambda pattern, s=None, method="magnitude": jp.oneshot(
+      model, params, [x], s, method=method, pattern=pattern, allocation="uniform",
+      sequential=False, progress=False)
   scores = jp.magnitude(params)
-  nm = run("2:4")
+  _, nm = run("2:4")
   np.testing.assert_array_equal(nm["conv"]["kernel"],
                                 jp.nm_mask(scores["conv"]["kernel"], 2, 4, axis=-2))
   np.testing.assert_array_equal(nm["w"], jp.nm_mask(scores["w"], 2, 4, axis=-1))
   with pytest.raises(ValueError, match=r"pattern.axis: expected 1 or -1, .* \['w'\]"):
     run(jp.NMPattern(2, 4))
-  blocks = run(jp.BlockPattern((2, 4)), 0.5)
-  for path in (("conv", "kernel"), ("w",)):
-    leaf, got = scores, blocks
-    for k in path:
-      leaf, got = leaf[k], got[k]
-    np.testing.assert_array_equal(got, jp.block_mask(leaf, 0.5, (2, 4)))
+  out, blocks = run(jp.BlockPattern((2, 4)), 0.5, "obc")
+  for keep, w, grid in [(blocks["conv"]["kernel"], out["conv"]["kernel"], (2, 2, 4, 2, 2, 4)),
+                        (blocks["w"], out["w"], (3, 2, 2, 4))]:
+    tiles = np.asarray(keep).reshape(grid)
+    inner = tuple(range(1, len(grid), 2))[-2:]
+    removed = (~tiles).all(axis=inner)
+    assert np.all(tiles.all(axis=inner) | removed)
+    assert int(removed.sum()) == removed.size // 2
+    np.testing.assert_array_equal(np.asarray(w)[~np.asarray(keep)], 0.0)
 
 
 def test_apply_fn_traced_once(setup):
@@ -241,8 +236,8 @@ def test_wanda_scores_pytree(setup):
 
 def test_scan_stacked_kernel_pruned_slice_by_slice_with_its_own_h():
   """Stacked layers read inside lax.scan: each slice is pruned with the H of its iteration."""
-  layers = jax.random.normal(jax.random.PRNGKey(6), (3, 8, 8)) * 0.4
-  x = jax.random.normal(jax.random.PRNGKey(7), (32, 8))
+  layers = rand(14, (3, 8, 8), 0.4)
+  x = rand(15, (32, 8))
   model = lambda p, v: jax.lax.scan(lambda c, w: (jnp.tanh(c @ w), None), v, p["layers"])[0]
   params = {"layers": layers}
   out, masks = jp.oneshot(model, params, [x], 0.5, target="pruned", progress=False)
