@@ -381,7 +381,6 @@ SHARDED = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
     from jaxprune._src import calibration
-from jaxprune._src import calibration_step
     rng = np.random.default_rng(0)
     params = {"a": rng.standard_normal((4, 6), np.float32),
               "b": rng.standard_normal((6, 3), np.float32)}
@@ -396,8 +395,10 @@ from jaxprune._src import calibration_step
       multi = calibration.calibrate(fn, params, sharded)
       multi_masked = calibration.Calibrator(fn, token_mask=positive)(
           params, sharded, reference_params=params)
+      diag = calibration.calibrate(fn, params, sharded, diagonal=True)
       for k in single:
         np.testing.assert_allclose(multi[k].h, single[k].h, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(diag[k].h, np.diagonal(single[k].h), rtol=1e-5, atol=1e-5)
         assert float(multi[k].count) == 32
         for name in ("h", "cross", "count"):
           np.testing.assert_allclose(getattr(multi_masked[k], name), getattr(masked[k], name),
@@ -406,7 +407,6 @@ from jaxprune._src import calibration_step
       assert "all-reduce" in hlo
     print("SHARDED OK")
 """)
-
 
 
 @pytest.mark.slow
