@@ -114,8 +114,9 @@ def select_sites(traced: Traced, params: PyTree, kernels: Kernels,
         raise ValueError(f"kernels: {path} cannot be calibrated: {s.problem}")
       loops = [n for n in s.scope if n in jaxpr_walk.CONTROL_FLOW]
       if loops and not stacked:
-        raise ValueError(f"kernels: {path} is read inside {loops[0]}; kernels inside scan, "
-                         "while or cond are not supported here")
+        raise ValueError(f"kernels: {path} is read inside {loops[0]}; of the calibrated "
+                         "computations only H (calibrate, oneshot) supports kernels inside "
+                         "scan")
       if loops and loops != ["scan"]:
         raise ValueError(f"kernels: {path} is read inside {' > '.join(loops)}; calibration "
                          "supports kernels inside one scan (stacked layers), not inside while, "
