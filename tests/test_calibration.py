@@ -73,10 +73,10 @@ def test_dense_einsum_out_in_h_excludes_padding(monkeypatch, row_block):
 
 
 def im2col_same_3x3(x):
-  """(n, h, w, c) -> (n*h*w, c*3*3) patches, rows ordered (channel, tap row, tap col)."""
+  """(n, h, w, c) -> (n*h*w, 3*3*c) patches, features ordered (tap row, tap col, channel)."""
   n, hh, ww, c = x.shape
   xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  rows = [xp[i, r:r + 3, s:s + 3, :].transpose(2, 0, 1).ravel()
+  rows = [xp[i, r:r + 3, s:s + 3, :].ravel()
           for i in range(n) for r in range(hh) for s in range(ww)]
   return np.stack(rows)
 
@@ -87,7 +87,22 @@ def test_flax_conv_h_is_patches_gram():
   x = rand(22, (2, 4, 5, 2))
   (cal,) = calibration.calibrate(conv.apply, params, [x]).values()
   np.testing.assert_allclose(cal.h, gram(im2col_same_3x3(x)), rtol=2e-5, atol=2e-5)
-  assert float(cal.count) == 2 * 4 * 5 and cal.site.contract_axes == (2, 0, 1)
+  assert float(cal.count) == 2 * 4 * 5 and cal.site.contract_axes == (0, 1, 2)
+  (diag,) = calibration.calibrate(conv.apply, params, [x], diagonal=True).values()
+  np.testing.assert_allclose(diag.h, np.diagonal(cal.h), rtol=1e-6)
+
+
+def test_diagonal_only_is_the_diagonal_of_h_padding_excluded():
+  batches = [seq_batch(0, [3, 5]), seq_batch(1, [5, 1])]
+  full = calibration.calibrate(seq_model, SEQ_PARAMS, batches, token_mask=valid)
+  diag = calibration.calibrate(seq_model, SEQ_PARAMS, batches, token_mask=valid, diagonal=True)
+  for path in full:
+    assert diag[path].h.shape == full[path].h.shape[:1]
+    np.testing.assert_allclose(diag[path].h, np.diagonal(full[path].h), rtol=1e-6)
+    assert float(diag[path].count) == float(full[path].count) == 14
+  with pytest.raises(ValueError, match="reference_params: expected None with diagonal=True"):
+    calibration.calibrate(seq_model, SEQ_PARAMS, batches, reference_params=SEQ_PARAMS,
+                          diagonal=True)
 
 
 @jax.custom_jvp
@@ -140,10 +155,63 @@ def test_kernel_used_twice_alike_pools_both_uses():
   assert float(cal.count) == 6
 
 
-def test_scan_is_refused_naming_the_kernel():
-  fn = lambda p, x: jax.lax.scan(lambda c, w: (jnp.tanh(c @ w), None), x, p["layers"])[0]
-  with pytest.raises(ValueError, match=r"\['layers'\] is read inside scan; stacked layers"):
-    calibration.calibrate(fn, {"layers": rand(42, (3, D, D))}, [rand(43, (2, D))])
+def test_scan_stacked_kernel_one_h_per_slice_padding_excluded():
+  """Stacked layers as lax.scan reads them: one H per slice, each from its iteration's inputs."""
+  layers = rand(42, (3, D, D)) * 0.5
+  fn = lambda p, b: jax.lax.scan(lambda c, w: (jnp.tanh(c @ w), None), b["x"], p["layers"])[0]
+  batch = seq_batch(2, [3, 5])
+  (cal,) = calibration.calibrate(fn, {"layers": layers}, [batch], token_mask=valid).values()
+  assert cal.h.shape == (3, D, D) and float(cal.count) == 8
+  assert cal.site.loop_axes == (0,) and cal.site.slices == 3
+  x, m = batch["x"].astype(np.float64), valid(batch)
+  for layer in range(3):
+    np.testing.assert_allclose(cal.h[layer], gram(x[m]), rtol=2e-5, atol=2e-5)
+    x = np.tanh(x @ layers[layer])
+  (diag,) = calibration.calibrate(fn, {"layers": layers}, [batch], token_mask=valid,
+                                  diagonal=True).values()
+  np.testing.assert_allclose(diag.h, np.diagonal(cal.h, axis1=1, axis2=2), rtol=1e-6)
+
+
+def test_flax_nn_scan_and_a_kernel_read_at_every_iteration():
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, c, _):
+      return jnp.tanh(nn.Dense(D)(c)), None
+
+  stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)()
+  x = rand(44, (5, D))
+  params = {"Dense_0": {"kernel": rand(47, (3, D, D)) * 0.5, "bias": rand(48, (3, D))}}
+  (cal,) = calibration.calibrate(lambda p, v: stack.apply({"params": p}, v, None)[0], params,
+                                 [x]).values()
+  kernel, bias = params["Dense_0"]["kernel"], params["Dense_0"]["bias"]
+  h = x.astype(np.float64)
+  for layer in range(3):
+    np.testing.assert_allclose(cal.h[layer], gram(h), rtol=2e-5, atol=2e-5)
+    h = np.tanh(h @ kernel[layer] + bias[layer])
+  # a kernel closed over by the scan body pools its iterations
+  shared = lambda p, v: jax.lax.scan(lambda c, _: (jnp.tanh(c @ p["w"]), None), v, None,
+                                     length=3)[0]
+  w = np.asarray(kernel[0])
+  (cal,) = calibration.calibrate(shared, {"w": w}, [x]).values()
+  rows = [x.astype(np.float64)]
+  for _ in range(2):
+    rows.append(np.tanh(rows[-1] @ w))
+  np.testing.assert_allclose(cal.h, gram(np.concatenate(rows)), rtol=2e-5, atol=2e-5)
+  assert float(cal.count) == 15
+
+
+def test_kernels_inside_while_cond_or_nested_scans_are_refused_naming_them():
+  w = {"w": rand(45, (D, D))}
+  x = rand(46, (2, D))
+  loop = lambda p, v: jax.lax.while_loop(lambda c: jnp.sum(c) < 5, lambda c: jnp.tanh(c @ p["w"]),
+                                          v)
+  with pytest.raises(ValueError, match=r"\['w'\] is read inside while; calibration supports"):
+    calibration.calibrate(loop, w, [x])
+  nested = lambda p, v: jax.lax.scan(
+      lambda c, _: (jax.lax.scan(lambda d, _: (jnp.tanh(d @ p["w"]), None), c, None,
+                                 length=2)[0], None), v, None, length=2)[0]
+  with pytest.raises(ValueError, match=r"\['w'\] is read inside scan > scan"):
+    calibration.calibrate(nested, w, [x])
 
 
 def test_bad_input():
@@ -313,7 +381,6 @@ SHARDED = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
     from jaxprune._src import calibration
-from jaxprune._src import calibration_step
     rng = np.random.default_rng(0)
     params = {"a": rng.standard_normal((4, 6), np.float32),
               "b": rng.standard_normal((6, 3), np.float32)}
@@ -328,8 +395,10 @@ from jaxprune._src import calibration_step
       multi = calibration.calibrate(fn, params, sharded)
       multi_masked = calibration.Calibrator(fn, token_mask=positive)(
           params, sharded, reference_params=params)
+      diag = calibration.calibrate(fn, params, sharded, diagonal=True)
       for k in single:
         np.testing.assert_allclose(multi[k].h, single[k].h, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(diag[k].h, np.diagonal(single[k].h), rtol=1e-5, atol=1e-5)
         assert float(multi[k].count) == 32
         for name in ("h", "cross", "count"):
           np.testing.assert_allclose(getattr(multi_masked[k], name), getattr(masked[k], name),
@@ -338,7 +407,6 @@ from jaxprune._src import calibration_step
       assert "all-reduce" in hlo
     print("SHARDED OK")
 """)
-
 
 
 @pytest.mark.slow

@@ -19,7 +19,8 @@ class MLP(nn.Module):
   def __call__(self, x):
     x = nn.relu(nn.Dense(24, name="fc1")(x))
     x = nn.relu(nn.Dense(16, name="fc2")(x))
-    return nn.Dense(8, name="fc3")(x)
+    # fc3 shares fc1's shape: one compilation serves both in every solver
+    return nn.Dense(24, name="fc3")(x)
 
 
 MODEL = MLP()
@@ -29,14 +30,19 @@ def apply_fn(params, x):
   return MODEL.apply({"params": params}, x)
 
 
+def rand(seed, shape, scale=1.0):
+  """Test data from numpy: jax.random would compile its sampler once per shape."""
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape) * scale, jnp.float32)
+
+
 @pytest.fixture(scope="module")
 def setup():
-  key = jax.random.PRNGKey(0)
-  k1, k2, k3 = jax.random.split(key, 3)
   # Correlated inputs: what makes reconstruction matter.
-  mix = jax.random.normal(k1, (16, 16))
-  x = jax.random.normal(k2, (256, 16)) @ mix
-  params = MODEL.init(k3, x[:1])["params"]
+  x = rand(1, (256, 16)) @ rand(0, (16, 16))
+  sizes = {"fc1": (16, 24), "fc2": (24, 16), "fc3": (16, 24)}
+  params = {name: {"kernel": rand(2 + k, shape, shape[0] ** -0.5),
+                   "bias": rand(5 + k, shape[1:], 0.1)}
+            for k, (name, shape) in enumerate(sizes.items())}
   batches = [x[i:i + 64] for i in range(0, 256, 64)]
   return params, batches, x
 
@@ -80,6 +86,52 @@ def test_nm_pattern_groups_exact(setup):
   for m in _kernels(masks).values():
     groups = np.asarray(m).reshape(m.shape[0] // 4, 4, m.shape[1])
     np.testing.assert_array_equal(groups.sum(axis=1), 2)
+  # the policy's spelling is the same pattern
+  again, masks2 = jp.oneshot(apply_fn, params, batches, 0.5, method="sparsegpt",
+                             pattern=jp.NMPattern(2, 4), progress=False)
+  for a, b in zip(jax.tree.leaves((out, masks)), jax.tree.leaves((again, masks2))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_patterns_follow_each_kernels_input_axis():
+  """Magnitude one-shot is the library's own mask on the leaf: N:M along the input channels of a
+  conv kernel at each tap (as `nm_mask` on HWIO), along axis -1 of an (out, in) weight, and
+  blocks of the leaf's trailing dims whatever the layout (as `block_mask`)."""
+  conv = nn.Conv(8, (2, 2))
+  x = rand(10, (4, 5, 5, 8))
+  params = {"conv": {"kernel": rand(11, (2, 2, 8, 8), 0.2), "bias": rand(12, (8,), 0.1)},
+            "w": rand(13, (6, 8))}  # (out, in)
+
+  def model(p, batch):
+    h = jnp.tanh(conv.apply({"params": p["conv"]}, batch))
+    return h @ p["w"].T
+
+  run = lambda pattern, s=None: jp.oneshot(model, params, [x], s, method="magnitude",
+                                           pattern=pattern, allocation="uniform",
+                                           sequential=False, progress=False)
+  scores = jp.magnitude(params)
+  _, nm = run("2:4")
+  np.testing.assert_array_equal(nm["conv"]["kernel"],
+                                jp.nm_mask(scores["conv"]["kernel"], 2, 4, axis=-2))
+  np.testing.assert_array_equal(nm["w"], jp.nm_mask(scores["w"], 2, 4, axis=-1))
+  with pytest.raises(ValueError, match=r"pattern.axis: expected 1 or -1, .* \['w'\]"):
+    run(jp.NMPattern(2, 4))
+  _, blocks = run(jp.BlockPattern((2, 4)), 0.5)
+  np.testing.assert_array_equal(blocks["conv"]["kernel"],
+                                jp.block_mask(scores["conv"]["kernel"], 0.5, (2, 4)))
+  np.testing.assert_array_equal(blocks["w"], jp.block_mask(scores["w"], 0.5, (2, 4)))
+
+
+def test_apply_fn_traced_once(setup):
+  params, batches, _ = setup
+  traces = []
+
+  def counted(p, x):
+    traces.append(None)
+    return apply_fn(p, x)
+
+  jp.oneshot(counted, params, batches, 0.5, method="magnitude", progress=False)
+  assert len(traces) == 1
 
 
 @pytest.mark.parametrize("method,refit", [("obc", False), ("magnitude", True), ("wanda", True)])
@@ -175,3 +227,23 @@ def test_wanda_scores_pytree(setup):
                                 np.abs(np.asarray(params["fc1"]["bias"])))
   masks = jp.unstructured_mask(scores, 0.5)
   assert int(jnp.sum(~masks["fc2"]["kernel"])) == round(0.5 * params["fc2"]["kernel"].size)
+
+
+def test_scan_stacked_kernel_pruned_slice_by_slice_with_its_own_h():
+  """Stacked layers read inside lax.scan: each slice is pruned with the H of its iteration."""
+  layers = rand(14, (3, 8, 8), 0.4)
+  x = rand(15, (32, 8))
+  model = lambda p, v: jax.lax.scan(lambda c, w: (jnp.tanh(c @ w), None), v, p["layers"])[0]
+  params = {"layers": layers}
+  out, masks = jp.oneshot(model, params, [x], 0.5, target="pruned", progress=False)
+  keep = np.asarray(masks["layers"])
+  assert keep.shape == (3, 8, 8) and [int((~k).sum()) for k in keep] == [32, 32, 32]
+  (cal,) = jp.layerwise.calibrate(model, params, [x]).values()
+  for k in range(3):
+    want_w, want_keep = jp.layerwise.sparsegpt(layers[k], cal.h[k], 0.5)
+    np.testing.assert_array_equal(keep[k], np.asarray(want_keep))
+    np.testing.assert_allclose(np.asarray(out["layers"][k]), np.asarray(want_w), rtol=1e-6,
+                               atol=1e-6)
+  scores = jp.wanda_scores(model, params, [x])["layers"]
+  np.testing.assert_allclose(np.asarray(scores[1]), np.asarray(jp.layerwise.wanda(
+      layers[1], cal.h[1])), rtol=1e-6)

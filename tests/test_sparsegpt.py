@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+import jaxprune as jp
 import reference
 from jaxprune._src import obs
 from jaxprune._src import refit as refit_lib
@@ -89,7 +90,7 @@ def test_exact_count_for_any_sparsity(sparsity):
 
 def test_nm_groups_exact_and_better_than_nm_magnitude():
   h, w = _problem(2)
-  got, keep = sg.sparsegpt(w, h, None, pattern=("nm", 2, 4), block_size=BLOCK)
+  got, keep = sg.sparsegpt(w, h, None, pattern="2:4", block_size=BLOCK)
   groups = np.asarray(keep).reshape(D_IN // 4, 4, D_OUT).sum(axis=1)
   assert np.all(groups == 2)
   assert np.all(np.asarray(got)[~np.asarray(keep)] == 0)
@@ -97,12 +98,12 @@ def test_nm_groups_exact_and_better_than_nm_magnitude():
   loss = float(obs.layer_loss(w, got, h))
   assert loss < float(obs.layer_loss(w, np.where(magnitude_keep, w, 0), h))
   with pytest.raises(ValueError, match="sparsity"):
-    sg.sparsegpt(w, h, 0.3, pattern=("nm", 2, 4))
+    sg.sparsegpt(w, h, 0.3, pattern="2:4")
 
 
 def test_block_pattern_prunes_whole_tiles():
   h, w = _problem(3)
-  got, keep = sg.sparsegpt(w, h, 0.5, pattern=("block", 4, 2), block_size=BLOCK)
+  got, keep = sg.sparsegpt(w, h, 0.5, pattern=jp.BlockPattern((4, 2)), block_size=BLOCK)
   tiles = np.asarray(keep).reshape(D_IN // 4, 4, D_OUT // 2, 2)
   full, empty = tiles.all(axis=(1, 3)), (~tiles).all(axis=(1, 3))
   assert np.all(full | empty)
@@ -140,8 +141,8 @@ def test_bad_input():
   with pytest.raises(ValueError, match="block_size"):
     sg.sparsegpt(w, h, 0.5, block_size=0)
   with pytest.raises(ValueError, match="pattern"):
-    sg.sparsegpt(w, h, 0.5, pattern=("nm", 2, 5))
+    sg.sparsegpt(w, h, 0.5, pattern="2:5")
   with pytest.raises(ValueError, match="pattern"):
-    sg.sparsegpt(w, h, 0.5, pattern="2:4")
+    sg.sparsegpt(w, h, 0.5, pattern=("nm", 2, 4))
   with pytest.raises(ValueError, match="w: expected a 2-D"):
     sg.sparsegpt(w[None], h, 0.5)

@@ -12,7 +12,10 @@ of ``H`` follow `interpret.to_matrix`'s rows.
 Tokens are every position of the activation except its features (batch, sequence, image
 positions). ``token_mask`` leaves out padding; ``H`` is a sum over tokens, not a mean, and
 ``count`` is the (weighted) number of tokens. A kernel read by several sites with the same layout
-(a layer applied twice) pools all its uses: ``H`` and ``count`` sum over them. A batch sharded
+(a layer applied twice) pools all its uses: ``H`` and ``count`` sum over them, as do the
+iterations of a ``scan`` whose body reads a kernel it closes over. A kernel stacked along a
+``scan`` (scanned over, one layer per slice of its leading axis, as ``nn.scan`` stacks them) gets
+one ``H`` per slice, from the inputs of its own iteration. A batch sharded
 over a mesh's data axis gives the same ``H``, the reduction over tokens becoming a cross-device
 sum in the compiled program.
 
@@ -34,6 +37,7 @@ from jaxprune._src import calibration_step
 from jaxprune._src import interpret
 from jaxprune._src import jaxpr_walk
 from jaxprune._src import tree as tree_lib
+from jaxprune._src import validation
 from jaxprune._src.interpret import Traced
 from jaxprune._src.jaxpr_walk import Site
 
@@ -58,10 +62,13 @@ class Calibration(NamedTuple):
 
   Attributes:
     h: ``(d_in, d_in)`` float32, ``Σ_t w_t x_t x_tᵀ`` over calibration tokens ``t`` (weights
-      ``w_t`` from ``token_mask``, 1 without it).
-    count: float32 scalar, ``Σ_t w_t`` (the number of tokens for a boolean mask).
+      ``w_t`` from ``token_mask``, 1 without it); with ``diagonal=True`` only its diagonal,
+      ``(d_in,)`` ``Σ_t w_t x_t²``. A kernel stacked along a ``scan`` (one layer per slice of
+      its leading axis, as ``nn.scan`` stacks them) has one per slice, ``(slices, ...)``.
+    count: float32 scalar, ``Σ_t w_t`` (the number of tokens for a boolean mask; of one slice
+      for a stacked kernel, and summed over the iterations for a kernel read at each).
     cross: ``(d_in, d_in)`` float32 ``Σ_t w_t x_t x̄_tᵀ`` with ``x̄`` the same site's input when
-      ``apply_fn`` runs on ``reference_params``, or None without them.
+      ``apply_fn`` runs on ``reference_params``, or None without them (per slice if stacked).
     site: the kernel's `Site` (its first one when it is read several times, all alike).
   """
   h: jax.Array
@@ -71,7 +78,8 @@ class Calibration(NamedTuple):
 
 
 def select_sites(traced: Traced, params: PyTree, kernels: Kernels,
-                 prunable: tree_lib.Prunable, *, pooled: bool = True) -> dict[str, list[Site]]:
+                 prunable: tree_lib.Prunable, *, pooled: bool = True,
+                 stacked: bool = False) -> dict[str, list[Site]]:
   """Chooses the kernels to calibrate and checks that each can be.
 
   Args:
@@ -80,6 +88,8 @@ def select_sites(traced: Traced, params: PyTree, kernels: Kernels,
     kernels: paths to calibrate, or None for every prunable leaf read by a dot/conv site.
     prunable: the prunable specification (`jaxprune._src.tree.prunable_flags`).
     pooled: whether the sites of one kernel must share one layout (their inputs are pooled).
+    stacked: whether sites inside one ``scan`` (not nested, not inside ``while`` or ``cond``)
+      are accepted: stacked layers, or a kernel read at every iteration.
 
   Returns:
     ``{path: sites}`` in leaf order.
@@ -112,10 +122,14 @@ def select_sites(traced: Traced, params: PyTree, kernels: Kernels,
       if s.problem:
         raise ValueError(f"kernels: {path} cannot be calibrated: {s.problem}")
       loops = [n for n in s.scope if n in jaxpr_walk.CONTROL_FLOW]
-      if loops:
-        raise ValueError(f"kernels: {path} is read inside {loops[0]}; stacked layers inside "
-                         "scan (and kernels inside while or cond) are not supported by "
-                         "calibration")
+      if loops and not stacked:
+        raise ValueError(f"kernels: {path} is read inside {loops[0]}; of the calibrated "
+                         "computations only H (calibrate, oneshot) supports kernels inside "
+                         "scan")
+      if loops and loops != ["scan"]:
+        raise ValueError(f"kernels: {path} is read inside {' > '.join(loops)}; calibration "
+                         "supports kernels inside one scan (stacked layers), not inside while, "
+                         "cond or nested scans")
     if pooled and len({s.layout for s in sites}) > 1:
       dims = sorted({(s.d_in, s.d_out) for s in sites})
       raise ValueError(f"kernels: {path} is read by {len(sites)} sites with different input "
@@ -178,15 +192,20 @@ class Calibrator:
     token_mask: see `calibrate`.
     prunable: see `calibrate`.
     resume: whether states are kept between calls (False: every call runs from the start).
+    diagonal: see `calibrate`.
   """
 
   def __init__(self, apply_fn: Callable[[PyTree, Any], Any], *,
                token_mask: Optional[Callable[[Any], jax.Array]] = None,
-               prunable: tree_lib.Prunable = None, resume: bool = True) -> None:
+               prunable: tree_lib.Prunable = None, resume: bool = True,
+               diagonal: bool = False) -> None:
+    if not isinstance(diagonal, bool):
+      raise validation.error("diagonal", "a bool", diagonal)
     self.apply_fn = apply_fn
     self.token_mask = token_mask
     self.prunable = prunable
     self.resume = resume
+    self.diagonal = diagonal
     self._programs: dict = {}
     self._sets: dict[str, tuple[list, dict[int, _Batch]]] = {}
 
@@ -196,6 +215,11 @@ class Calibrator:
     if key not in self._programs:
       self._programs[key] = calibration_step.Program(interpret.trace(self.apply_fn, params, batch))
     return self._programs[key]
+
+  def trace(self, params: PyTree, batch: Any) -> Traced:
+    """``apply_fn`` traced on arguments shaped like ``(params, batch)``, the trace every call on
+    such arguments reuses (one trace per parameter and batch structure and shapes)."""
+    return self._program(params, batch).traced
 
   def _changed(self, name: str, leaves: list) -> Optional[list[int]]:
     """Indices of the leaves that differ from those the kept states of ``name`` were taken with."""
@@ -230,26 +254,31 @@ class Calibrator:
     """Calibrates ``kernels`` on ``batches``; arguments and results as in `calibrate`."""
     first, batches = first_batch(batches)
     if reference_params is not None:
+      if self.diagonal:
+        raise ValueError("reference_params: expected None with diagonal=True (the cross term "
+                         "is a full matrix), got a parameter tree.")
       tree_lib.check_same_structure(params, reference_params, "params", "reference_params")
     sets = [("params", jax.tree.leaves(params))]
     if reference_params is not None:
       sets.append(("reference", jax.tree.leaves(reference_params)))
-    selected = select_sites(self._program(params, first).traced, params, kernels, self.prunable)
+    selected = select_sites(self._program(params, first).traced, params, kernels, self.prunable,
+                            stacked=True)
     acc = {}
     for path, sites in selected.items():
-      d = sites[0].d_in
-      acc[path] = (np.zeros((d, d), np.float32), np.zeros((), np.float32),
-                   None if reference_params is None else np.zeros((d, d), np.float32))
+      d, stack = sites[0].d_in, (sites[0].slices,) if sites[0].loop_axes else ()
+      acc[path] = (np.zeros(stack + ((d,) if self.diagonal else (d, d)), np.float32),
+                   np.zeros((), np.float32),
+                   None if reference_params is None else np.zeros(stack + (d, d), np.float32))
     changed = {name: self._changed(name, leaves) for name, leaves in sets}
     kept: dict[str, dict[int, _Batch]] = {name: {} for name, _ in sets}
     try:
       for index, batch in enumerate(batches):
         program = self._program(params, batch)
-        by_path = select_sites(program.traced, params, tuple(selected), None)
+        by_path = select_sites(program.traced, params, tuple(selected), None, stacked=True)
         for path, group in by_path.items():
-          if acc[path][0].shape != (group[0].d_in,) * 2:
+          if acc[path][0].shape[-1] != group[0].d_in:
             raise ValueError(f"batches: expected every batch to give {path} inputs of "
-                             f"{acc[path][0].shape[0]} features, got {group[0].d_in}")
+                             f"{acc[path][0].shape[-1]} features, got {group[0].d_in}")
         sites = [s for group in by_path.values() for s in group]
         batch_leaves = jax.tree.leaves(batch)
         # The reference pass resumes where the pass under params did: one segment, one program.
@@ -262,7 +291,8 @@ class Calibrator:
         rows: dict[tuple[int, ...], tuple[Optional[np.ndarray], np.ndarray]] = {}
         for k, s in enumerate(sites):
           x = xs[0][k]
-          tokens = x.shape[:-1]
+          lead = int("scan" in s.scope)  # inputs inside a scan come stacked over its iterations
+          tokens = x.shape[lead:-1]
           if mask is not None and tokens not in rows:
             w = token_weights(mask, tokens, s.path)
             # Selecting rows would gather a sharded batch onto every device.
@@ -270,7 +300,8 @@ class Calibrator:
             rows[tokens] = (None, w.reshape(-1)) if sharded else calibration_step.token_rows(w)
           used, w = rows.get(tokens, (None, None))
           acc[s.path] = calibration_step.accumulate(
-              acc[s.path], x, xs[1][k] if len(xs) > 1 else None, used, w)
+              acc[s.path], x, xs[1][k] if len(xs) > 1 else None, used, w,
+              diagonal=self.diagonal, lead=lead, stacked=bool(s.loop_axes))
     finally:
       # States of batches this call did not reach were taken with other parameters.
       self._sets = {name: (leaves, kept[name]) for name, leaves in sets} if self.resume else {}
@@ -298,7 +329,8 @@ def calibrate(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: I
               kernels: Kernels = None,
               token_mask: Optional[Callable[[Any], jax.Array]] = None,
               reference_params: Optional[PyTree] = None,
-              prunable: tree_lib.Prunable = None) -> dict[str, Calibration]:
+              prunable: tree_lib.Prunable = None,
+              diagonal: bool = False) -> dict[str, Calibration]:
   """Accumulates ``H = Σ xxᵀ`` over calibration tokens for each kernel of ``apply_fn``.
 
   One call, streaming over ``batches``; sequential pruning, which calibrates stage after stage,
@@ -330,11 +362,14 @@ def calibrate(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: I
       given, ``cross`` pairs each input with the same site's input under them.
     prunable: which leaves are prunable (None: floating, ``ndim >= 2``; a predicate or a bool
       pytree); used when ``kernels`` is None.
+    diagonal: accumulate only the diagonal of ``H``, ``Σ x²`` per input feature (``O(d_in)``
+      memory: all Wanda needs); not with ``reference_params``.
 
   Returns:
     ``{path: Calibration}`` in leaf order.
   """
-  calibrator = Calibrator(apply_fn, token_mask=token_mask, prunable=prunable, resume=False)
+  calibrator = Calibrator(apply_fn, token_mask=token_mask, prunable=prunable, resume=False,
+                          diagonal=diagonal)
   return calibrator(params, batches, kernels=kernels, reference_params=reference_params)
 
 
@@ -365,7 +400,11 @@ def stages(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batch: Any,
     The stages, each a list of paths in leaf order.
   """
   traced = interpret.trace(apply_fn, params, batch)
-  selected = select_sites(traced, params, kernels, prunable)
+  return stage_order(traced, select_sites(traced, params, kernels, prunable, stacked=True))
+
+
+def stage_order(traced: Traced, selected: dict[str, list[Site]]) -> list[list[str]]:
+  """`stages` of the kernels ``selected`` (`select_sites`) in an already traced model."""
   at = {s.location: s for sites in selected.values() for s in sites}
   deps: dict[str, set[str]] = {p: set() for p in selected}
   union = lambda values: frozenset().union(*values)

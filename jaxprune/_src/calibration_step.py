@@ -186,17 +186,15 @@ def run(segment: Segment, args: Sequence[jax.Array]) -> tuple[list, list]:
 
   Returns:
     ``(outputs, site inputs)``: the values the segment saves, and `interpret.site_inputs` of each
-    hooked site, float32 ``(*tokens, d_in)``.
+    hooked site, float32 ``(*tokens, d_in)``, for a site inside a ``scan`` stacked over its
+    iterations, ``(iterations, *tokens, d_in)``.
   """
-  xs: dict[int, jax.Array] = {}
+  def tap(ops: Sequence[jax.Array], out: jax.Array, site: Site) -> jax.Array:
+    return interpret.site_inputs(site, ops[1 - site.operand])
 
-  def hook(ops: Sequence[jax.Array], out: jax.Array, k: int, site: Site) -> jax.Array:
-    xs.setdefault(k, interpret.site_inputs(site, ops[1 - site.operand]))
-    return out
-
-  hooks = {loc: functools.partial(hook, k=k, site=s) for k, (loc, s) in enumerate(segment.sites)}
-  outs = interpret.evaluate(segment.jaxpr, args, hooks)
-  return outs, [xs[k] for k in range(len(segment.sites))]
+  taps = {loc: functools.partial(tap, site=s) for loc, s in segment.sites}
+  outs, found = interpret.evaluate_with_taps(segment.jaxpr, args, {}, taps)
+  return outs, [found[loc] for loc, _ in segment.sites]
 
 
 def advance(program: Program, cuts: Sequence[Cut], limit: int, sites: Sequence[Site],
@@ -296,29 +294,58 @@ def gram(a: jax.Array, b: jax.Array) -> jax.Array:
                          preferred_element_type=jnp.float32, out_sharding=out)
 
 
-@jax.jit
+def gram_diagonal(a: jax.Array, b: jax.Array) -> jax.Array:
+  """The diagonal of ``aᵀb``, ``Σ_t a_ti b_ti``, like `gram` over rows that may be sharded."""
+  mesh = getattr(jax.typeof(a).sharding, "mesh", None)
+  out = None
+  if mesh is not None and not mesh.empty and AxisType.Explicit in mesh.axis_types:
+    out = NamedSharding(mesh, PartitionSpec())
+  return lax.dot_general(a, b, (((0,), (0,)), ((1,), (1,))), precision=lax.Precision.HIGHEST,
+                         preferred_element_type=jnp.float32, out_sharding=out)
+
+
+@functools.partial(jax.jit, static_argnames=("diagonal", "lead", "stacked"))
 def accumulate(acc: tuple[jax.Array, jax.Array, Optional[jax.Array]], x: jax.Array,
                reference: Optional[jax.Array], rows: Optional[jax.Array],
-               weights: Optional[jax.Array]) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
+               weights: Optional[jax.Array], *, diagonal: bool = False, lead: int = 0,
+               stacked: bool = False) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
   """Adds one site's inputs to ``(H, count, cross)``.
 
   Args:
     acc: ``(h, count, cross)``, cross None without reference inputs.
-    x: ``(*tokens, d)`` inputs.
+    x: ``(*tokens, d)`` inputs, after ``lead`` axes of scan iterations.
     reference: the same site's inputs under the reference parameters, or None.
     rows: which of the flattened tokens to use (`token_rows`), or None for all.
     weights: one weight per used token, or None for all ones.
+    diagonal: ``h`` is the ``(d,)`` diagonal only.
+    lead: 1 for the inputs of a site inside a ``scan``, stacked over its iterations, else 0.
+    stacked: with ``lead``, one ``h`` per iteration (a kernel stacked along the scan, sliced
+      per iteration); otherwise the iterations are pooled as more tokens.
 
   Returns:
-    ``(h + xᵀ diag(w) x, count + Σ w, cross + xᵀ diag(w) x̄)``.
+    ``(h + xᵀ diag(w) x, count + Σ w, cross + xᵀ diag(w) x̄)``; with ``diagonal`` the first
+    term is ``h + Σ_t w_t x_t²``; with ``stacked`` every term has a leading iteration axis
+    except the count, the tokens of one iteration.
   """
   h, count, cross = acc
-  x2 = x.reshape(-1, x.shape[-1])
+  d = x.shape[-1]
+  stack = x.shape[:lead]
+  x2 = x.reshape(*stack, -1, d)
   if rows is not None:
-    x2 = x2[rows]
-  w = (jnp.ones(x2.shape[:1], jnp.float32) if weights is None else weights).reshape(-1, 1)
-  h = h + gram(x2 * w, x2)
+    x2 = jnp.take(x2, rows, axis=lead)
+  w = (jnp.ones(x2.shape[lead:-1], jnp.float32) if weights is None else weights).reshape(-1, 1)
+  xd = None
   if reference is not None:
-    xd = reference.reshape(-1, x.shape[-1])
-    cross = cross + gram(x2 * w, xd if rows is None else xd[rows])
+    xd = reference.reshape(*stack, -1, d)
+    xd = xd if rows is None else jnp.take(xd, rows, axis=lead)
+  if not stacked:  # pool the iterations of a kernel read at every one of them
+    x2 = x2.reshape(-1, d)
+    w = jnp.tile(w, (int(np.prod(stack, dtype=np.int64)), 1))
+    xd = None if xd is None else xd.reshape(-1, d)
+  product = gram_diagonal if diagonal else gram
+  if stacked:
+    product = jax.vmap(product)
+  h = h + product(x2 * w, x2)
+  if xd is not None:
+    cross = cross + (jax.vmap(gram) if stacked else gram)(x2 * w, xd)
   return h, count + jnp.sum(w), cross

@@ -5,10 +5,12 @@ finds its dot/conv sites (`jaxpr_walk.find_sites`). `to_matrix` / `from_matrix` 
 canonical ``(d_in, d_out)`` view at a site and its exact inverse.
 
 `evaluate` binds each equation as `jax.core.eval_jaxpr` does, except that a call-like equation
-(``jit``, ``checkpoint``, ``custom_jvp_call`` ...) holding a hooked site is evaluated inline, and
-a hooked site's output goes through its hook, which sees the equation's operands and may return a
-replacement output. Everything is ordinary `jax.numpy` work, so the evaluation traces under
-`jax.jit`, `jax.vjp` and `jax.vmap` like the original function. Inlining a ``custom_jvp_call`` or
+(``jit``, ``checkpoint``, ``custom_jvp_call`` ...) holding a hooked site is evaluated inline, a
+``scan`` holding one as a `jax.lax.scan` over its evaluated body, and a hooked site's output goes
+through its hook, which sees the equation's operands and may return a replacement output
+(`evaluate_with_taps` also returns values computed at sites, stacked over scan iterations).
+Everything is ordinary `jax.numpy` work, so the evaluation traces under `jax.jit`, `jax.vjp` and
+`jax.vmap` like the original function. Inlining a ``custom_jvp_call`` or
 ``custom_vjp_call`` that holds a hooked site drops its custom derivative rule (differentiation then
 goes through its primal body).
 
@@ -29,13 +31,17 @@ import numpy as np
 from jax import lax
 
 from jaxprune._src import jaxpr_walk
+from jaxprune._src import obs
 from jaxprune._src import tree as tree_lib
+from jaxprune._src import validation
 from jaxprune._src.jaxpr_walk import Location, Site
 
 PyTree = Any
 
 # (operands of the site's equation, its output) -> the output to use instead.
 Hook = Callable[[Sequence[jax.Array], jax.Array], jax.Array]
+# (operands of the site's equation, its output) -> a value to return from the evaluation.
+Tap = Callable[[Sequence[jax.Array], jax.Array], Any]
 
 
 class Traced(NamedTuple):
@@ -82,10 +88,11 @@ def trace(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batch: Any) ->
 
 
 def _permutation(site: Site) -> tuple[int, ...]:
-  if site.loop_axes:
-    raise ValueError(f"site: expected a kernel outside scan, got {site.path} indexed by scan "
-                     f"along axes {site.loop_axes}")
-  return site.contract_axes + site.out_axes
+  return site.loop_axes + site.contract_axes + site.out_axes
+
+
+def _stack(site: Site) -> tuple[int, ...]:
+  return (site.slices,) if site.loop_axes else ()
 
 
 def to_matrix(leaf: jax.Array, site: Site) -> jax.Array:
@@ -97,19 +104,20 @@ def to_matrix(leaf: jax.Array, site: Site) -> jax.Array:
 
   Returns:
     ``leaf.reshape(site.atoms)`` with the contracted atoms moved first and flattened into rows,
-    the others into columns.
+    the others into columns; for a kernel stacked along a ``scan`` (``site.loop_axes``) one such
+    view per slice, ``(slices, d_in, d_out)``.
   """
   if tuple(jnp.shape(leaf)) != site.shape:
     raise ValueError(f"leaf: expected shape {site.shape}, got {jnp.shape(leaf)} ({site.path})")
   w = jnp.reshape(leaf, site.atoms)
-  return jnp.transpose(w, _permutation(site)).reshape(site.d_in, site.d_out)
+  return jnp.transpose(w, _permutation(site)).reshape(_stack(site) + (site.d_in, site.d_out))
 
 
 def from_matrix(w2: jax.Array, site: Site, shape: Optional[Sequence[int]] = None) -> jax.Array:
   """Inverse of `to_matrix`: the ``(d_in, d_out)`` matrix back in the kernel's own layout.
 
   Args:
-    w2: a ``(d_in, d_out)`` matrix.
+    w2: a ``(d_in, d_out)`` matrix (``(slices, d_in, d_out)`` for a stacked kernel).
     site: the `Site` it was taken at.
     shape: the kernel's shape (default: ``site.shape``).
 
@@ -117,12 +125,92 @@ def from_matrix(w2: jax.Array, site: Site, shape: Optional[Sequence[int]] = None
     An array of the kernel's shape.
   """
   shape = tuple(site.shape if shape is None else shape)
-  if shape != site.shape or tuple(jnp.shape(w2)) != (site.d_in, site.d_out):
-    raise ValueError(f"w2: expected shape {(site.d_in, site.d_out)} for a kernel of shape "
-                     f"{site.shape}, got {jnp.shape(w2)} and shape {shape} ({site.path})")
+  want = _stack(site) + (site.d_in, site.d_out)
+  if shape != site.shape or tuple(jnp.shape(w2)) != want:
+    raise ValueError(f"w2: expected shape {want} for a kernel of shape {site.shape}, got "
+                     f"{jnp.shape(w2)} and shape {shape} ({site.path})")
   perm = _permutation(site)
   w = jnp.reshape(w2, tuple(site.atoms[a] for a in perm))
   return jnp.transpose(w, tuple(int(i) for i in np.argsort(perm))).reshape(shape)
+
+
+def _atom_owners(site: Site) -> list[int]:
+  """The leaf axis each atom of ``site.atoms`` refines (a split axis owns consecutive atoms)."""
+  owners, k = [], 0
+  for axis, d in enumerate(site.shape):
+    n, k = site.atoms[k], k + 1
+    owners.append(axis)
+    while n < d:
+      n, k = n * site.atoms[k], k + 1
+      owners.append(axis)
+  return owners
+
+
+def _run_size(atoms: Sequence[int], per_atom: Sequence[int], axes: Sequence[int]) -> Optional[int]:
+  """Length of the run of consecutive rows (or columns) that a block covers over ``axes``
+  flattened outer to inner, or None when the block is not one aligned run: the inner atoms must
+  be covered whole up to one partly covered atom, and the outer ones not at all."""
+  size, partial = 1, False
+  for a in reversed(axes):
+    if partial and per_atom[a] != 1:
+      return None
+    partial = partial or per_atom[a] != atoms[a]
+    size *= per_atom[a]
+  return size
+
+
+def site_pattern(pattern: Any, site: Site) -> obs.ParsedPattern:
+  """A sparsity pattern resolved to the kernel's ``(d_in, d_out)`` view at ``site``.
+
+  ``"n:m"`` groups run along the view's rows, the kernel's input features whatever its layout;
+  a `jaxprune.NMPattern` must name the leaf axis of the innermost input feature (``-2`` for
+  Flax Dense ``(in, out)``, Conv ``(kh, kw, in, out)`` and einsum ``(heads, d_model, d_head)``
+  kernels, ``-1`` for an ``(out, in)`` weight), where its groups are the same rows. A
+  `jaxprune.BlockPattern` blocks the leaf's trailing dims as `jaxprune.block_mask` does, and
+  each block must be one rectangle of the view (an ``(r, c)`` block of a Flax Dense kernel is an
+  ``r × c`` tile; of an ``(out, in)`` weight a ``c × r`` one).
+
+  Args:
+    pattern: any spelling of `jaxprune._src.obs.parse_pattern`.
+    site: the kernel's `Site`.
+
+  Returns:
+    The `obs.ParsedPattern` for the view, checked against its shape.
+  """
+  pat = obs.parse_pattern(pattern)
+  shape, atoms, owners = site.shape, site.atoms, _atom_owners(site)
+  if pat.kind == "nm" and pat.axis is not None:
+    axis = validation.normalize_axis(pat.axis, len(shape), "pattern.axis", site.path)
+    inner = owners[site.contract_axes[-1]] if site.contract_axes else None
+    if axis != inner:
+      want = "none" if inner is None else f"{inner} or {inner - len(shape)}"
+      raise validation.error("pattern.axis", f"{want}, the innermost input axis of the kernel",
+                             pat.axis, site.path)
+    if atoms[site.contract_axes[-1]] % pat.b:
+      raise validation.error("pattern", f"groups of m={pat.b} dividing the "
+                             f"{atoms[site.contract_axes[-1]]} entries of axis {axis}",
+                             f"{pat.a}:{pat.b}", site.path)
+    pat = pat._replace(axis=None)
+  elif pat.kind == "block" and pat.shape is not None:
+    if len(pat.shape) > len(shape):
+      raise validation.error("pattern.shape", f"at most {len(shape)} dims for shape {shape}",
+                             pat.shape, site.path)
+    block = (1,) * (len(shape) - len(pat.shape)) + pat.shape
+    if any(d % b for d, b in zip(shape, block)):
+      raise validation.error("pattern.shape", f"a divisor of shape {shape}", pat.shape, site.path)
+    per_atom = [1] * len(atoms)
+    for a in reversed(range(len(atoms))):  # inner atoms of an axis take its block first
+      b = block[owners[a]]
+      per_atom[a] = min(b, atoms[a]) if b % atoms[a] == 0 or atoms[a] % b == 0 else 0
+      block = block[:owners[a]] + (max(b // atoms[a], 1),) + block[owners[a] + 1:]
+    rows = _run_size(atoms, per_atom, site.contract_axes)
+    cols = _run_size(atoms, per_atom, site.out_axes)
+    if not rows or not cols or 0 in per_atom:
+      raise validation.error("pattern.shape", "blocks that are tiles of the kernel's (inputs, "
+                             f"outputs) view (atoms {atoms}, inputs {site.contract_axes})",
+                             pat.shape, site.path)
+    pat = pat._replace(a=rows, b=cols, shape=None)
+  return obs.layer_pattern(pat, (site.d_in, site.d_out), path=site.path)
 
 
 def _bind(eqn: Any, args: Sequence[Any]) -> list[Any]:
@@ -136,26 +224,52 @@ def _bind(eqn: Any, args: Sequence[Any]) -> list[Any]:
 
 
 def _eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], prefix: Location,
-          hooks: Mapping[Location, Hook], enclosing: frozenset) -> list[Any]:
+          hooks: Mapping[Location, Hook], taps: Mapping[Location, Tap], enclosing: frozenset,
+          found: dict) -> list[Any]:
   env: dict = dict(zip(jaxpr.constvars, consts))
   env.update(zip(jaxpr.invars, args))
   read = lambda v: v.val if isinstance(v, jex_core.Literal) else env[v]
   for i, eqn in enumerate(jaxpr.eqns):
     loc = prefix + (i,)
     ins = [read(v) for v in eqn.invars]
-    if loc in enclosing:
+    if loc in enclosing and eqn.primitive.name == "scan":
+      outs = _scan(eqn, ins, loc, hooks, taps, enclosing, found)
+    elif loc in enclosing:
       body = jaxpr_walk.call_body(eqn)
       if body is None:
         raise ValueError(f"hooks: expected sites outside {eqn.primitive.name}, got a hooked site "
                          f"inside it at location {loc}")
       inner = getattr(body, "jaxpr", body)
-      outs = _eval(inner, list(getattr(body, "consts", [])), ins, loc + (0,), hooks, enclosing)
+      outs = _eval(inner, list(getattr(body, "consts", [])), ins, loc + (0,), hooks, taps,
+                   enclosing, found)
     else:
       outs = _bind(eqn, ins)
+    if loc in taps:
+      found[loc] = taps[loc](ins, outs[0])
     if loc in hooks:
       outs = [hooks[loc](ins, outs[0])]
     env.update(zip(eqn.outvars, outs))
   return [read(v) for v in jaxpr.outvars]
+
+
+def _scan(eqn: Any, ins: list, loc: Location, hooks: Mapping[Location, Hook],
+          taps: Mapping[Location, Tap], enclosing: frozenset, found: dict) -> list[Any]:
+  """A ``scan`` holding hooked or tapped sites, as a `jax.lax.scan` over its evaluated body; the
+  values tapped inside come out stacked over the iterations, in the order of the scanned axis."""
+  p = eqn.params
+  body, nc, ncar = p["jaxpr"], p["num_consts"], p["num_carry"]
+  consts, init, xs = ins[:nc], ins[nc:nc + ncar], ins[nc + ncar:]
+
+  def step(carry: list, x: list) -> tuple[list, tuple[list, dict]]:
+    inner: dict = {}
+    outs = _eval(body.jaxpr, list(body.consts), [*consts, *carry, *x], loc + (0,), hooks, taps,
+                 enclosing, inner)
+    return outs[:ncar], (outs[ncar:], inner)
+
+  carry, (ys, inner) = lax.scan(step, list(init), list(xs), length=p["length"],
+                                reverse=p["reverse"])
+  found.update(inner)
+  return [*carry, *ys]
 
 
 def evaluate(jaxpr: Any, args: Sequence[Any], hooks: Mapping[Location, Hook]) -> list[Any]:
@@ -164,13 +278,36 @@ def evaluate(jaxpr: Any, args: Sequence[Any], hooks: Mapping[Location, Hook]) ->
   Args:
     jaxpr: a `ClosedJaxpr`.
     args: one value per invar.
-    hooks: ``{site location: hook}``; each hook returns the output to use for its site.
+    hooks: ``{site location: hook}``; each hook returns the output to use for its site. A hook
+      inside a ``scan`` runs once, while its body is traced: it must not keep values (use
+      `evaluate_with_taps` to read them).
 
   Returns:
     One value per outvar.
   """
-  enclosing = frozenset(loc[:k] for loc in hooks for k in range(1, len(loc), 2))
-  return _eval(jaxpr.jaxpr, list(jaxpr.consts), list(args), (), dict(hooks), enclosing)
+  return evaluate_with_taps(jaxpr, args, hooks, {})[0]
+
+
+def evaluate_with_taps(jaxpr: Any, args: Sequence[Any], hooks: Mapping[Location, Hook],
+                       taps: Mapping[Location, Tap]) -> tuple[list[Any], dict[Location, Any]]:
+  """`evaluate`, also returning a value computed at each tapped site.
+
+  Args:
+    jaxpr: a `ClosedJaxpr`.
+    args: one value per invar.
+    hooks: as in `evaluate`.
+    taps: ``{site location: tap}``; each tap maps the site's operands and output to a value.
+
+  Returns:
+    The outvars' values and ``{location: tapped value}``; a site inside a ``scan`` gives its
+    values over the iterations stacked on a leading axis.
+  """
+  marked = list(hooks) + list(taps)
+  enclosing = frozenset(loc[:k] for loc in marked for k in range(1, len(loc), 2))
+  found: dict = {}
+  outs = _eval(jaxpr.jaxpr, list(jaxpr.consts), list(args), (), dict(hooks), dict(taps),
+               enclosing, found)
+  return outs, found
 
 
 def _conv_patches(site: Site, x: jax.Array) -> jax.Array:
@@ -185,7 +322,11 @@ def _conv_patches(site: Site, x: jax.Array) -> jax.Array:
       x, tuple(kernel_shape[d] for d in dn.rhs_spec[2:]), p["window_strides"], p["padding"],
       lhs_dilation=p["lhs_dilation"], rhs_dilation=p["rhs_dilation"],
       dimension_numbers=canonical, precision=lax.Precision.HIGHEST)
-  return jnp.transpose(patches, (dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1]))
+  patches = jnp.transpose(patches, (dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1]))
+  channels = kernel_shape[dn.rhs_spec[1]]
+  # Rows as `Site.contract_axes` orders them: tap outer, input channel inner.
+  patches = patches.reshape(*patches.shape[:-1], channels, -1)
+  return jnp.swapaxes(patches, -1, -2).reshape(*patches.shape[:-2], site.d_in)
 
 
 def site_inputs(site: Site, x: jax.Array) -> jax.Array:
@@ -197,7 +338,8 @@ def site_inputs(site: Site, x: jax.Array) -> jax.Array:
 
   Returns:
     ``dot_general``: ``x`` with its free axes first (the tokens) and its contracted axes
-    flattened last; ``conv_general_dilated``: the patches, ``(batch, *output spatial, d_in)``.
+    flattened last; ``conv_general_dilated``: the patches, ``(batch, *output spatial, d_in)``,
+    features ordered (kernel tap, input channel) with the channel fastest.
   """
   x = jnp.asarray(x, jnp.float32)
   if site.primitive == "conv_general_dilated":

@@ -301,8 +301,8 @@ class Site(NamedTuple):
     primitive: ``dot_general`` or ``conv_general_dilated``.
     operand: which operand of the equation the kernel is (0: lhs, 1: rhs).
     contract_axes: atoms contracted with the activation, in the order the activation's
-      features are flattened (convolutions: input channels, then kernel taps in spatial order,
-      as `jax.lax.conv_general_dilated_patches` orders them with an ``OIHW``-style kernel spec).
+      features are flattened (convolutions: the kernel's spatial axes in order, then its input
+      channels, so that the rows of one tap are consecutive).
     out_axes: the other atoms, in the order they appear in the equation's output.
     loop_axes: atoms indexed by an enclosing ``scan`` (stacked layers), else empty.
     location: `Context.location` of the equation.
@@ -334,6 +334,11 @@ class Site(NamedTuple):
     return math.prod(self.atoms[a] for a in self.out_axes)
 
   @property
+  def slices(self) -> int:
+    """Number of stacked layers the kernel holds (1 outside ``scan``)."""
+    return math.prod(self.atoms[a] for a in self.loop_axes)
+
+  @property
   def layout(self) -> tuple:
     """What two sites of one leaf must share for their inputs to be pooled."""
     return (self.atoms, self.contract_axes, self.out_axes, self.loop_axes)
@@ -355,7 +360,9 @@ def _site(eqn: Any, views: Sequence[Optional[LeafView]], ctx: Context, paths: Se
       problem = "the kernel has batch dimensions in this dot_general (a batched product)"
   else:
     dn = p["dimension_numbers"]
-    contract, free = (dn.rhs_spec[1], *dn.rhs_spec[2:]), [dn.rhs_spec[0]]
+    # Taps outer, input channels inner: N:M groups of consecutive rows are then runs of input
+    # channels at one tap, the grouping sparse tensor cores read (and `nm_mask`'s on HWIO).
+    contract, free = (*dn.rhs_spec[2:], dn.rhs_spec[1]), [dn.rhs_spec[0]]
     if op == 0:
       contract, free = (), range(len(v.groups))
       problem = "the kernel is the lhs of the convolution"

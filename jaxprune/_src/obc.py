@@ -158,16 +158,99 @@ def _column_path(g: Array, w: Array, dead: Array, plan: _Plan) -> tuple[Array, A
   return order, c.losses
 
 
+class _Tiles(NamedTuple):
+  """State of one group of ``bo`` columns removing tiles of ``bi`` inputs. The inverse is
+  ``g - Σ_i u_i s_i u_iᵀ`` over the downdates of the current block (``u_i`` a ``(d, bi)`` slice
+  of ``u``, ``s_i`` a ``(bi, bi)`` slice of ``s``), folded into ``g`` once per block; ``diag``
+  holds its ``(bi, bi)`` diagonal blocks, kept current at every step."""
+  g: Array
+  u: Array
+  s: Array
+  diag: Array
+  w: Array
+  removed: Array
+  order: Array
+  losses: Array
+
+
+def _spd_solve(a: Array, b: Array) -> Array:
+  """``a⁻¹ b`` for (batches of) small symmetric positive definite ``a``, through Cholesky, which
+  compiles several times faster than the LU of `jnp.linalg.solve`."""
+  chol = jnp.linalg.cholesky(a)
+  z = lax.linalg.triangular_solve(chol, b, left_side=True, lower=True)
+  return lax.linalg.triangular_solve(chol, z, left_side=True, lower=True, transpose_a=True)
+
+
+def _tile_step(t: Array, i: Array, c: _Tiles, end: int, live: Array) -> _Tiles:
+  """Removes the cheapest tile: step ``t`` of the path, ``i`` of the current block; steps from
+  ``end`` on (the tail of the last block) change nothing."""
+  tiles, rows, _ = c.diag.shape
+  d, cols = c.w.shape
+  eye = jnp.eye(rows, dtype=c.g.dtype)
+  active = t < end
+  wt = (c.w * live).reshape(tiles, rows, cols)
+  blocks = jnp.where(c.removed[:, None, None], eye, c.diag)
+  score = jnp.sum(wt * _spd_solve(blocks, wt), axis=(1, 2))
+  score = jnp.where(c.removed, jnp.inf, score)
+  p = tiles - 1 - jnp.argmin(score[::-1])  # among equal scores the later tile goes first
+  q = p * rows
+  u3 = c.u.reshape(d, -1, rows)
+  pending = jnp.einsum("ibc,qic->ibq", c.s, lax.dynamic_slice_in_dim(u3, q, rows))
+  col = lax.dynamic_slice_in_dim(c.g, q, rows, axis=1) - jnp.einsum("dib,ibq->dq", u3, pending)
+  gone = jnp.repeat(c.removed, rows)[:, None]
+  col = jnp.where(active & ~gone, col, 0.0)  # G_:Q of the current inverse
+  inv = _spd_solve(jnp.where(active, lax.dynamic_slice_in_dim(col, q, rows), eye), eye)
+  w = c.w - col @ (inv @ lax.dynamic_slice_in_dim(c.w, q, rows))
+  on = (jnp.arange(d) // rows == p)[:, None] & active
+  col3 = col.reshape(tiles, rows, rows)
+  return _Tiles(c.g, lax.dynamic_update_slice_in_dim(c.u, col, i * rows, axis=1),
+                c.s.at[i].set(inv), c.diag - jnp.einsum("kab,bc,kdc->kad", col3, inv, col3),
+                jnp.where(on, 0.0, w), c.removed.at[p].set(c.removed[p] | active),
+                jnp.where(active, c.order.at[t].set(p), c.order),
+                jnp.where(active, c.losses.at[t].set(jnp.maximum(score[p], 0.0)), c.losses))
+
+
+def _tile_path(g: Array, w: Array, dead: Array, rows: int, block: int) -> tuple[Array, Array]:
+  """One column group's greedy OBS path over tiles of ``rows`` consecutive inputs.
+
+  Removing the inputs ``Q`` of a tile from every column of the group costs
+  ``Σ_j w_Qjᵀ [G_QQ]⁻¹ w_Qj`` and moves the group by ``-G_:Q [G_QQ]⁻¹ w_Q`` (the multi-weight OBS
+  step, Hassibi & Stork 1993; Frantar & Alistarh 2022, Sec. 4); ``G`` loses ``Q`` by the rank-
+  ``rows`` downdate ``G - G_:Q [G_QQ]⁻¹ G_Q:``, applied lazily ``block`` steps at a time. Dead
+  inputs are decoupled from the others in ``G``, so dropping their weights from the cost leaves
+  the cost of the live ones exact.
+  """
+  d, cols = w.shape
+  tiles = d // rows
+  live = jnp.where(dead, 0.0, 1.0)[:, None]
+  diag = jnp.moveaxis(jnp.diagonal(g.reshape(tiles, rows, tiles, rows), axis1=0, axis2=2), -1, 0)
+  c = _Tiles(g, jnp.zeros((d, block * rows), g.dtype), jnp.zeros((block, rows, rows), g.dtype),
+             diag, w, jnp.zeros(tiles, bool), jnp.zeros(tiles, jnp.int32),
+             jnp.full(tiles, jnp.inf, jnp.float32))
+
+  def run_block(b, c):
+    c = lax.fori_loop(0, block, lambda i, c: _tile_step(b * block + i, i, c, tiles, live), c)
+    u3 = c.u.reshape(d, block, rows)
+    g = c.g - jnp.einsum("dib,ibc->dic", u3, c.s).reshape(d, -1) @ c.u.T
+    return c._replace(g=g, u=jnp.zeros_like(c.u), s=jnp.zeros_like(c.s))
+
+  c = lax.fori_loop(0, -(-tiles // block), run_block, c)
+  return c.order, c.losses
+
+
 def obc_path(w: Array, h: Array, *, pattern: obs.Pattern = None, damp: float = 0.01,
              chunk: Optional[int] = None) -> ObcPath:
-  """The exact greedy OBS removal path of every output column.
+  """The exact greedy OBS removal path of every output column (or column group, for tiles).
 
   Each column starts from ``H⁻¹`` of the dampened ``H`` and removes, step by step, the input with
   the smallest ``w_p² / [H⁻¹]_pp`` (dead inputs first, at no cost), updating its remaining
   weights and inverse (Frantar & Alistarh 2022, "Optimal Brain Compression", Algorithm 1). With
-  ``("nm", n, m)`` the choice is restricted to groups that still have removals left, and the path
-  stops when every group of ``m`` keeps ``n`` (OBC's N:M variant). Equal scores: the later input
-  goes first.
+  N:M the choice is restricted to groups that still have removals left, and the path stops when
+  every group of ``m`` keeps ``n`` (OBC's N:M variant). With a block pattern of ``bi × bo``
+  tiles each group of ``bo`` columns removes one tile of ``bi`` inputs at a time, the one whose
+  multi-weight OBS step costs least, so the path is exact greedy OBS over tiles (about ``d_in³``
+  per column group, with lazy downdates and no compaction). Equal scores: the later input (or
+  tile) goes first.
 
   Examples:
     >>> import numpy as np, jaxprune as jp
@@ -184,29 +267,33 @@ def obc_path(w: Array, h: Array, *, pattern: obs.Pattern = None, damp: float = 0
   Args:
     w: ``(d_in, d_out)`` kernel.
     h: ``(d_in, d_in)`` Gram matrix ``XᵀX``.
-    pattern: None or ``("nm", n, m)``; blocks are not supported (use `sparsegpt` or `refit`).
+    pattern: any spelling of `jaxprune._src.obs.parse_pattern` (None, ``"2:4"``,
+      `jaxprune.NMPattern`, `jaxprune.BlockPattern`, ``("block", bi, bo)``).
     damp: relative dampening.
-    chunk: output columns processed together (default: as many as fit 16 MiB of inverses).
+    chunk: output columns (column groups, for tiles) processed together (default: as many as
+      fit 16 MiB of inverses).
 
   Returns:
-    An `ObcPath`.
+    An `ObcPath`; for tiles its arrays are ``(d_in / bi, d_out / bo)``: the tile rows removed
+    from each column group, step by step, and their losses.
   """
   obs.check_layer(w, h)
   obs.check_damp(damp)
-  pat = obs.parse_pattern(pattern, np.shape(w))
-  if pat.kind == "block":
-    raise ValueError(f"pattern: OBC supports None or ('nm', n, m), got {pattern!r}; use "
-                     "sparsegpt or a block mask with refit.")
+  pat = obs.layer_pattern(pattern, np.shape(w))
   d_in, d_out = np.shape(w)
-  group, quota = (pat.b, pat.b - pat.a) if pat.kind == "nm" else (0, 0)
-  steps = d_in // group * quota if group else d_in
   if chunk is None:
     chunk = max(1, _CHUNK_ENTRIES // max(d_in * d_in, 1))
   if not obs.is_int(chunk) or chunk < 1:
     raise ValueError(f"chunk: expected a positive int or None, got {chunk!r}.")
+  w = jnp.asarray(w, jnp.float32)
+  if pat.kind == "block":
+    block = min(max(_BLOCK // pat.a, 1), max(d_in // pat.a, 1))
+    return _obc_tiles(w, h, jnp.float32(damp), pat.a, pat.b, block,
+                      min(chunk, max(d_out // pat.b, 1)))
+  group, quota = (pat.b, pat.b - pat.a) if pat.kind == "nm" else (0, 0)
+  steps = d_in // group * quota if group else d_in
   plan = _Plan(steps, group, quota, _BLOCK, _MIN_COMPACT)
-  return _obc_path(jnp.asarray(w, jnp.float32), h, jnp.float32(damp), plan,
-                   min(chunk, max(d_out, 1)))
+  return _obc_path(w, h, jnp.float32(damp), plan, min(chunk, max(d_out, 1)))
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "chunk"))
@@ -215,6 +302,18 @@ def _obc_path(w: Array, h: Array, damp: Array, plan: _Plan, chunk: int) -> ObcPa
   g = obs.spd_inverse(hd)
   column = lambda wj: _column_path(g, wj, dead, plan)
   order, losses = obs.map_columns(column, [w.T], chunk)
+  return ObcPath(order.T, losses.T)
+
+
+@functools.partial(jax.jit, static_argnames=("rows", "cols", "block", "chunk"))
+def _obc_tiles(w: Array, h: Array, damp: Array, rows: int, cols: int, block: int,
+               chunk: int) -> ObcPath:
+  hd, dead = obs.dampen(h, damp)
+  g = obs.spd_inverse(hd)
+  d_in, d_out = w.shape
+  groups = jnp.moveaxis(w.reshape(d_in, d_out // cols, cols), 1, 0)
+  order, losses = obs.map_columns(lambda wg: _tile_path(g, wg, dead, rows, block), [groups],
+                                  chunk)
   return ObcPath(order.T, losses.T)
 
 
@@ -253,7 +352,8 @@ def obc_mask(path: ObcPath, sparsity: Union[float, Array, None], *,
   Unstructured, exactly ``round(sparsity · d_in · d_out)`` weights are removed; the count of each
   column comes from a greedy choice over all columns' steps by their (running maximum of) loss
   increments, so columns whose weights are cheap to remove lose more of them (OBC's global
-  per-layer mask). With an N:M path the whole path is removed.
+  per-layer mask). Tiles are chosen the same way over column groups, exactly
+  ``round(sparsity · tiles)`` of them. With an N:M path the whole path is removed.
 
   Examples:
     >>> import numpy as np, jaxprune as jp
@@ -273,15 +373,19 @@ def obc_mask(path: ObcPath, sparsity: Union[float, Array, None], *,
   Returns:
     bool ``(d_in, d_out)`` mask, True = keep.
   """
-  d_in, d_out = path.order.shape
-  pat = obs.parse_pattern(pattern, (d_in, d_out))
+  steps, columns = path.order.shape
+  pat = obs.parse_pattern(pattern)
+  if pat.kind == "block":
+    pat = obs.tile(pat)
+    total = select.num_to_prune(sparsity, steps * columns, "sparsity")
+    tiles = _greedy_mask(ObcPath(*path), jnp.asarray(total, jnp.int32))
+    return jnp.repeat(jnp.repeat(tiles, pat.a, axis=0), pat.b, axis=1)
+  pat = obs.layer_pattern(pat, (steps, columns))
   if pat.kind == "nm":
     obs.check_nm_sparsity(sparsity, pat)
-    removed = d_in // pat.b * (pat.b - pat.a)
-    return _mask_from_counts(path.order, jnp.full((d_out,), removed, jnp.int32))
-  if pat.kind == "block":
-    raise ValueError(f"pattern: OBC supports None or ('nm', n, m), got {pattern!r}.")
-  total = select.num_to_prune(sparsity, d_in * d_out, "sparsity")
+    removed = steps // pat.b * (pat.b - pat.a)
+    return _mask_from_counts(path.order, jnp.full((columns,), removed, jnp.int32))
+  total = select.num_to_prune(sparsity, steps * columns, "sparsity")
   return _greedy_mask(ObcPath(*path), jnp.asarray(total, jnp.int32))
 
 
@@ -303,14 +407,14 @@ def obc_losses(path: ObcPath, sparsities: Sequence[float]) -> Array:
     [0.06, 0.52, 10.8]
 
   Args:
-    path: an unstructured `ObcPath`.
-    sparsities: fractions in [0, 1].
+    path: an unstructured or tile `ObcPath`.
+    sparsities: fractions in [0, 1] of the entries (of the tiles, for a tile path).
 
   Returns:
     float32 ``(len(sparsities),)`` losses.
   """
-  d_in, d_out = path.order.shape
-  totals = [select.num_to_prune(s, d_in * d_out, "sparsities") for s in sparsities]
+  steps, columns = path.order.shape
+  totals = [select.num_to_prune(s, steps * columns, "sparsities") for s in sparsities]
   return _curve(ObcPath(*path), jnp.asarray(totals, jnp.int32).reshape(-1))
 
 
@@ -346,19 +450,21 @@ def obc(w: Array, h: Array, sparsity: Union[float, Array, None], *, pattern: obs
   Args:
     w: ``(d_in, d_out)`` kernel.
     h: ``(d_in, d_in)`` Gram matrix ``XᵀX``.
-    sparsity: fraction in [0, 1] (may be traced); with N:M None or ``(m - n) / m``.
-    pattern: None or ``("nm", n, m)``.
+    sparsity: fraction in [0, 1] (of the tiles, with a block pattern; may be traced); with N:M
+      None or ``(m - n) / m``.
+    pattern: None, ``"n:m"``, `jaxprune.NMPattern`, `jaxprune.BlockPattern` or
+      ``("block", bi, bo)``.
     damp: relative dampening.
 
   Returns:
     ``(w_new, mask)``: float32 weights, zero where the bool mask is False.
   """
   obs.check_layer(w, h)
-  pat = obs.parse_pattern(pattern, np.shape(w))
+  pat = obs.layer_pattern(pattern, np.shape(w))
   if pat.kind == "nm":  # before the path, which is the expensive part
     obs.check_nm_sparsity(sparsity, pat)
   else:
     validation.check_fraction(sparsity, "sparsity")
-  path = obc_path(w, h, pattern=pattern, damp=damp)
-  mask = obc_mask(path, sparsity, pattern=pattern)
+  path = obc_path(w, h, pattern=pat, damp=damp)
+  mask = obc_mask(path, sparsity, pattern=pat)
   return refit_lib.refit(w, h, mask, damp=damp), mask

@@ -13,9 +13,11 @@ every calibration token (``H_ii = 0``) first gets ``H_ii = 1`` so that the inver
 weights change no output, so they cost nothing to remove and are removed first, but they are
 never zeroed unless removed. Masks are bool ``(d_in, d_out)``, True = keep.
 
-Patterns: ``None`` (unstructured), ``("nm", n, m)`` (in every group of ``m`` consecutive inputs of
-each output column exactly ``n`` are kept, as in `jaxprune.nm_mask`) or ``("block", bi, bo)``
-(whole ``bi × bo`` tiles of the kernel are removed).
+Patterns: one parser, `parse_pattern`, reads every spelling the library accepts (``None`` or
+``"unstructured"``, ``"n:m"``, `jaxprune.NMPattern`, `jaxprune.BlockPattern`, and the tile tuple
+``("block", bi, bo)``) into a `ParsedPattern`; `layer_pattern` resolves it against one
+``(d_in, d_out)`` kernel. N:M keeps exactly ``n`` in every group of ``m`` consecutive inputs of
+each output column, as `jaxprune.nm_mask` does; a block pattern removes whole ``bi × bo`` tiles.
 """
 
 from __future__ import annotations
@@ -28,19 +30,38 @@ import jax.scipy.linalg as jsl
 import numpy as np
 from jax import lax
 
+from jaxprune._src import policy
 from jaxprune._src import select
 from jaxprune._src import validation
 
 Array = jax.Array
-Pattern = Optional[tuple]
+Pattern = Union[None, str, policy.NMPattern, policy.BlockPattern, tuple]
 
 
 class ParsedPattern(NamedTuple):
-  """A validated pattern: ``kind`` is ``"none"``, ``"nm"`` or ``"block"``; ``a, b`` its sizes
-  (``n, m`` or ``bi, bo``)."""
+  """A validated sparsity pattern.
+
+  Attributes:
+    kind: ``"none"``, ``"nm"`` or ``"block"``.
+    a: ``n`` (N:M) or the tile's rows ``bi`` (inputs); 1 otherwise.
+    b: ``m`` (N:M) or the tile's columns ``bo`` (outputs); 1 otherwise.
+    axis: N:M given as a `jaxprune.NMPattern`: the leaf axis its groups run along; None when the
+      groups run along the kernel's input features whatever its layout (``"n:m"``).
+    shape: block given as a `jaxprune.BlockPattern`: its block of the leaf's trailing dims; None
+      for a tile of the ``(d_in, d_out)`` view (``("block", bi, bo)``, or once resolved).
+    reduce: how a block mask chosen from scores (magnitude, Wanda) scores a tile.
+  """
   kind: str
   a: int = 1
   b: int = 1
+  axis: Optional[int] = None
+  shape: Optional[tuple[int, ...]] = None
+  reduce: str = "l1"
+
+
+NONE = ParsedPattern("none")
+SPELLINGS = ("None, 'unstructured', 'n:m' (e.g. '2:4'), NMPattern(n, m), BlockPattern(shape) or "
+             "('block', rows, cols)")
 
 
 def is_int(v: object) -> bool:
@@ -48,37 +69,87 @@ def is_int(v: object) -> bool:
   return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
-def parse_pattern(pattern: Pattern, shape: tuple[int, int], name: str = "pattern") -> ParsedPattern:
-  """Validates ``pattern`` against a ``(d_in, d_out)`` kernel shape.
+def parse_pattern(pattern: Any, name: str = "pattern") -> ParsedPattern:
+  """Reads any spelling of a sparsity pattern; the one parser of every layer-wise entry point.
 
   Args:
-    pattern: None, ``("nm", n, m)`` or ``("block", bi, bo)``.
-    shape: the kernel's shape.
+    pattern: ``None`` or ``"unstructured"``; ``"n:m"`` (N:M along the kernel's input features);
+      `jaxprune.NMPattern` (N:M along its ``axis`` of the leaf, which must be the kernel's input
+      axis); `jaxprune.BlockPattern` (blocks of the leaf's trailing dims, as in
+      `jaxprune.block_mask`); ``("block", bi, bo)`` (tiles of the ``(d_in, d_out)`` view); or
+      a `ParsedPattern`.
     name: argument name for error messages.
 
   Returns:
     The `ParsedPattern`.
   """
-  if pattern is None:
-    return ParsedPattern("none")
-  if (not isinstance(pattern, tuple) or len(pattern) != 3 or pattern[0] not in ("nm", "block")
-      or not all(is_int(v) for v in pattern[1:])):
-    raise ValueError(f"{name}: expected None, ('nm', n, m) or ('block', bi, bo) with int sizes, "
-                     f"got {pattern!r}.")
-  kind, a, b = pattern
+  if isinstance(pattern, ParsedPattern):
+    return pattern
+  if pattern is None or (isinstance(pattern, str) and pattern == "unstructured"):
+    return NONE
+  if isinstance(pattern, str):
+    n, sep, m = pattern.partition(":")
+    if not sep or not n.strip().isdigit() or not m.strip().isdigit():
+      raise validation.error(name, SPELLINGS, pattern)
+    m = validation.check_int(int(m), f"{name} m", 1)
+    return ParsedPattern("nm", validation.check_int(int(n), f"{name} n", 0, m), m)
+  if isinstance(pattern, policy.NMPattern):
+    pattern = policy.check_pattern(pattern)
+    return ParsedPattern("nm", pattern.n, pattern.m, axis=pattern.axis)
+  if isinstance(pattern, policy.BlockPattern):
+    pattern = policy.check_pattern(pattern)
+    return ParsedPattern("block", shape=pattern.shape, reduce=pattern.reduce)
+  if isinstance(pattern, tuple) and len(pattern) == 3 and pattern[0] == "block":
+    return ParsedPattern("block", validation.check_int(pattern[1], f"{name} rows", 1),
+                         validation.check_int(pattern[2], f"{name} cols", 1))
+  raise validation.error(name, SPELLINGS, pattern)
+
+
+def layer_pattern(pattern: Any, shape: tuple[int, int], name: str = "pattern",
+                  path: Optional[str] = None) -> ParsedPattern:
+  """Resolves a pattern against one ``(d_in, d_out)`` kernel, the view every solver works on.
+
+  An `jaxprune.NMPattern` must run along the view's input axis (``0`` or ``-2``); a
+  `jaxprune.BlockPattern` of at most two dims tiles the view as `jaxprune.block_mask` tiles a
+  2-D leaf. Tiles and groups must divide the kernel (no partial ones).
+
+  Args:
+    pattern: any spelling `parse_pattern` reads.
+    shape: the kernel's ``(d_in, d_out)``.
+    name: argument name for error messages.
+    path: the kernel's leaf path, for error messages.
+
+  Returns:
+    A `ParsedPattern` with ``axis`` and ``shape`` None.
+  """
+  pat = parse_pattern(pattern, name)
   d_in, d_out = shape
-  if kind == "nm":
-    if b < 1 or not 0 <= a <= b:
-      raise ValueError(f"{name}: expected 0 <= n <= m and m >= 1, got n={a}, m={b}.")
-    if d_in % b:
-      raise ValueError(f"{name}: expected d_in divisible by m={b}, got kernel shape {shape}.")
-  else:
-    if a < 1 or b < 1:
-      raise ValueError(f"{name}: expected positive block sizes, got {pattern!r}.")
-    if d_in % a or d_out % b:
-      raise ValueError(f"{name}: expected kernel shape divisible by the block ({a}, {b}), got "
-                       f"{shape}.")
-  return ParsedPattern(kind, int(a), int(b))
+  if pat.kind == "nm":
+    if pat.axis is not None and pat.axis not in (0, -2):
+      raise validation.error(f"{name}.axis", "0 or -2, the input axis of a (d_in, d_out) kernel",
+                             pat.axis, path)
+    if d_in % pat.b:
+      raise validation.error(name, f"groups of m={pat.b} dividing the {d_in} inputs of a kernel "
+                             f"of shape {tuple(shape)}", f"{pat.a}:{pat.b}", path)
+    return pat._replace(axis=None)
+  if pat.kind == "block":
+    pat = tile(pat, name, path)
+    if d_in % pat.a or d_out % pat.b:
+      raise validation.error(name, f"tiles dividing a kernel of shape {tuple(shape)}",
+                             (pat.a, pat.b), path)
+  return pat
+
+
+def tile(pattern: ParsedPattern, name: str = "pattern",
+         path: Optional[str] = None) -> ParsedPattern:
+  """A block pattern's tile of the ``(d_in, d_out)`` view: a `jaxprune.BlockPattern` of at most
+  two dims tiles it as `jaxprune.block_mask` tiles a 2-D leaf (one dim: ``(1, bo)``)."""
+  if pattern.shape is None:
+    return pattern
+  if len(pattern.shape) > 2:
+    raise validation.error(f"{name}.shape", "at most 2 dims for a (d_in, d_out) kernel",
+                           pattern.shape, path)
+  return pattern._replace(a=((1,) + pattern.shape)[-2], b=pattern.shape[-1], shape=None)
 
 
 def nm_sparsity(pattern: ParsedPattern) -> float:
@@ -86,14 +157,15 @@ def nm_sparsity(pattern: ParsedPattern) -> float:
   return (pattern.b - pattern.a) / pattern.b
 
 
-def check_nm_sparsity(sparsity, pattern: ParsedPattern, name: str = "sparsity") -> None:
+def check_nm_sparsity(sparsity, pattern: ParsedPattern, name: str = "sparsity",
+                      path: Optional[str] = None) -> None:
   """N:M fixes the sparsity: a given ``sparsity`` must be None or ``(m - n) / m``."""
   if sparsity is None or validation.is_traced(sparsity):
     return
   target = nm_sparsity(pattern)
   if abs(float(np.asarray(sparsity)) - target) > 1e-6:
-    raise ValueError(f"{name}: pattern ('nm', {pattern.a}, {pattern.b}) prunes a fraction "
-                     f"{target}; expected None or {target}, got {sparsity!r}.")
+    raise validation.error(name, f"None or {target} for the {pattern.a}:{pattern.b} pattern",
+                           sparsity, path)
 
 
 def check_layer(w: Array, h: Array, name: str = "w") -> None:
@@ -214,6 +286,11 @@ def layer_loss(w_old: Array, w_new: Array, h: Array) -> Array:
     float32 scalar: the summed squared change of the layer's outputs over the calibration set.
   """
   check_layer(w_old, h, "w_old")
+  return _layer_loss(w_old, w_new, h)
+
+
+@jax.jit
+def _layer_loss(w_old: Array, w_new: Array, h: Array) -> Array:
   delta = jnp.asarray(w_new, jnp.float32) - jnp.asarray(w_old, jnp.float32)
   return jnp.sum(delta * (jnp.asarray(h, jnp.float32) @ delta))
 
@@ -237,13 +314,23 @@ def wanda(w: Array, h: Array) -> Array:
 
   Args:
     w: ``(d_in, d_out)`` kernel.
-    h: ``(d_in, d_in)`` Gram matrix ``XᵀX``.
+    h: ``(d_in, d_in)`` Gram matrix ``XᵀX``, or only its diagonal ``(d_in,)`` (what
+      calibration with ``diagonal=True`` holds).
 
   Returns:
     float32 scores shaped like ``w``; higher = more important.
   """
-  check_layer(w, h)
-  norms = jnp.sqrt(jnp.maximum(jnp.diagonal(jnp.asarray(h, jnp.float32)), 0.0))
+  if np.ndim(h) == 1:
+    d_in = np.shape(w)[0] if np.ndim(w) else None
+    if np.shape(h) != (d_in,) or not jnp.issubdtype(jnp.result_type(h), jnp.floating):
+      raise ValueError(f"h: expected a float ({d_in},) diagonal or ({d_in}, {d_in}) matrix for a "
+                       f"kernel of shape {np.shape(w)}, got {jnp.result_type(h)} {np.shape(h)}.")
+    check_layer(w, jax.ShapeDtypeStruct((d_in, d_in), jnp.float32))
+    diag = jnp.asarray(h, jnp.float32)
+  else:
+    check_layer(w, h)
+    diag = jnp.diagonal(jnp.asarray(h, jnp.float32))
+  norms = jnp.sqrt(jnp.maximum(diag, 0.0))
   return jnp.abs(jnp.asarray(w, jnp.float32)) * norms[:, None]
 
 
@@ -281,7 +368,12 @@ def dense_target(w: Array, h_pp: Array, h_pd: Array, *, damp: float = 0.01) -> A
   check_layer(w, h_pp)
   check_layer(w, h_pd)
   check_damp(damp)
-  hd, dead = dampen(h_pp, damp)
+  return _dense_target(w, h_pp, h_pd, jnp.float32(damp))
+
+
+@jax.jit
+def _dense_target(w: Array, h_pp: Array, h_pd: Array, damp: Array) -> Array:
+  hd, _ = dampen(h_pp, damp)
   w = jnp.asarray(w, jnp.float32)
   # The right side gets what H_pp got on its diagonal (λ, and 1 for dead inputs), so that at
   # X_p = X_d the solve returns w.

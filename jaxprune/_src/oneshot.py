@@ -17,7 +17,6 @@ References:
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -41,7 +40,6 @@ from jaxprune._src.types import Prunable, PyTree
 METHODS = ("magnitude", "wanda", "sparsegpt", "obc")
 TARGETS = ("dense", "pruned")
 ALLOCATIONS = ("global", "obs", "uniform")
-Pattern = Union[None, str, tuple]
 
 
 class Layer(NamedTuple):
@@ -64,39 +62,6 @@ class Layer(NamedTuple):
   loss: float
 
 
-def parse_pattern(pattern: Pattern) -> Optional[tuple]:
-  """Normalises a sparsity pattern to ``None``, ``("nm", n, m)`` or ``("block", bi, bo)``.
-
-  Args:
-    pattern: ``None`` (unstructured), ``"n:m"`` (e.g. ``"2:4"``: ``n`` of every ``m``
-      consecutive inputs of each output kept), ``(n, m)``, ``("nm", n, m)`` or
-      ``("block", bi, bo)`` (whole ``bi × bo`` tiles of the ``(inputs, outputs)`` matrix).
-
-  Returns:
-    The normalised pattern.
-  """
-  if pattern is None:
-    return None
-  if isinstance(pattern, str):
-    n, sep, m = pattern.partition(":")
-    if not sep or not n.strip().isdigit() or not m.strip().isdigit():
-      raise validation.error("pattern", "None, 'n:m', (n, m), ('nm', n, m) or "
-                             "('block', rows, cols)", pattern)
-    pattern = ("nm", int(n), int(m))
-  if isinstance(pattern, tuple) and len(pattern) == 2:
-    pattern = ("nm",) + pattern
-  if (not isinstance(pattern, tuple) or len(pattern) != 3 or pattern[0] not in ("nm", "block")):
-    raise validation.error("pattern", "None, 'n:m', (n, m), ('nm', n, m) or "
-                           "('block', rows, cols)", pattern)
-  kind, a, b = pattern
-  if kind == "nm":
-    m = validation.check_int(b, "pattern m", 1)
-    n = validation.check_int(a, "pattern n", 0, m)
-    return ("nm", n, m)
-  return ("block", validation.check_int(a, "pattern rows", 1),
-          validation.check_int(b, "pattern cols", 1))
-
-
 def _materialise(batches: Iterable[Any]) -> list:
   out = list(batches)
   if not out:
@@ -104,16 +69,13 @@ def _materialise(batches: Iterable[Any]) -> list:
   return out
 
 
-def _layer_sparsities(params: PyTree, paths: Sequence[str], sparsity: Any, pattern: Optional[tuple],
-                      allocation: Any) -> dict[str, float]:
+def _layer_sparsities(params: PyTree, paths: Sequence[str], sparsity: Any,
+                      pattern: obs_lib.ParsedPattern, allocation: Any) -> dict[str, float]:
   """Per-kernel sparsities: from the pattern, a global magnitude ranking, or given per leaf."""
   leaves = dict(tree_lib.leaves_with_paths(params))
-  if pattern is not None and pattern[0] == "nm":
-    implied = 1.0 - pattern[1] / pattern[2]
-    if sparsity is not None and not math.isclose(float(sparsity), implied):
-      raise validation.error("sparsity", f"None or {implied} for pattern {pattern[1]}:{pattern[2]}",
-                             sparsity)
-    return {p: implied for p in paths}
+  if pattern.kind == "nm":
+    obs_lib.check_nm_sparsity(sparsity, pattern)
+    return {p: obs_lib.nm_sparsity(pattern) for p in paths}
   if isinstance(allocation, Mapping):
     missing = [p for p in paths if p not in allocation]
     if missing:
@@ -133,17 +95,30 @@ def _layer_sparsities(params: PyTree, paths: Sequence[str], sparsity: Any, patte
   raise AssertionError(allocation)
 
 
-def _mask(scores: jax.Array, sparsity: float, pattern: Optional[tuple]) -> jax.Array:
+def _slices(x: Optional[jax.Array], site: Any) -> Optional[jax.Array]:
+  """A kernel-shaped calibration array with a leading axis of layers (one for an unstacked
+  kernel, one per slice of a kernel stacked along a scan)."""
+  return x if x is None or site.loop_axes else x[None]
+
+
+def _slice_counts(total: int, slices: int) -> list[int]:
+  """``total`` removals split over equal slices, exactly, by differences of rounded cumulative
+  targets."""
+  cum = [0] + [round(total * (k + 1) / slices) for k in range(slices)]
+  return [b - a for a, b in zip(cum, cum[1:])]
+
+
+def _mask(scores: jax.Array, sparsity: float, pattern: obs_lib.ParsedPattern) -> jax.Array:
   """The library's own selection on an ``(inputs, outputs)`` score matrix: exact counts, ties."""
-  if pattern is None:
+  if pattern.kind == "none":
     return masks_lib.unstructured_mask(scores, sparsity)
-  if pattern[0] == "nm":
-    return masks_lib.nm_mask(scores, pattern[1], pattern[2], axis=0)
-  return masks_lib.block_mask(scores, sparsity, (pattern[1], pattern[2]), reduce="l1")
+  if pattern.kind == "nm":
+    return masks_lib.nm_mask(scores, pattern.a, pattern.b, axis=0)
+  return masks_lib.block_mask(scores, sparsity, (pattern.a, pattern.b), reduce=pattern.reduce)
 
 
 def solve_layer(method: str, w: jax.Array, h: jax.Array, sparsity: float,
-                pattern: Optional[tuple] = None, *, refit: bool = False, damp: float = 0.01,
+                pattern: obs_lib.Pattern = None, *, refit: bool = False, damp: float = 0.01,
                 block_size: int = 128) -> tuple[jax.Array, jax.Array]:
   """Prunes one kernel in its ``(inputs, outputs)`` view with one of `METHODS`.
 
@@ -152,7 +127,7 @@ def solve_layer(method: str, w: jax.Array, h: jax.Array, sparsity: float,
     w: ``(d_in, d_out)`` float32 kernel.
     h: ``(d_in, d_in)`` calibration Gram matrix ``XᵀX``.
     sparsity: fraction of the entries (or, with a block pattern, of the tiles) to prune.
-    pattern: a `parse_pattern` result.
+    pattern: any spelling of `obs.parse_pattern`, resolved against ``w``'s shape.
     refit: least-squares refit of the kept weights after the mask is chosen.
     damp: relative dampening of ``h``.
     block_size: SparseGPT's column block.
@@ -160,6 +135,7 @@ def solve_layer(method: str, w: jax.Array, h: jax.Array, sparsity: float,
   Returns:
     ``(w', mask)``, ``w'`` zero where the bool mask is False.
   """
+  pattern = obs_lib.layer_pattern(pattern, jnp.shape(w))
   if method in ("magnitude", "wanda"):
     scores = jnp.abs(w) if method == "magnitude" else obs_lib.wanda(w, h)
     mask = _mask(scores, sparsity, pattern)
@@ -205,16 +181,19 @@ def wanda_scores(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches
   Returns:
     float32 scores shaped like ``params``.
   """
+  # Wanda reads only ‖X_i‖², the diagonal of H: O(d_in) memory per kernel.
   cal = calib_lib.calibrate(apply_fn, params, _materialise(batches), token_mask=token_mask,
-                            prunable=prunable)
+                            prunable=prunable, diagonal=True)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   out = []
   for p, x in flat:
     path = tree_lib.path_str(p)
     if path in cal:
       site = cal[path].site
-      w = interpret.to_matrix(x, site).astype(jnp.float32)
-      out.append(interpret.from_matrix(obs_lib.wanda(w, cal[path].h), site, x.shape))
+      ws = _slices(interpret.to_matrix(x, site).astype(jnp.float32), site)
+      hs = _slices(cal[path].h, site)
+      scores = jnp.stack([obs_lib.wanda(w, h) for w, h in zip(ws, hs)])
+      out.append(interpret.from_matrix(scores if site.loop_axes else scores[0], site, x.shape))
     else:
       out.append(jnp.abs(jnp.asarray(x)).astype(jnp.float32))
   return jax.tree.unflatten(treedef, out)
@@ -222,7 +201,7 @@ def wanda_scores(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches
 
 def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Iterable[Any],
             sparsity: Optional[float] = None, *, method: str = "sparsegpt",
-            pattern: Pattern = None, prunable: Prunable = None,
+            pattern: obs_lib.Pattern = None, prunable: Prunable = None,
             allocation: Union[str, Mapping[str, float]] = "global", refit: bool = False,
             target: str = "dense", sequential: bool = True,
             token_mask: Optional[Callable[[Any], jax.Array]] = None, damp: float = 0.01,
@@ -246,16 +225,27 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
     (0.25, True)
     >>> tx = optax.chain(optax.adam(1e-4), jp.prune(0.25, masks=masks))   # fine-tune, masks kept
 
+  A kernel stacked along a ``scan`` (``nn.scan`` layers) is pruned slice by slice, each slice
+  with the ``H`` of its own iteration and exactly its share of the kernel's count; all slices of
+  one kernel are pruned in the same stage, so a slice's inputs come from the model whose earlier
+  stages, not earlier slices, are pruned.
+
   Args:
     apply_fn: ``apply_fn(params, batch)``; every prunable kernel must be an operand of a
-      ``dot_general`` or ``conv_general_dilated`` in it.
+      ``dot_general`` or ``conv_general_dilated`` in it (also inside one ``scan``).
     params: the trained parameters (not modified).
     batches: calibration batches (an iterable; read once per pruning stage).
     sparsity: fraction of the prunable entries to prune; ``None`` with an N:M pattern.
     method: ``"sparsegpt"`` (blocked OBS with lazy updates, default), ``"obc"`` (exact greedy
       OBS per output, for small layers), ``"wanda"`` (``|w|·‖x‖`` mask) or ``"magnitude"``
       (``|w|`` mask); the last two update no weight unless ``refit``.
-    pattern: ``None``, ``"2:4"``-style N:M along the inputs, or ``("block", rows, cols)``.
+    pattern: ``None`` / ``"unstructured"``; ``"n:m"`` (e.g. ``"2:4"``: N:M along each kernel's
+      input features: rows of Dense kernels, input channels at one tap of convolutions);
+      `jaxprune.NMPattern` (N:M along its ``axis``, which must be the kernel's innermost input
+      axis); `jaxprune.BlockPattern` (blocks of the leaf's trailing dims, each a tile of the
+      kernel's ``(inputs, outputs)`` view, removed whole; its ``reduce`` scores tiles for
+      ``"magnitude"`` and ``"wanda"``); or ``("block", rows, cols)`` (tiles of that view). All
+      methods choose the pattern inside their solver.
     prunable: which leaves are pruned (see `jaxprune.unstructured_mask`).
     allocation: how ``sparsity`` is split across kernels: ``"global"`` (one magnitude ranking
       over all kernels picks each kernel's count, ``round(s·N)`` in total), ``"obs"`` (counts
@@ -281,30 +271,29 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
   validation.check_choice(target, TARGETS, "target")
   if not isinstance(allocation, Mapping):
     validation.check_choice(allocation, ALLOCATIONS, "allocation")
-  pattern = parse_pattern(pattern)
-  if sparsity is None and (pattern is None or pattern[0] != "nm") and not isinstance(
-      allocation, Mapping):
+  pattern = obs_lib.parse_pattern(pattern)
+  if sparsity is None and pattern.kind != "nm" and not isinstance(allocation, Mapping):
     raise validation.error("sparsity", "a fraction in [0, 1]", None)
   damp = float(validation.check_nonnegative(damp, "damp"))
   block_size = validation.check_int(block_size, "block_size", 1)
   batches = _materialise(batches)
   dense = params
-  traced = interpret.trace(apply_fn, params, batches[0])
-  sites = {p: v[0] for p, v in calib_lib.select_sites(traced, params, None, prunable).items()}
-  paths = list(sites)
-  # One calibrator for the allocation and every stage: it resumes the forward pass where the last
-  # pruned kernels start to matter instead of compiling and running the model from the start.
+  # One calibrator, and its one trace of apply_fn, for the sites, the stages, the allocation and
+  # every stage's calibration; it resumes the forward pass where the last pruned kernels start
+  # to matter instead of running the model from the start.
   calibrator = calib_lib.Calibrator(apply_fn, token_mask=token_mask, prunable=prunable)
-  if allocation == "obs" and (pattern is None or pattern[0] != "nm"):
+  traced = calibrator.trace(params, batches[0])
+  selected = calib_lib.select_sites(traced, params, None, prunable, stacked=True)
+  sites = {p: v[0] for p, v in selected.items()}
+  paths = list(sites)
+  patterns = {p: interpret.site_pattern(pattern, sites[p]) for p in paths}
+  if allocation == "obs" and pattern.kind != "nm":
     per_layer = _obs_allocation(calibrator, params, batches, sites, float(
-        validation.check_fraction(sparsity, "sparsity", allow_traced=False)), method, pattern,
+        validation.check_fraction(sparsity, "sparsity", allow_traced=False)), method, patterns,
                                 refit, damp, block_size)
   else:
     per_layer = _layer_sparsities(params, paths, sparsity, pattern, allocation)
-  for path in paths:
-    if pattern is not None:
-      obs_lib.parse_pattern(pattern, (sites[path].d_in, sites[path].d_out), f"pattern ({path})")
-  stages = (calib_lib.stages(apply_fn, params, batches[0], paths) if sequential else [paths])
+  stages = calib_lib.stage_order(traced, selected) if sequential else [paths]
 
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   index = {tree_lib.path_str(p): i for i, (p, _) in enumerate(flat)}
@@ -317,24 +306,36 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
     cal = calibrator(current, batches, kernels=stage,
                      reference_params=dense if target == "dense" and changed else None)
     for path in stage:
-      i, site, s = index[path], sites[path], per_layer[path]
+      i, site = index[path], sites[path]
       leaf = new_leaves[i]
-      if select_lib.num_to_prune(s, leaf.size) == 0:
+      total = select_lib.num_to_prune(per_layer[path], leaf.size)
+      if total == 0:
         layers.append(Layer(path, 0.0, 0.0))
         continue
-      h = cal[path].h
-      w = interpret.to_matrix(leaf, site).astype(jnp.float32)
-      if target == "dense" and cal[path].cross is not None:
-        w = obs_lib.dense_target(interpret.to_matrix(flat[i][1], site).astype(jnp.float32), h,
-                                 cal[path].cross, damp=damp)
-      w_new, mask = solve_layer(method, w, h, s, pattern, refit=refit, damp=damp,
-                                block_size=block_size)
-      energy = float(jnp.sum(w * (h @ w)))
-      loss = float(obs_lib.layer_loss(w, w_new, h)) / max(energy, 1e-30)
+      ws, dense_ws, cal_h, cross = (_slices(x, site) for x in (
+          interpret.to_matrix(leaf, site).astype(jnp.float32),
+          interpret.to_matrix(flat[i][1], site).astype(jnp.float32), cal[path].h,
+          cal[path].cross if target == "dense" else None))
+      outs, masks, loss, energy = [], [], 0.0, 0.0
+      for k, count in enumerate(_slice_counts(total, len(ws))):
+        w, h = ws[k], cal_h[k]
+        if count == 0:
+          outs.append(w)
+          masks.append(jnp.ones(w.shape, bool))
+          continue
+        if cross is not None:
+          w = obs_lib.dense_target(dense_ws[k], h, cross[k], damp=damp)
+        w_new, mask = solve_layer(method, w, h, count / w.size, patterns[path], refit=refit,
+                                  damp=damp, block_size=block_size)
+        energy += float(obs_lib.layer_loss(jnp.zeros_like(w), w, h))
+        loss += float(obs_lib.layer_loss(w, w_new, h))
+        outs.append(w_new)
+        masks.append(mask)
+      w_new, mask = (jnp.stack(x) if site.loop_axes else x[0] for x in (outs, masks))
       new_leaves[i] = interpret.from_matrix(w_new, site, leaf.shape).astype(leaf.dtype)
       changed = True
       mask_leaves[i] = interpret.from_matrix(mask, site, leaf.shape)
-      layers.append(Layer(path, 1.0 - float(jnp.mean(mask)), loss))
+      layers.append(Layer(path, 1.0 - float(jnp.mean(mask)), loss / max(energy, 1e-30)))
   out = (jax.tree.unflatten(treedef, new_leaves), jax.tree.unflatten(treedef, mask_leaves))
   return out + (layers,) if return_layers else out
 
@@ -344,7 +345,7 @@ OBS_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
 
 def _obs_allocation(calibrator: calib_lib.Calibrator, params: PyTree, batches: list,
                     sites: Mapping[str, Any], sparsity: float, method: str,
-                    pattern: Optional[tuple], refit: bool, damp: float,
+                    patterns: Mapping[str, obs_lib.ParsedPattern], refit: bool, damp: float,
                     block_size: int) -> dict[str, float]:
   """Per-kernel sparsities minimising the summed relative layer errors at ``round(s·N)``.
 
@@ -360,17 +361,18 @@ def _obs_allocation(calibrator: calib_lib.Calibrator, params: PyTree, batches: l
   curves, sizes = [], []
   for path in paths:
     site = sites[path]
-    w = interpret.to_matrix(leaves[path], site).astype(jnp.float32)
-    h = cal[path].h
-    energy = max(float(jnp.sum(w * (h @ w))), 1e-30)
-    if method == "obc" and not refit:
-      losses = obc_lib.obc_losses(obc_lib.obc_path(w, h, pattern=pattern, damp=damp), grid)
-      errors = [float(e) / energy for e in losses]
-    else:
-      errors = [0.0] + [
-          float(obs_lib.layer_loss(w, solve_layer(method, w, h, float(s), pattern, refit=refit,
-                                                  damp=damp, block_size=block_size)[0], h))
-          / energy for s in grid[1:]]
+    ws = _slices(interpret.to_matrix(leaves[path], site).astype(jnp.float32), site)
+    errors, energy = np.zeros(len(grid)), 1e-30
+    for w, h in zip(ws, _slices(cal[path].h, site)):  # a stacked kernel's slices add up
+      energy += float(obs_lib.layer_loss(jnp.zeros_like(w), w, h))
+      if method == "obc" and not refit:
+        path_ = obc_lib.obc_path(w, h, pattern=patterns[path], damp=damp)
+        errors += np.asarray(obc_lib.obc_losses(path_, grid))
+      else:
+        errors[1:] += [float(obs_lib.layer_loss(w, solve_layer(
+            method, w, h, float(s), patterns[path], refit=refit, damp=damp,
+            block_size=block_size)[0], h)) for s in grid[1:]]
+    errors = errors / energy
     curves.append((grid, np.maximum.accumulate(np.asarray(errors))))
     sizes.append(int(leaves[path].size))
   total = sum(sizes)

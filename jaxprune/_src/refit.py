@@ -36,6 +36,9 @@ Array = jax.Array
 _BATCH_ENTRIES = 1 << 22
 
 _METHODS = ("auto", "cholesky")
+# Direct systems of at most this size are padded to the bound whatever the mask: one compiled
+# program per small layer shape costs less than the padding.
+_SMALL = 16
 # Conjugate-gradient iterations between recomputations of the true residual.
 _CHECK_EVERY = 16
 
@@ -49,12 +52,13 @@ def _direct_size(mask: Array, method: str) -> int:
 
   ``"cholesky"`` solves every column on its smaller side, ``"auto"`` only columns keeping at most
   ``d_in // 4`` inputs, on the kept side. A concrete mask sizes the systems to the largest one
-  it needs (rounded up by `_bucket`), a traced one to the bound.
+  it needs (rounded up by `_bucket`), a traced one, or any mask of a layer whose bound is at
+  most `_SMALL`, to the bound.
   """
   d_in = mask.shape[0]
   bound = d_in // 2 if method == "cholesky" else d_in // 4
   kept = _kept_counts(mask)
-  if kept is None:
+  if kept is None or bound <= _SMALL:
     return bound
   sizes = np.minimum(kept, d_in - kept) if method == "cholesky" else kept[kept <= bound]
   return min(_bucket(int(sizes.max(initial=0))), bound)

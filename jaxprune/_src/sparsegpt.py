@@ -147,10 +147,10 @@ def sparsegpt(w: Array, h: Array, sparsity: Union[float, Array, None], *,
 
   Unstructured, exactly ``round(sparsity · d_in · d_out)`` weights are removed: the weights of
   dead inputs first (they cost nothing), the rest split over the blocks of inputs in proportion
-  to their live weights, and within a block the lowest ``w² / U_rr²`` go. ``("nm", n, m)`` keeps
+  to their live weights, and within a block the lowest ``w² / U_rr²`` go. N:M (``"n:m"``) keeps
   ``n`` of every ``m`` consecutive inputs per output column, chosen group by group (dead inputs
-  first); ``("block", bi, bo)`` removes exactly ``round(sparsity · tiles)`` whole ``bi × bo``
-  tiles, split over blocks in proportion to their tiles. Ties follow `jaxprune.unstructured_mask`.
+  first); a block pattern removes exactly ``round(sparsity · tiles)`` whole ``bi × bo`` tiles,
+  split over blocks in proportion to their tiles. Ties follow `jaxprune.unstructured_mask`.
 
   Jittable, with ``sparsity`` static or traced (the per-block split of the count is rounded in
   float32 either way; the total is exact). ``block_size`` is rounded down to a multiple of ``m``
@@ -172,7 +172,8 @@ def sparsegpt(w: Array, h: Array, sparsity: Union[float, Array, None], *,
     w: ``(d_in, d_out)`` kernel.
     h: ``(d_in, d_in)`` Gram matrix ``XᵀX``.
     sparsity: fraction in [0, 1]; with N:M None or ``(m - n) / m``.
-    pattern: None, ``("nm", n, m)`` or ``("block", bi, bo)``.
+    pattern: None, ``"n:m"``, `jaxprune.NMPattern`, `jaxprune.BlockPattern` or
+      ``("block", bi, bo)`` (see `jaxprune._src.obs.parse_pattern`).
     block_size: inputs per lazy-update block.
     damp: relative dampening.
 
@@ -184,7 +185,7 @@ def sparsegpt(w: Array, h: Array, sparsity: Union[float, Array, None], *,
   if not obs.is_int(block_size) or block_size < 1:
     raise ValueError(f"block_size: expected a positive int, got {block_size!r}.")
   d_in, d_out = np.shape(w)
-  pat = obs.parse_pattern(pattern, (d_in, d_out))
+  pat = obs.layer_pattern(pattern, (d_in, d_out))
   unit = {"none": 1, "nm": pat.b, "block": pat.a}[pat.kind]
   size = min(max(block_size // unit, 1) * unit, d_in)
   if pat.kind == "nm":
@@ -217,7 +218,7 @@ def sparsegpt_losses(w: Array, h: Array, sparsities: Sequence[float], *,
     w: ``(d_in, d_out)`` kernel.
     h: ``(d_in, d_in)`` Gram matrix ``XᵀX``.
     sparsities: fractions in [0, 1].
-    pattern: None or ``("block", bi, bo)``.
+    pattern: as in `sparsegpt`.
     block_size: see `sparsegpt`.
     damp: see `sparsegpt`.
 
