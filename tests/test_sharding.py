@@ -30,6 +30,9 @@ import reference
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
+# Under pytest-xdist, one worker runs this module: its subprocess fixtures must start only once.
+pytestmark = pytest.mark.xdist_group("sharding")
+
 CHECK_NAMES = [
     "global_bit_identical_ties_nan",
     "global_random_trials",
