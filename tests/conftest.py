@@ -50,8 +50,3 @@ def check_jit_eager() -> Callable[..., Any]:
   """`jit_eager`: ``check_jit_eager(fn, *args)`` compares eager and jitted results exactly."""
   return jit_eager
 
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-  """Runs the subprocess-backed sharding checks first, so that under pytest-xdist their minute
-  of subprocess work overlaps the other worker's tests instead of trailing at the end."""
-  items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)

@@ -30,7 +30,8 @@ import reference
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-# Under pytest-xdist, one worker runs this module: its subprocess fixtures must start only once.
+# Under pytest-xdist one worker runs this module, so its subprocesses start once; as the largest
+# group it is scheduled first, and overlaps the other worker's tests.
 pytestmark = pytest.mark.xdist_group("sharding")
 
 CHECK_NAMES = [
