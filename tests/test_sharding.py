@@ -30,10 +30,6 @@ import reference
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-# Under pytest-xdist one worker runs this module, so its subprocesses start once; as the largest
-# group it is scheduled first, and overlaps the other worker's tests.
-pytestmark = pytest.mark.xdist_group("sharding")
-
 CHECK_NAMES = [
     "global_bit_identical_ties_nan",
     "global_random_trials",
