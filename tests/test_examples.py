@@ -160,33 +160,63 @@ def test_train_dense_alone_is_deterministic():
     training.train_dense(models.LeNet5(), training.make_trainer(model, digits), **kw)
 
 
-def test_oneshot_without_finetuning_returns_pruned_params():
-  model = models.LeNet300100()
-  trainer = training.make_trainer(model, data.load_digits28(), 128)
-  cfg = pruning.Config(mode="oneshot", criterion="magnitude", sparsity=0.92, ft_epochs=0)
-  r = pruning.run(trainer, cfg, trainer.init(0), progress=False)
-  assert sum(x.kept for x in r.report.prunable_rows) == (
-      LENET300_WEIGHTS - round(0.92 * LENET300_WEIGHTS))
+@pytest.fixture(scope="module")
+def digits_trainer():
+  return training.make_trainer(models.LeNet300100(), data.load_digits28(), 128)
+
+
+def test_oneshot_layer_sparsities_without_finetuning(digits_trainer):
+  # Han et al.'s per-layer sparsities: exact per-layer counts; the params are the masked ones.
+  han = mnist.parse_layer_sparsities("han", "lenet300")
+  cfg = pruning.Config(mode="oneshot", criterion="magnitude", sparsity=0.92, ft_epochs=0,
+                       layer_sparsities=han)
+  r = pruning.run(digits_trainer, cfg, digits_trainer.init(0), progress=False)
+  kept = [x.kept for x in r.report.prunable_rows]
+  assert kept == [235200 - round(0.93 * 235200), 30000 - round(0.91 * 30000),
+                  1000 - round(0.74 * 1000)]
   for p, m in zip(jax.tree.leaves(r.params), jax.tree.leaves(r.masks)):
     if p.ndim >= 2:
       np.testing.assert_array_equal(np.asarray(p) != 0, np.asarray(m))
   assert r.accuracy == r.oneshot_accuracy
+  # Bytes and FLOPs come from jp.report: the effective matmul FLOPs scale with density.
+  assert r.report.csr_bytes < r.report.dense_bytes
+  assert r.report.to_dict()["flops/matmul_effective"] == pytest.approx(2 * sum(kept))
+
+
+def test_gradual_reaches_exact_sparsity(digits_trainer):
+  # One pruning epoch (11 steps; masks at steps 0, 5 and 10) and one fine-tuning epoch.
+  cfg = pruning.Config(mode="gradual", criterion="magnitude", sparsity=0.9, prune_epochs=1,
+                       ft_epochs=1, prune_every=5)
+  r = pruning.run(digits_trainer, cfg, digits_trainer.init(0), progress=False)
+  assert sum(x.kept for x in r.report.prunable_rows) == (
+      LENET300_WEIGHTS - round(0.9 * LENET300_WEIGHTS))
+  # The masks and the params agree exactly: pruned weights are 0.0, kept ones are not.
+  for p, m in zip(jax.tree.leaves(r.params), jax.tree.leaves(r.masks)):
+    if p.ndim >= 2:
+      np.testing.assert_array_equal(np.asarray(p) != 0, np.asarray(m))
 
 
 # ------------------------------------------------------------------------------------------------
-# Real MNIST, a few hundred steps
+# Real MNIST: the files in the fast suite, a few hundred training steps in the slow one
 # ------------------------------------------------------------------------------------------------
 
 needs_mnist = pytest.mark.skipif(not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists(),
                                  reason=f"MNIST IDX files not found in {MNIST_DIR}")
+
+
+@needs_mnist
+def test_load_mnist_checks_and_reads_the_real_files():
+  full = data.load_mnist(MNIST_DIR)  # also checks SHA256SUMS
+  assert full.x_train.shape == (60000, 28, 28, 1) and full.x_test.shape == (10000, 28, 28, 1)
+  assert set(np.unique(full.y_test)) == set(range(10))
+  assert abs(float(full.x_train.mean())) < 1e-3  # standardised with the training set's stats
 
 TRAIN_SUBSET = 100 * 128  # 100 steps per epoch
 
 
 @pytest.fixture(scope="module")
 def mnist_setup():
-  full = data.load_mnist(MNIST_DIR)  # also checks SHA256SUMS
-  assert full.x_train.shape == (60000, 28, 28, 1) and full.x_test.shape == (10000, 28, 28, 1)
+  full = data.load_mnist(MNIST_DIR)
   subset = full._replace(x_train=full.x_train[:TRAIN_SUBSET], y_train=full.y_train[:TRAIN_SUBSET])
   model = models.LeNet300100()
   trainer = training.make_trainer(model, subset, batch_size=128)
@@ -197,6 +227,7 @@ def mnist_setup():
   return trainer, cfg, dense
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_mnist_dense_is_deterministic(mnist_setup):
   trainer, cfg, dense = mnist_setup
@@ -207,6 +238,7 @@ def test_mnist_dense_is_deterministic(mnist_setup):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_mnist_gradual_reaches_exact_sparsity(mnist_setup):
   trainer, cfg, dense = mnist_setup
@@ -224,6 +256,7 @@ def test_mnist_gradual_reaches_exact_sparsity(mnist_setup):
   assert fc1 > fc2 > fc3
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_mnist_oneshot_layer_sparsities(mnist_setup):
   trainer, cfg, dense = mnist_setup

@@ -1,4 +1,4 @@
-"""Export: strip, sparse compaction with a working matmul, compressed checkpoints."""
+"""Export: masking for export, sparse compaction with a working matmul, compressed checkpoints."""
 
 from typing import NamedTuple
 
@@ -10,6 +10,7 @@ import pytest
 from jax.experimental import sparse
 
 from jaxprune._src import export
+from jaxprune._src import masks as masks_lib
 from jaxprune._src import report as report_lib
 
 
@@ -37,23 +38,23 @@ class FakePruneState(NamedTuple):
   masks: dict
 
 
-def test_strip_with_masks_and_from_optax_state():
+def test_apply_masks_with_masks_and_from_optax_state():
   params = make_params(0.0)
   masks = random_masks(params, 0.6)
-  stripped = export.strip(params, masks)
+  stripped = masks_lib.apply_masks(params, masks)
   for x, m, s in zip(*map(jax.tree.leaves, (params, masks, stripped))):
     np.testing.assert_array_equal(s, np.where(m, x, 0))
     assert s.dtype == x.dtype
   # The masks live somewhere inside a chained optax state.
   state = (optax.ScaleByAdamState(jnp.zeros([]), params, params),
            FakePruneState(jnp.zeros([]), masks), optax.EmptyState())
-  from_state = export.strip(params, state)
+  from_state = masks_lib.apply_masks(params, state)
   jax.tree.map(np.testing.assert_array_equal, from_state, stripped)
   with pytest.raises(ValueError, match="masks"):
-    export.strip(params, (optax.EmptyState(),))
+    masks_lib.apply_masks(params, (optax.EmptyState(),))
 
 
-def test_strip_from_prune_transform_state():
+def test_apply_masks_from_prune_transform_state():
   from jaxprune._src import schedules, transform
   params = make_params(0.0)
   tx = optax.chain(optax.sgd(0.1),
@@ -64,7 +65,7 @@ def test_strip_from_prune_transform_state():
   for _ in range(2):
     updates, state = update(grads, state, params)
     params = optax.apply_updates(params, updates)
-  stripped = export.strip(params, state)
+  stripped = masks_lib.apply_masks(params, state)
   masks = report_lib.find_masks(state, params)
   r = report_lib.report(params, masks=state)  # the report reads the masks from the state too
   assert r.sparsity == pytest.approx(400 / (512 + 288))
@@ -124,7 +125,7 @@ def test_checkpoint_roundtrip_bitwise(tmp_path, dtype):
   size = export.save_compressed(tmp_path / "ckpt", params, masks)
   assert size == (tmp_path / "ckpt.npz").stat().st_size
   loaded = export.load_compressed(tmp_path / "ckpt.npz", like=params)
-  stripped = export.strip(params, masks)
+  stripped = masks_lib.apply_masks(params, masks)
   for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(stripped)):
     assert a.dtype == b.dtype and a.shape == b.shape
     np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))

@@ -63,6 +63,7 @@ def test_random_scores_deterministic_and_per_leaf_distinct():
 _hess_jit = jax.jit(lambda p, x, y, key: jp.hessian_diag(_loss, p, x, y, key=key, num_probes=256))
 
 
+@jax.jit  # eagerly, jax.hessian would dispatch (and compile) each operation separately
 def _exact_diag(p, x, y):
   flat, unravel = jax.flatten_util.ravel_pytree(p)
   h = jax.hessian(lambda f: _loss(unravel(f), x, y))(flat)
@@ -96,7 +97,8 @@ def test_hessian_diag_bf16_params_accumulates_float32():
   p = _params(jnp.bfloat16)
   x, y = _batch()
   loss = lambda p, x, y: _loss(jax.tree.map(lambda t: t.astype(jnp.float32), p), x, y)
-  est = jp.hessian_diag(loss, p, x, y, key=jax.random.key(0), num_probes=4)
+  est = jax.jit(lambda p, x, y: jp.hessian_diag(loss, p, x, y, key=jax.random.key(0),
+                                                num_probes=4))(p, x, y)
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(est))
   assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(est))
 
