@@ -130,11 +130,13 @@ def solve_counts(curves: list[tuple[np.ndarray, np.ndarray]], sizes: list[int], 
   real = [0.0] * num
   remaining = required
   for _, l, a, b in segments:
-    if remaining <= 0:
+    if (b - a) * costs[l] >= remaining:
+      # The last segment taken, partly: stop here rather than on a float remainder, which would
+      # move the leaf to the start of its next segment.
+      real[l] = a + remaining / costs[l]
       break
-    take = min(b - a, remaining / costs[l])
-    real[l] = a + take
-    remaining -= take * costs[l]
+    real[l] = b
+    remaining -= (b - a) * costs[l]
 
   k = [min(int(math.floor(real[l] + 1e-9)), caps[l]) for l in range(num)]
   deficit = required - sum(c * kk for c, kk in zip(costs, k))
