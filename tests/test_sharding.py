@@ -214,3 +214,13 @@ def test_data_parallel_hessian_validates():
   # one shard: exactly the plain estimate with the same probes
   want = jp.hessian_diag(loss, params, x, key=jax.random.key(0), num_probes=2)
   np.testing.assert_allclose(np.asarray(got["w"]), np.asarray(want["w"]), rtol=1e-6)
+
+
+def test_data_parallel_hessian_places_an_unsharded_batch_on_the_mesh():
+  # jax.make_mesh gives Explicit axes, under which shard_map refuses an unsharded operand.
+  mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+  loss_fn = lambda p, c: 0.5 * jnp.mean(jnp.sum(c * p["w"] ** 2, axis=(1, 2)))
+  c = jnp.stack([jnp.ones((2, 3)), 3 * jnp.ones((2, 3))])
+  h = jp.sharding.data_parallel_hessian_diag(loss_fn, {"w": jnp.ones((2, 3))}, c,
+                                             key=jax.random.key(0), mesh=mesh)
+  np.testing.assert_allclose(np.asarray(h["w"]), np.full((2, 3), 2.0), rtol=1e-6)
