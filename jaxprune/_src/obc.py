@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxprune._src import obc_tiles
 from jaxprune._src import obs
 from jaxprune._src import refit as refit_lib
 from jaxprune._src import select
@@ -158,86 +159,6 @@ def _column_path(g: Array, w: Array, dead: Array, plan: _Plan) -> tuple[Array, A
   return order, c.losses
 
 
-class _Tiles(NamedTuple):
-  """State of one group of ``bo`` columns removing tiles of ``bi`` inputs. The inverse is
-  ``g - Σ_i u_i s_i u_iᵀ`` over the downdates of the current block (``u_i`` a ``(d, bi)`` slice
-  of ``u``, ``s_i`` a ``(bi, bi)`` slice of ``s``), folded into ``g`` once per block; ``diag``
-  holds its ``(bi, bi)`` diagonal blocks, kept current at every step."""
-  g: Array
-  u: Array
-  s: Array
-  diag: Array
-  w: Array
-  removed: Array
-  order: Array
-  losses: Array
-
-
-def _spd_solve(a: Array, b: Array) -> Array:
-  """``a⁻¹ b`` for (batches of) small symmetric positive definite ``a``, through Cholesky, which
-  compiles several times faster than the LU of `jnp.linalg.solve`."""
-  chol = jnp.linalg.cholesky(a)
-  z = lax.linalg.triangular_solve(chol, b, left_side=True, lower=True)
-  return lax.linalg.triangular_solve(chol, z, left_side=True, lower=True, transpose_a=True)
-
-
-def _tile_step(t: Array, i: Array, c: _Tiles, end: int, live: Array) -> _Tiles:
-  """Removes the cheapest tile: step ``t`` of the path, ``i`` of the current block; steps from
-  ``end`` on (the tail of the last block) change nothing."""
-  tiles, rows, _ = c.diag.shape
-  d, cols = c.w.shape
-  eye = jnp.eye(rows, dtype=c.g.dtype)
-  active = t < end
-  wt = (c.w * live).reshape(tiles, rows, cols)
-  blocks = jnp.where(c.removed[:, None, None], eye, c.diag)
-  score = jnp.sum(wt * _spd_solve(blocks, wt), axis=(1, 2))
-  score = jnp.where(c.removed, jnp.inf, score)
-  p = tiles - 1 - jnp.argmin(score[::-1])  # among equal scores the later tile goes first
-  q = p * rows
-  u3 = c.u.reshape(d, -1, rows)
-  pending = jnp.einsum("ibc,qic->ibq", c.s, lax.dynamic_slice_in_dim(u3, q, rows))
-  col = lax.dynamic_slice_in_dim(c.g, q, rows, axis=1) - jnp.einsum("dib,ibq->dq", u3, pending)
-  gone = jnp.repeat(c.removed, rows)[:, None]
-  col = jnp.where(active & ~gone, col, 0.0)  # G_:Q of the current inverse
-  inv = _spd_solve(jnp.where(active, lax.dynamic_slice_in_dim(col, q, rows), eye), eye)
-  w = c.w - col @ (inv @ lax.dynamic_slice_in_dim(c.w, q, rows))
-  on = (jnp.arange(d) // rows == p)[:, None] & active
-  col3 = col.reshape(tiles, rows, rows)
-  return _Tiles(c.g, lax.dynamic_update_slice_in_dim(c.u, col, i * rows, axis=1),
-                c.s.at[i].set(inv), c.diag - jnp.einsum("kab,bc,kdc->kad", col3, inv, col3),
-                jnp.where(on, 0.0, w), c.removed.at[p].set(c.removed[p] | active),
-                jnp.where(active, c.order.at[t].set(p), c.order),
-                jnp.where(active, c.losses.at[t].set(jnp.maximum(score[p], 0.0)), c.losses))
-
-
-def _tile_path(g: Array, w: Array, dead: Array, rows: int, block: int) -> tuple[Array, Array]:
-  """One column group's greedy OBS path over tiles of ``rows`` consecutive inputs.
-
-  Removing the inputs ``Q`` of a tile from every column of the group costs
-  ``Σ_j w_Qjᵀ [G_QQ]⁻¹ w_Qj`` and moves the group by ``-G_:Q [G_QQ]⁻¹ w_Q`` (the multi-weight OBS
-  step, Hassibi & Stork 1993; Frantar & Alistarh 2022, Sec. 4); ``G`` loses ``Q`` by the rank-
-  ``rows`` downdate ``G - G_:Q [G_QQ]⁻¹ G_Q:``, applied lazily ``block`` steps at a time. Dead
-  inputs are decoupled from the others in ``G``, so dropping their weights from the cost leaves
-  the cost of the live ones exact.
-  """
-  d, cols = w.shape
-  tiles = d // rows
-  live = jnp.where(dead, 0.0, 1.0)[:, None]
-  diag = jnp.moveaxis(jnp.diagonal(g.reshape(tiles, rows, tiles, rows), axis1=0, axis2=2), -1, 0)
-  c = _Tiles(g, jnp.zeros((d, block * rows), g.dtype), jnp.zeros((block, rows, rows), g.dtype),
-             diag, w, jnp.zeros(tiles, bool), jnp.zeros(tiles, jnp.int32),
-             jnp.full(tiles, jnp.inf, jnp.float32))
-
-  def run_block(b, c):
-    c = lax.fori_loop(0, block, lambda i, c: _tile_step(b * block + i, i, c, tiles, live), c)
-    u3 = c.u.reshape(d, block, rows)
-    g = c.g - jnp.einsum("dib,ibc->dic", u3, c.s).reshape(d, -1) @ c.u.T
-    return c._replace(g=g, u=jnp.zeros_like(c.u), s=jnp.zeros_like(c.s))
-
-  c = lax.fori_loop(0, -(-tiles // block), run_block, c)
-  return c.order, c.losses
-
-
 def obc_path(w: Array, h: Array, *, pattern: obs.Pattern = None, damp: float = 0.01,
              chunk: Optional[int] = None) -> ObcPath:
   """The exact greedy OBS removal path of every output column (or column group, for tiles).
@@ -312,8 +233,8 @@ def _obc_tiles(w: Array, h: Array, damp: Array, rows: int, cols: int, block: int
   g = obs.spd_inverse(hd)
   d_in, d_out = w.shape
   groups = jnp.moveaxis(w.reshape(d_in, d_out // cols, cols), 1, 0)
-  order, losses = obs.map_columns(lambda wg: _tile_path(g, wg, dead, rows, block), [groups],
-                                  chunk)
+  path = lambda wg: obc_tiles.tile_path(g, wg, dead, rows, block)
+  order, losses = obs.map_columns(path, [groups], chunk)
   return ObcPath(order.T, losses.T)
 
 
