@@ -404,7 +404,7 @@ def check_hessian_data_parallel():
   # (1) plain jit: GSPMD differentiates the global mean loss, so the estimate is global
   gspmd = jax.jit(lambda p, b: jp.hessian_diag(mlp_loss, p, b, key=key, num_probes=4))(p, b)
   # (2) shard_map over 'data': per-shard HVPs, pmean
-  dp = jax.jit(lambda p, b: sh.data_parallel_hessian_diag(
+  dp = jax.jit(lambda p, b: jp.sharding.data_parallel_hessian_diag(
       mlp_loss, p, b, key=key, mesh=AUTO, batch_axis="data", num_probes=4))(p, b)
   for k in params:
     np.testing.assert_allclose(np.asarray(gspmd[k]), ref[k], rtol=1e-4, atol=1e-6, err_msg=k)

@@ -1,4 +1,4 @@
-"""Masks and Hessian estimates for parameters sharded over a device mesh, without gathering them.
+"""Masks for parameters sharded over a device mesh, without gathering them.
 
 `sharded_unstructured_mask` is `unstructured_mask` for parameters laid out by `NamedSharding`
 on a `Mesh`. It runs the same sort-free radix select (`jaxprune._src.select`) inside
@@ -15,10 +15,8 @@ correct, but unless every leaf is split along its leading dimension only, XLA al
 full-size key and mask arrays around the histogram scatter (the row-major flattening is then not
 a contiguous split); with ``Explicit`` mesh axes (the default of `jax.make_mesh` in JAX 0.10) its
 flattening reshape is rejected. Use the sharded variant for sharded parameters.
-
-`data_parallel_hessian_diag` averages the Hutchinson estimate over the batch shards of a
-data-parallel mesh (a `pmean` of the per-shard ``v ⊙ Hv``), so every replica prunes with the same
-global curvature.
+(`data_parallel_hessian_diag`, in `sharded_hessian`, averages the Hutchinson estimate over a
+data-parallel mesh's batch shards.)
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxprune._src import elementwise
 from jaxprune._src import masks as masks_lib
-from jaxprune._src import scores as scores_lib
 from jaxprune._src import select
 from jaxprune._src import tree as tree_lib
 from jaxprune._src import validation
@@ -49,7 +46,7 @@ def _is_spec_leaf(x: Any) -> bool:
   return x is None or isinstance(x, (PartitionSpec, NamedSharding))
 
 
-def _axis_names(entry: Any) -> tuple[str, ...]:
+def axis_names(entry: Any) -> tuple[str, ...]:
   """Mesh axis names of one PartitionSpec entry (None, a name, or a tuple of names)."""
   if entry is None:
     return ()
@@ -148,7 +145,7 @@ def resolve_specs(tree: PyTree, mesh: Optional[AnyMesh] = None,
       raise ValueError(f"specs: leaf {path} has shape {shape}, got the longer spec {spec}.")
     seen: set = set()
     for d, entry in enumerate(spec):
-      names = _axis_names(entry)
+      names = axis_names(entry)
       for a in names:
         if a not in mesh.shape:
           raise ValueError(f"specs: leaf {path} is sharded over {a!r}, expected one of the mesh "
@@ -166,7 +163,7 @@ def resolve_specs(tree: PyTree, mesh: Optional[AnyMesh] = None,
 
 def _local_shape(shape: tuple[int, ...], spec: PartitionSpec, mesh: AnyMesh) -> tuple[int, ...]:
   entries = tuple(spec) + (None,) * (len(shape) - len(spec))
-  return tuple(d // math.prod(mesh.shape[a] for a in _axis_names(e))
+  return tuple(d // math.prod(mesh.shape[a] for a in axis_names(e))
                for d, e in zip(shape, entries))
 
 
@@ -184,7 +181,7 @@ def _block_positions(shape: tuple[int, ...], spec: PartitionSpec, mesh: AnyMesh,
   for entry in entries:
     block = jnp.uint32(0)
     # A dimension split over several axes is split major-to-minor in the order they are named.
-    for a in _axis_names(entry):
+    for a in axis_names(entry):
       block = block * jnp.uint32(mesh.shape[a]) + lax.axis_index(a).astype(jnp.uint32)
     blocks.append(block)
 
@@ -201,7 +198,7 @@ def _block_positions(shape: tuple[int, ...], spec: PartitionSpec, mesh: AnyMesh,
 
 def _is_primary(spec: PartitionSpec, mesh: AnyMesh) -> Array:
   """True on exactly one device per distinct block: index 0 along the axes it is replicated on."""
-  used = {a for e in spec for a in _axis_names(e)}
+  used = {a for e in spec for a in axis_names(e)}
   primary = jnp.bool_(True)
   for a in mesh.axis_names:
     if a not in used:
@@ -359,87 +356,3 @@ def state_shardings(tx: optax.GradientTransformation, params: PyTree,
   return optax.tree_map_params(tx, pick, state_shapes, params, param_shardings,
                                transform_non_params=lambda _: replicated)
 
-
-def data_parallel_hessian_diag(loss_fn: Callable[..., Array], params: PyTree, *args: Any,
-                               key: Array, mesh: AnyMesh,
-                               batch_axis: Union[str, tuple[str, ...]] = "data",
-                               num_probes: int = 8) -> PyTree:
-  """`hessian_diag` with the batch split over ``batch_axis``: per-shard HVPs averaged by ``pmean``.
-
-  For a ``loss_fn`` that is a mean over examples and equal-sized batch shards, the mean of the
-  per-shard Hessians is the Hessian of the global mean loss, so this is the estimate
-  `hessian_diag` gives on the whole batch (same probes: the key is shared by all shards), up to
-  float summation order. Each device only differentiates its local batch; the result is
-  replicated over ``batch_axis``, so masks computed from it agree on every replica.
-
-  The parameters may also be sharded over other mesh axes (model parallelism): only
-  ``batch_axis`` is manual here, the rest stays under the compiler's automatic partitioning.
-
-  Examples:
-    >>> import jax, jax.numpy as jnp, jaxprune as jp
-    >>> from jax.sharding import NamedSharding, PartitionSpec as P
-    >>> mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])   # one device here
-    >>> c = jnp.stack([jnp.ones((2, 3)), 3 * jnp.ones((2, 3))])   # a batch of two examples
-    >>> c = jax.device_put(c, NamedSharding(mesh, P("data")))
-    >>> loss_fn = lambda p, c: 0.5 * jnp.mean(jnp.sum(c * p["w"] ** 2, axis=(1, 2)))
-    >>> h = jp.sharding.data_parallel_hessian_diag(loss_fn, {"w": jnp.ones((2, 3))}, c,
-    ...                                            key=jax.random.key(0), mesh=mesh)
-    >>> h["w"].tolist()   # the mean of the examples' curvatures 1 and 3
-    [[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]]
-
-  Args:
-    loss_fn: scalar ``loss_fn(params, *args)``, a mean over the examples of its batch.
-    params: pytree of float arrays (replicated over ``batch_axis``).
-    *args: batch arrays whose leading dimension is split over ``batch_axis`` (must divide).
-    key: PRNG key for the Rademacher probes, the same on every shard.
-    mesh: the device mesh.
-    batch_axis: mesh axis name (or tuple of names) the batch is split over.
-    num_probes: Hutchinson probes.
-
-  Returns:
-    float32 pytree with ``params``' structure: the averaged Hessian-diagonal estimate.
-
-  References:
-    Bekas, Kokiopoulou & Saad, "An estimator for the diagonal of a matrix", 2007.
-  """
-  names = _axis_names(batch_axis)
-  for a in names:
-    if a not in mesh.shape:
-      raise ValueError(f"batch_axis: expected mesh axes among {tuple(mesh.axis_names)}, "
-                       f"got {a!r}.")
-  shards = math.prod(mesh.shape[a] for a in names)
-  for path, x in tree_lib.leaves_with_paths(args):
-    if np.ndim(x) == 0 or np.shape(x)[0] % shards:
-      raise ValueError(f"args: batch leaf {path} with shape {np.shape(x)} must have a leading "
-                       f"dimension divisible by the {shards} shards of {batch_axis!r}.")
-
-  # A concrete batch is placed on the mesh here: under Explicit mesh axes, shard_map requires its
-  # operands to carry the batch spec already (an unsharded array would be a type error).
-  if isinstance(mesh, Mesh):
-    batch = NamedSharding(mesh, PartitionSpec(names if len(names) > 1 else names[0]))
-    args = tuple(jax.tree.map(
-        lambda x: x if validation.is_traced(x) else jax.device_put(x, batch), a) for a in args)
-  estimate = _data_parallel_estimator(loss_fn, mesh, names, num_probes, len(args))
-  return estimate(params, key, *args)
-
-
-@functools.lru_cache(maxsize=64)
-def _data_parallel_estimator(loss_fn: Callable[..., Array], mesh: AnyMesh,
-                             names: tuple[str, ...], num_probes: int,
-                             num_args: int) -> Callable[..., PyTree]:
-  """The jitted shard_map estimator for one setting, built once (eager callers reuse it)."""
-
-  def body(params, key, *local_args):
-    h = scores_lib.hessian_diag(loss_fn, params, *local_args, key=key, num_probes=num_probes)
-    return lax.pmean(h, names)
-
-  batch_spec = PartitionSpec(names if len(names) > 1 else names[0])
-  mapped = jax.shard_map(body, mesh=mesh, axis_names=set(names),
-                         in_specs=(PartitionSpec(), PartitionSpec()) + (batch_spec,) * num_args,
-                         out_specs=PartitionSpec(),
-                         # Without replication typing, the gradient of the local loss w.r.t. the
-                         # replicated params stays local; with it, autodiff would psum the
-                         # cotangents over the shards (the transpose of the implicit broadcast)
-                         # and the pmean would double count. pmean makes the output replicated.
-                         check_vma=False)
-  return jax.jit(mapped)
