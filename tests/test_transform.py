@@ -536,3 +536,18 @@ def test_nm_pattern_switched_on_by_the_schedule():
   assert bool(jnp.all(state.masks["w"]))  # sparsity 0 before step 1: dense
   _, state = update(p0, state, p0)
   np.testing.assert_array_equal(state.masks["w"], reference.nm_keep(np.abs(p0["w"]), 2, 4, 0))
+
+
+def test_given_masks_stand_for_the_step0_targets_overrides_included():
+  # An override at a constant sparsity must not re-prune the given masks at the first step.
+  params = {"a": jnp.arange(1.0, 9.0).reshape(2, 4), "b": jnp.arange(8.0, 0.0, -1.0).reshape(4, 2)}
+  masks = {"a": jnp.array([[True, False, True, False], [True, False, True, False]]),
+           "b": jnp.array([[True, True], [False, False], [True, True], [False, False]])}
+  tx = prune(0.5, overrides={"['b']": 0.5}, masks=masks)
+  state = tx.init(params)
+  assert float(state.target) == 0.5 and [float(t) for t in state.override_targets] == [0.5]
+  updates, state = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), state, params)
+  for k in params:
+    np.testing.assert_array_equal(np.asarray(state.masks[k]), np.asarray(masks[k]))
+  new = optax.apply_updates(params, updates)
+  assert int(jnp.sum(new["a"] == 0)) == 4 and int(jnp.sum(new["b"] == 0)) == 4

@@ -261,13 +261,14 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
     check_schedule_start(target_schedule, "schedule")
     for _, s in chosen:
       check_schedule_start(s, "overrides")
-    start, initial = jnp.zeros((), jnp.float32), _initial_masks(params, masks, layers)
-    if masks is not None:
-      start = jnp.clip(jnp.asarray(target_schedule(jnp.zeros((), jnp.int32)), jnp.float32), 0, 1)
+    # Given masks stand for every step-0 target (overrides included), so the first update keeps
+    # them unless a schedule has moved on.
+    zero, step0 = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
+    start = lambda s: zero if masks is None else _evaluate(s, step0, zero)
     return PruneState(
-        count=jnp.zeros((), jnp.int32), target=start,
-        override_targets=tuple(jnp.zeros((), jnp.float32) for _ in chosen),
-        masks=initial,
+        count=step0, target=start(target_schedule),
+        override_targets=tuple(start(s) for _, s in chosen),
+        masks=_initial_masks(params, masks, layers),
         key=jax.random.PRNGKey(seed),
         hess_sum=(jax.tree.unflatten(jax.tree.structure(params), [
             jnp.zeros(np.shape(p) if f else (), jnp.float32)
