@@ -85,3 +85,16 @@ def find_masks(state: Any, params: PyTree) -> PyTree:
     works even where the state wraps its leaves in other node types, as NNX does).
   """
   return tree_lib.like(find_mask_state(state, params).masks, params)
+
+
+def masks_for(masks_or_state: Any, params: PyTree) -> PyTree:
+  """Masks in the tree structure of ``params``, from masks with its leaf paths (NNX variable
+  types aside) or from an optax state holding them; checked against ``params``."""
+  if tree_lib.same_paths(masks_or_state, params):
+    masks = tree_lib.like(masks_or_state, params)
+  elif holds_masks(masks_or_state):
+    masks = find_masks(masks_or_state, params)
+  else:
+    masks = masks_or_state
+  tree_lib.check_same_structure(params, masks, "params", "masks")
+  return masks

@@ -335,11 +335,7 @@ def apply_masks(params: PyTree, masks: Any) -> PyTree:
   Raises:
     ValueError: for masks that do not match ``params`` or a state holding no matching masks.
   """
-  if tree_lib.same_paths(masks, params):
-    masks = tree_lib.like(masks, params)
-  elif mask_state.holds_masks(masks):
-    masks = mask_state.find_masks(masks, params)
-  tree_lib.check_same_structure(params, masks, "params", "masks")
+  masks = mask_state.masks_for(masks, params)
   return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros((), jnp.asarray(p).dtype)),
                       params, masks)
 

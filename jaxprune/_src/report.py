@@ -32,7 +32,7 @@ import numpy as np
 from jaxprune._src import stacked as stacked_lib
 from jaxprune._src import tree as tree_lib
 from jaxprune._src.flops import matmul_flops_by_leaf, xla_flops
-from jaxprune._src.mask_state import find_masks, holds_masks
+from jaxprune._src import mask_state
 from jaxprune._src import validation
 from jaxprune._src.types import PyTree
 
@@ -284,9 +284,7 @@ def report(params: PyTree, *, masks: Optional[PyTree] = None,
       tuple; the message names the argument and the leaf.
   """
   if masks is not None:
-    if jax.tree.structure(masks) != jax.tree.structure(params) and holds_masks(masks):
-      masks = find_masks(masks, params)
-    tree_lib.check_same_structure(params, masks, "params", "masks")
+    masks = mask_state.masks_for(masks, params)
   inputs = _check_report_args(params, masks, apply_fn, inputs)
   layers = stacked_lib.resolve(params, stacked, prunable)
   with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
