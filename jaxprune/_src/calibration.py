@@ -4,7 +4,7 @@ Layer-wise Optimal Brain Surgeon (Hassibi & Stork, 1993), OBC (Frantar & Alistar
 Brain Compression", 2022) and SparseGPT (Frantar & Alistarh, 2023) prune a linear layer
 ``y = x @ W`` by minimising the reconstruction error ``‖X W - X Ŵ‖²`` over calibration inputs
 ``X``, whose curvature is ``H = XᵀX``. `calibrate` finds every kernel's inputs in
-``apply_fn(params, batch)`` through the jaxpr (`jaxpr_walk.find_sites`): Dense kernels ``(in,
+``apply_fn(params, batch)`` through the jaxpr (`jaxpr_sites.find_sites`): Dense kernels ``(in,
 out)``, ``(out, in)`` weights used as ``x @ W.T`` or ``W @ x``, einsum kernels such as ``(heads,
 d_model, d_head)`` and convolution kernels in any layout (through their input patches). The rows
 of ``H`` follow `interpret.to_matrix`'s rows.
@@ -39,7 +39,7 @@ from jaxprune._src import jaxpr_walk
 from jaxprune._src import tree as tree_lib
 from jaxprune._src import validation
 from jaxprune._src.interpret import Traced
-from jaxprune._src.jaxpr_walk import Site
+from jaxprune._src.jaxpr_sites import Site
 
 PyTree = Any
 Kernels = Union[None, str, Sequence[str]]

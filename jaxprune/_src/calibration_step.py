@@ -27,7 +27,8 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from jaxprune._src import interpret
 from jaxprune._src.interpret import Traced
-from jaxprune._src.jaxpr_walk import Location, Site
+from jaxprune._src.jaxpr_sites import Site
+from jaxprune._src.jaxpr_walk import Location
 
 
 

@@ -2,7 +2,7 @@
 
 `xla_flops` is XLA's own count (``cost_analysis()['flops']`` of the compiled function).
 `matmul_flops_by_leaf` walks the jaxpr of ``apply_fn`` (`jaxpr_walk.walk`) and binds every
-variable to the parameter leaf it views (`jaxpr_walk.view_rule`: casts, copies, transposes,
+variable to the parameter leaf it views (`jaxpr_sites.view_rule`: casts, copies, transposes,
 reshapes, size-1 broadcasts, masking). Each ``dot_general`` / ``conv_general_dilated`` with a
 leaf as an operand (the rhs when both are) adds its analytic count to that leaf: ``2 * out_size *
 contraction_size`` for a product, ``2 * batch * out_features * in_features_per_group *
@@ -22,8 +22,10 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
+from jaxprune._src import jaxpr_sites
 from jaxprune._src import jaxpr_walk
-from jaxprune._src.jaxpr_walk import Context, Frame, LeafView
+from jaxprune._src.jaxpr_sites import LeafView
+from jaxprune._src.jaxpr_walk import Context, Frame
 from jaxprune._src.types import PyTree
 
 # (enclosing frames, leaf index, FLOPs of one run of the equation)
@@ -135,12 +137,12 @@ def leaf_flops(jaxpr: Any, leaf_shapes: list[tuple[int, ...]]) -> list[float]:
       return [None]
     if jaxpr_walk.call_body(eqn) is not None or name in jaxpr_walk.CONTROL_FLOW:
       return None
-    return jaxpr_walk.view_rule(eqn, ins)
+    return jaxpr_sites.view_rule(eqn, ins)
 
   n_in = len(getattr(jaxpr, "jaxpr", jaxpr).invars)
   args = [LeafView(i, tuple(s), tuple((a,) for a in range(len(s))))
           for i, s in enumerate(leaf_shapes)] + [None] * (n_in - len(leaf_shapes))
-  jaxpr_walk.walk(jaxpr, args, jaxpr_walk.Rule(eqn=on_eqn, scan_in=jaxpr_walk.scan_slice))
+  jaxpr_walk.walk(jaxpr, args, jaxpr_walk.Rule(eqn=on_eqn, scan_in=jaxpr_sites.scan_slice))
   acc = _combine(records, 0)
   return [acc.get(i, 0.0) for i in range(len(leaf_shapes))]
 

@@ -1,7 +1,7 @@
 """Sites at work: tracing a model, the 2-D view of a kernel, evaluation with hooks at sites.
 
 `trace` turns ``apply_fn(params, batch)`` into a jaxpr over the flattened parameter leaves and
-finds its dot/conv sites (`jaxpr_walk.find_sites`). `to_matrix` / `from_matrix` give a kernel's
+finds its dot/conv sites (`jaxpr_sites.find_sites`). `to_matrix` / `from_matrix` give a kernel's
 canonical ``(d_in, d_out)`` view at a site and its exact inverse.
 
 `evaluate` binds each equation as `jax.core.eval_jaxpr` does, except that a call-like equation
@@ -30,11 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxprune._src import jaxpr_sites
 from jaxprune._src import jaxpr_walk
 from jaxprune._src import obs
 from jaxprune._src import tree as tree_lib
 from jaxprune._src import validation
-from jaxprune._src.jaxpr_walk import Location, Site
+from jaxprune._src.jaxpr_sites import Site
+from jaxprune._src.jaxpr_walk import Location
 
 PyTree = Any
 
@@ -83,7 +85,7 @@ def trace(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batch: Any) ->
   inner = closed.jaxpr
   used = {id(v) for e in inner.eqns for v in e.invars} | {id(v) for v in inner.outvars}
   read = frozenset(i for i, v in enumerate(inner.invars[:len(leaves)]) if id(v) in used)
-  sites = jaxpr_walk.find_sites(closed, paths, shapes)
+  sites = jaxpr_sites.find_sites(closed, paths, shapes)
   return Traced(closed, treedef, paths, shapes, read, tuple(sites))
 
 
