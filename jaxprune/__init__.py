@@ -35,8 +35,8 @@ from jaxprune._src.presets import hardware_mask as hardware_mask
 from jaxprune._src.presets import HardwarePreset as HardwarePreset
 from jaxprune._src.presets import PRESETS as HARDWARE_PRESETS
 from jaxprune._src.policy import pruning_masks as pruning_masks
-from jaxprune._src.policy import NMPattern as NMPattern
-from jaxprune._src.policy import BlockPattern as BlockPattern
+from jaxprune._src.policy_args import NMPattern as NMPattern
+from jaxprune._src.policy_args import BlockPattern as BlockPattern
 from jaxprune._src.distribution import uniform_sparsities as uniform_sparsities
 from jaxprune._src.distribution import erk_sparsities as erk_sparsities
 from jaxprune._src.tree import default_prunable as default_prunable

@@ -30,12 +30,12 @@ import jax.scipy.linalg as jsl
 import numpy as np
 from jax import lax
 
-from jaxprune._src import policy
+from jaxprune._src import policy_args
 from jaxprune._src import select
 from jaxprune._src import validation
 
 Array = jax.Array
-Pattern = Union[None, str, policy.NMPattern, policy.BlockPattern, tuple]
+Pattern = Union[None, str, policy_args.NMPattern, policy_args.BlockPattern, tuple]
 
 
 class ParsedPattern(NamedTuple):
@@ -93,11 +93,11 @@ def parse_pattern(pattern: Any, name: str = "pattern") -> ParsedPattern:
       raise validation.error(name, SPELLINGS, pattern)
     m = validation.check_int(int(m), f"{name} m", 1)
     return ParsedPattern("nm", validation.check_int(int(n), f"{name} n", 0, m), m)
-  if isinstance(pattern, policy.NMPattern):
-    pattern = policy.check_pattern(pattern)
+  if isinstance(pattern, policy_args.NMPattern):
+    pattern = policy_args.check_pattern(pattern)
     return ParsedPattern("nm", pattern.n, pattern.m, axis=pattern.axis)
-  if isinstance(pattern, policy.BlockPattern):
-    pattern = policy.check_pattern(pattern)
+  if isinstance(pattern, policy_args.BlockPattern):
+    pattern = policy_args.check_pattern(pattern)
     return ParsedPattern("block", shape=pattern.shape, reduce=pattern.reduce)
   if isinstance(pattern, tuple) and len(pattern) == 3 and pattern[0] == "block":
     return ParsedPattern("block", validation.check_int(pattern[1], f"{name} rows", 1),

@@ -8,21 +8,20 @@
                           with already-pruned entries ranked below every score
 
 It is what `jaxprune.prune` runs inside its jitted step when the schedule moves, and what
-one-shot pruning calls directly. It is traceable: the target may be a traced scalar.
+one-shot pruning calls directly. It is traceable: the target may be a traced scalar. Its
+arguments are checked and resolved to per-slice sparsities in `policy_args`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune._src import distribution as distribution_lib
 from jaxprune._src import elementwise
 from jaxprune._src import masks as masks_lib
 from jaxprune._src import scores as scores_lib
@@ -30,144 +29,10 @@ from jaxprune._src import sharding
 from jaxprune._src import stacked as stacked_lib
 from jaxprune._src import tree as tree_lib
 from jaxprune._src import validation
-from jaxprune._src.types import Array, KeyPath, Prunable, PyTree, Sparsity
-
-
-class NMPattern(NamedTuple):
-  """N:M sparsity: in every ``m`` consecutive entries along ``axis`` keep ``n`` (see `nm_mask`).
-
-  Examples:
-    >>> import jaxprune as jp
-    >>> jp.NMPattern(2, 4)   # 2 of every 4 inputs of an (in, out) kernel
-    NMPattern(n=2, m=4, axis=-2)
-  """
-  n: int = 2
-  m: int = 4
-  axis: int = -2
-
-
-class BlockPattern(NamedTuple):
-  """Whole blocks of the trailing dims pruned together (see `block_mask`).
-
-  Examples:
-    >>> import jaxprune as jp
-    >>> jp.BlockPattern((8, 128), reduce="l2")   # TPU vector-register tiles
-    BlockPattern(shape=(8, 128), reduce='l2', allow_partial=False)
-  """
-  shape: tuple[int, ...]
-  reduce: str = "l1"
-  allow_partial: bool = False
-
-
-MaskFn = Callable[..., PyTree]
-Pattern = Union[str, NMPattern, BlockPattern, MaskFn]
-Distribution = Union[str, Callable[..., PyTree]]
-Overrides = Union[None, Mapping[str, Any], Callable[[KeyPath, Any], Any]]
-DISTRIBUTIONS = ("uniform", "erk")
-
-
-def check_pattern(pattern: Any) -> Pattern:
-  """Checks a pattern.
-
-  Args:
-    pattern: expected ``"unstructured"``, an `NMPattern`, a `BlockPattern` or a mask function.
-
-  Returns:
-    The pattern with numpy integers made Python ints; a `ValueError` naming the argument (or its
-    field) otherwise.
-  """
-  if isinstance(pattern, NMPattern):
-    m = validation.check_int(pattern.m, "pattern.m", 1)
-    n = validation.check_int(pattern.n, "pattern.n", 0, m)
-    if isinstance(pattern.axis, bool) or not isinstance(pattern.axis, (int, np.integer)):
-      raise validation.error("pattern.axis", "an integer axis", pattern.axis)
-    return NMPattern(n, m, int(pattern.axis))
-  if isinstance(pattern, BlockPattern):
-    validation.check_choice(pattern.reduce, masks_lib.REDUCTIONS, "pattern.reduce")
-    return pattern._replace(shape=validation.check_positive_ints(pattern.shape, "pattern.shape"))
-  if pattern == "unstructured" or (callable(pattern) and not isinstance(pattern, str)):
-    return pattern
-  raise validation.error("pattern", "'unstructured', an NMPattern, a BlockPattern or a mask "
-                         "function (scores, sparsity, *, scope, prunable) -> masks", pattern)
-
-
-def check_distribution(distribution: Any, scope: str) -> Distribution:
-  """Checks a distribution.
-
-  Args:
-    distribution: expected ``"uniform"``, ``"erk"`` or a callable; only ``"uniform"`` with a
-      global scope.
-    scope: ``"layer"`` or ``"global"``.
-
-  Returns:
-    ``distribution``; a `ValueError` naming the argument otherwise.
-  """
-  if not callable(distribution):
-    validation.check_choice(distribution, DISTRIBUTIONS, "distribution")
-  if scope == "global" and distribution != "uniform":
-    raise validation.error("distribution", "'uniform' with scope='global' (one threshold has no "
-                           "per-leaf split)", distribution)
-  return distribution
-
-
-def _split_override(value: Any, layers: stacked_lib.Layers, path: str) -> list:
-  """An override of a whole leaf as one value per slice (a schedule applies to every slice)."""
-  if value is None:
-    return [None] * layers.num
-  if callable(value):
-    return [value] * layers.num
-  return stacked_lib.slice_values(value, layers, "overrides", path)
-
-
-def slice_overrides(params: PyTree, layers: Sequence[stacked_lib.Layers],
-                    overrides: Overrides) -> list[list]:
-  """Per leaf (in leaf order), per slice, the override given for it, or None.
-
-  Args:
-    params: the parameter pytree.
-    layers: per leaf its `stacked.Layers` (a leaf that is not stacked is one slice).
-    overrides: None, a mapping from leaf path or slice path (as `jax.tree_util.keystr` renders
-      it, e.g. ``['layers']['q']['kernel'][3]``) to a value, or a callable
-      ``(path, leaf) -> value | None``. A stacked leaf's value may be an array over its layer
-      axes (one value per slice).
-
-  Returns:
-    Per leaf a list with one value or None per slice; overridden slices are checked to be
-    prunable.
-  """
-  with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
-  paths = [tree_lib.path_str(p) for p, _ in with_paths]
-  per_slice = [stacked_lib.slice_paths(p, l) for (p, _), l in zip(with_paths, layers)]
-  if overrides is None:
-    return [[None] * l.num for l in layers]
-  if isinstance(overrides, Mapping):
-    known = set(paths) | {q for l, qs in zip(layers, per_slice) if l.lead for q in qs}
-    unknown = [k for k in overrides if k not in known]
-    if unknown:
-      what = "leaf or slice paths" if any(l.lead for l in layers) else "leaf paths"
-      raise validation.error("overrides", f"keys that are {what} of the params such as "
-                             f"{paths[:3]}", unknown[0])
-    values = []
-    for path, qs, l in zip(paths, per_slice, layers):
-      vals = _split_override(overrides.get(path), l, path)
-      for j, q in enumerate(qs if l.lead else ()):
-        if q in overrides:
-          if path in overrides:
-            raise validation.error("overrides", "one key per slice (the leaf's path or the "
-                                   "slice's)", q, path)
-          vals[j] = overrides[q]
-      values.append(vals)
-  elif callable(overrides):
-    values = [_split_override(overrides(p, x), l, path)
-              for (p, x), l, path in zip(with_paths, layers, paths)]
-  else:
-    raise validation.error("overrides", "None, a mapping from leaf path to sparsity or a "
-                           "callable (path, leaf) -> sparsity | None", type(overrides).__name__)
-  for qs, l, vals in zip(per_slice, layers, values):
-    for q, flag, value in zip(qs, l.flags, vals):
-      if value is not None and not flag:
-        raise validation.error("overrides", "overrides of prunable leaves only", value, q)
-  return values
+from jaxprune._src.policy_args import (BlockPattern, Distribution, MaskFn, NMPattern, Overrides,
+                                       Pattern, check_distribution, check_pattern,
+                                       slice_overrides, slice_sparsities, takes_stacked)
+from jaxprune._src.types import Array, Prunable, PyTree, Sparsity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,32 +89,6 @@ def _leaf_scores(params: PyTree, scores: Optional[PyTree], flags: list[bool],
     else:
       fn, ops = (s.fn, s.operands) if isinstance(s, elementwise.Elementwise) else (None, (s,))
       out.append(elementwise.Elementwise(_Ranked(fn, live_nan), (jnp.asarray(keep, bool), *ops)))
-  return out
-
-
-def _per_slice(params: PyTree, target: Any, layers: list[stacked_lib.Layers], overridden: list,
-               distribution: Distribution, stacked: stacked_lib.Stacked) -> list[list]:
-  """Per leaf, per slice, its sparsity (0 where not pruned) from the distribution and the
-  overrides."""
-  treedef = jax.tree.structure(params)
-  free = [[f and o is None for f, o in zip(l.flags, ov)] for l, ov in zip(layers, overridden)]
-  with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
-  paths = [tree_lib.path_str(p) for p, _ in with_paths]
-  if distribution == "uniform":
-    split = [[target] * l.num for l in layers]
-  else:
-    fn = distribution_lib.erk_sparsities if distribution == "erk" else distribution
-    kwargs = {} if stacked is None else {"stacked": stacked}
-    per_leaf = validation.broadcast_prefix(
-        fn(params, target, prunable=stacked_lib.flag_tree(treedef, layers, free), **kwargs),
-        params, "distribution", "a per-leaf sparsity")
-    split = [stacked_lib.slice_values(v, l, "distribution", path)
-             for v, l, path in zip(per_leaf, layers, paths)]
-  out = []
-  for (p, _), l, fs, values, ovs in zip(with_paths, layers, free, split, overridden):
-    out.append([validation.check_fraction(o, "overrides", q) if o is not None else
-                validation.check_fraction(v, "distribution", q) if f else 0.0
-                for q, f, v, o in zip(stacked_lib.slice_paths(p, l), fs, values, ovs)])
   return out
 
 
@@ -337,7 +176,7 @@ def pruning_masks(params: PyTree, sparsity: Sparsity, *, scores: Optional[PyTree
   target = validation.check_fraction(sparsity, "sparsity")
   if stacked is not None:
     for name, fn in (("pattern", pattern), ("distribution", distribution)):
-      if callable(fn) and not _takes_stacked(fn):
+      if callable(fn) and not takes_stacked(fn):
         raise validation.error(name, "a function that takes a stacked= keyword when stacked is "
                                "given", getattr(getattr(fn, "func", fn), "__name__", fn))
   treedef = jax.tree.structure(params)
@@ -350,7 +189,7 @@ def pruning_masks(params: PyTree, sparsity: Sparsity, *, scores: Optional[PyTree
   if previous is not None:
     tree_lib.check_same_structure(params, previous, "params", "previous")
   overridden = slice_overrides(params, layers, overrides)
-  per_slice = _per_slice(params, target, layers, overridden, distribution, stacked)
+  per_slice = slice_sparsities(params, target, layers, overridden, distribution, stacked)
   live_nan = 0.0 if isinstance(pattern, BlockPattern) else -np.inf
   leaves = _leaf_scores(params, scores, flags, previous, live_nan)
   if callable(pattern) and not reads_elementwise(pattern):
@@ -397,19 +236,9 @@ def _dense_where_zero(mask: Array, values: list, layers: stacked_lib.Layers) -> 
   return jnp.where(s.reshape(s.shape + (1,) * (mask.ndim - s.ndim)) > 0, mask, True)
 
 
-def _takes_stacked(fn: Callable[..., Any]) -> bool:
-  """Whether ``fn`` accepts a ``stacked`` keyword (or any keyword)."""
-  try:
-    params = inspect.signature(fn).parameters.values()
-  except (TypeError, ValueError):  # no signature to read: let the call decide
-    return True
-  return any(p.name == "stacked" or p.kind == p.VAR_KEYWORD for p in params)
-
-
 def _is_zero(s: Any) -> bool:
   """A concrete zero sparsity (a traced one is decided in the masks)."""
   return not validation.is_traced(s) and float(s) == 0.0
 
 
-__all__ = ["BlockPattern", "NMPattern", "check_distribution", "check_pattern", "pruning_masks",
-           "reads_elementwise", "slice_overrides"]
+__all__ = ["pruning_masks", "reads_elementwise"]
