@@ -146,7 +146,8 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
       pruned first). ``"gauss_newton"``: the exact Gauss–Newton (true Fisher) diagonal
       (`gauss_newton_diag`) of ``apply_fn(params, batch)``, which must return logits
       ``(batch, classes)`` and read every prunable leaf as a Dense or Conv kernel; nonnegative,
-      no probes, the one to use for OBD on such models. With ``average_hessian=True`` the
+      no probes, the one to use for OBD on such models (exact for Dense kernels; convolutions
+      drop the cross-position terms, see `gauss_newton_diag`). With ``average_hessian=True`` the
       diagonal is computed every step and averaged since the last mask update; otherwise only
       on mask-update steps.
     * ``"random"``: uniform random scores from the state's key (the baseline to beat).
