@@ -26,20 +26,15 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxprune._src import elementwise
 from jaxprune._src import policy
-from jaxprune._src import scores as scores_lib
+from jaxprune._src import prune_scores
 from jaxprune._src import stacked as stacked_lib
 from jaxprune._src import tree as tree_lib
 from jaxprune._src import validation
 from jaxprune._src.types import Array, Prunable, PyTree, Schedule, ScheduleLike
 
-ScoreFn = Callable[..., PyTree]
-SCORES = ("magnitude", "gradient", "taylor", "obd", "curvature", "random")
-_HESSIAN_SCORES = ("obd", "curvature")
-# Elementwise score functions of one leaf's operands, read chunk by chunk by the selection.
-_ELEMENTWISE = {"gradient": scores_lib.gradient, "taylor": scores_lib.taylor,
-                "obd": scores_lib.obd, "curvature": scores_lib.curvature}
+ScoreFn = prune_scores.ScoreFn
+SCORES = prune_scores.SCORES
 
 
 class PruneState(NamedTuple):
@@ -124,51 +119,11 @@ def _resolve(params: PyTree, prunable: Prunable, overrides: Any,
   return layers, chosen
 
 
-def _hessian(score: Any, params: PyTree, key: Array, loss_fn: Optional[Callable[..., Array]],
-             batch: Any, num_probes: int) -> PyTree:
-  """Hutchinson estimate of the Hessian diagonal of ``loss_fn(params[, batch])``."""
-  if loss_fn is None:
-    raise validation.error("loss_fn", f"a loss function passed to update for score={score!r}",
-                           None)
-  args = () if batch is None else (batch,)
-  return scores_lib.hessian_diag(loss_fn, params, *args, key=key, num_probes=num_probes)
-
-
-def _scores(score: Union[str, ScoreFn], params: PyTree, flags: list, key: Array,
-            hess: Optional[PyTree], num_probes: int, grad: Optional[PyTree],
-            loss_fn: Optional[Callable[..., Array]], batch: Any, extra: dict) -> Optional[PyTree]:
-  """The scores of `prune`'s ``score``: elementwise ones lazily (`Elementwise`), None for
-  magnitude (the policy's default); unprunable leaves hold their param (never read)."""
-  if callable(score):
-    given = {k: v for k, v in (("grad", grad), ("loss_fn", loss_fn), ("batch", batch))
-             if v is not None}
-    return score(params, **given, **extra)
-  if score == "magnitude":
-    return None
-  leaves, treedef = jax.tree.flatten(params)
-  if score == "random":
-    return jax.tree.unflatten(treedef, [
-        jax.random.uniform(jax.random.fold_in(key, i), np.shape(p)) if f else p
-        for i, (p, f) in enumerate(zip(leaves, flags))])
-  if score in ("gradient", "taylor"):
-    if grad is None:
-      raise validation.error("grad", f"the raw gradients passed to update for score={score!r}",
-                             None)
-    tree_lib.check_same_structure(params, grad, "params", "grad")
-    by_leaf = jax.tree.leaves(grad)
-  else:
-    by_leaf = jax.tree.leaves(_hessian(score, params, key, loss_fn, batch, num_probes)
-                              if hess is None else hess)
-  with_params = score in ("taylor", "obd")
-  return jax.tree.unflatten(treedef, [
-      elementwise.Elementwise(_ELEMENTWISE[score], (p, x) if with_params else (x,)) if f else p
-      for p, f, x in zip(leaves, flags, by_leaf)])
-
-
 def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
           scope: str = "layer", distribution: policy.Distribution = "uniform",
           overrides: Optional[Any] = None, prunable: Prunable = None,
-          pattern: policy.Pattern = "unstructured", num_probes: int = 8,
+          pattern: policy.Pattern = "unstructured", hessian: str = "hutchinson",
+          gauss_newton_loss: str = "softmax_cross_entropy", num_probes: int = 8,
           average_hessian: bool = False, seed: int = 0, masks: Optional[PyTree] = None,
           stacked: stacked_lib.Stacked = None) -> optax.GradientTransformationExtraArgs:
   """Gradual pruning inside the jitted train step; chain it after the optimizer.
@@ -183,10 +138,18 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
   Scores (``score``), named as the score functions:
     * ``"magnitude"``: ``|w|`` (default).
     * ``"gradient"``: ``|g|``; ``"taylor"``: ``|w * g|``; the raw gradients come as ``grad=``.
-    * ``"obd"``: ``0.5 * h * w**2``; ``"curvature"``: ``|h|``, with ``h`` a Hutchinson estimate of
-      the Hessian diagonal of ``loss_fn(params, batch)`` (``loss_fn(params)`` without ``batch=``).
-      With ``average_hessian=True`` it is estimated every step and averaged since the last mask
-      update; otherwise only on mask-update steps.
+    * ``"obd"``: ``0.5 * h * w**2``; ``"curvature"``: ``|h|``, with ``h`` a Hessian diagonal
+      chosen by ``hessian``. ``"hutchinson"`` (default): a Hutchinson estimate
+      (`hessian_diag`) of ``loss_fn(params, batch)`` (``loss_fn(params)`` without ``batch=``);
+      any loss and any leaf, but noisy (per-probe variance ``Σ_{j≠i} H_ij²``: on a model that
+      fits its data about half the estimates come out negative, and a negative saliency is
+      pruned first). ``"gauss_newton"``: the exact Gauss–Newton (true Fisher) diagonal
+      (`gauss_newton_diag`) of ``apply_fn(params, batch)``, which must return logits
+      ``(batch, classes)`` and read every prunable leaf as a Dense or Conv kernel; nonnegative,
+      no probes, the one to use for OBD on such models (exact for Dense kernels; convolutions
+      drop the cross-position terms, see `gauss_newton_diag`). With ``average_hessian=True`` the
+      diagonal is computed every step and averaged since the last mask update; otherwise only
+      on mask-update steps.
     * ``"random"``: uniform random scores from the state's key (the baseline to beat).
     * a callable ``fn(params, **extra_args) -> scores`` (params' structure, higher = keep); it
       receives every extra argument given to ``update``.
@@ -206,6 +169,17 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
     >>> params["b"].tolist(), float(jp.sparsity(params))
     ([-0.5, -0.5, -0.5], 0.5)
 
+    OBD on the exact Gauss–Newton diagonal: for a linear model under ``"mse"`` it is
+    ``Σ_n x_ni²`` in every column, so the first input row (10 · 1²) outranks the larger weights
+    of the second (4 · 1.5²), which magnitude would keep:
+
+    >>> tx = jp.prune(0.5, "obd", hessian="gauss_newton", gauss_newton_loss="mse")
+    >>> w = {"w": jnp.array([[1.0, 1.0], [1.5, 1.5]])}
+    >>> x = jnp.array([[1.0, 2.0], [3.0, 0.0]])
+    >>> _, state = tx.update(w, tx.init(w), w, apply_fn=lambda p, x: x @ p["w"], batch=x)
+    >>> state.masks["w"].tolist()
+    [[True, True], [False, False]]
+
   Args:
     schedule: ``step -> sparsity`` (e.g. `polynomial_schedule`) or a constant sparsity; checked
       at ``init`` on step 0 where its value is concrete.
@@ -221,6 +195,11 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
     pattern: ``"unstructured"``, an `NMPattern`, a `BlockPattern` or a mask function (see
       `pruning_masks`; for sharded params ``functools.partial(jp.sharding.sharded_unstructured_mask,
       mesh=mesh, specs=param_specs)``).
+    hessian: the Hessian diagonal of ``"obd"`` / ``"curvature"``: ``"hutchinson"`` (needs
+      ``loss_fn=``) or ``"gauss_newton"`` (needs ``apply_fn=`` and ``batch=``); see above.
+    gauss_newton_loss: the loss of the Gauss–Newton diagonal, ``"softmax_cross_entropy"``
+      (classifiers; the true Fisher) or ``"mse"`` (``½‖f - t‖²``); see `gauss_newton_diag`.
+      For the empirical Fisher (``labels=``) pass a callable ``score`` instead.
     num_probes: Hutchinson probes per Hessian estimate (a positive integer).
     average_hessian: average the Hessian diagonal over the steps between mask updates.
     seed: seed of the state's PRNG key (random scores, Hessian probes).
@@ -232,24 +211,26 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
 
   Returns:
     An `optax.GradientTransformationExtraArgs` with ``update(updates, state, params, *,
-    grad=None, loss_fn=None, batch=None, **extra_args)``; ``params`` is required. State:
+    grad=None, loss_fn=None, batch=None, apply_fn=None, **extra_args)``; ``params`` is
+    required. State:
     `PruneState`. Under ``optax.inject_hyperparams`` keep the integer and boolean options
     static: ``static_args=("num_probes", "seed", "average_hessian")``.
 
   References:
     Zhu & Gupta, "To prune, or not to prune", 2017 (gradual magnitude pruning);
     LeCun, Denker & Solla, "Optimal Brain Damage", NeurIPS 1989 (OBD saliency);
+    Hutchinson, "A stochastic estimator of the trace of the influence matrix", 1990;
+    Martens, "New insights and perspectives on the natural gradient method", JMLR 2020
+    (Gauss–Newton and Fisher);
     Molchanov et al., "Importance Estimation for Neural Network Pruning", CVPR 2019 (Taylor).
   """
   target_schedule = as_schedule(schedule, "schedule")
-  if not callable(score):
-    validation.check_choice(score, SCORES, "score")
+  curvature = prune_scores.check_options(score, hessian, num_probes, gauss_newton_loss)
   validation.check_choice(scope, ("layer", "global"), "scope")
   policy.check_distribution(distribution, scope)
   pattern = policy.check_pattern(pattern)
-  num_probes = validation.check_int(num_probes, "num_probes", 1)
   seed = validation.check_int(seed, "seed")
-  accumulate = bool(average_hessian) and score in _HESSIAN_SCORES
+  accumulate = bool(average_hessian) and score in prune_scores.HESSIAN_SCORES
 
   def init_fn(params: PyTree) -> PruneState:
     layers, chosen = _resolve(params, prunable, overrides, stacked)
@@ -276,7 +257,7 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
         hess_steps=jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state: PruneState, params=None, *, grad=None, loss_fn=None, batch=None,
-                **extra):
+                apply_fn=None, **extra):
     if params is None:
       raise validation.error("params", "the current params as the third argument of update",
                              None)
@@ -290,11 +271,12 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
     changed = target != state.target
     for new, old in zip(override_targets, state.override_targets):
       changed = changed | (new != old)
-    randomized = score == "random" or score in _HESSIAN_SCORES
+    inputs = prune_scores.Inputs(grad, loss_fn, batch, apply_fn, extra)
+    randomized = prune_scores.uses_key(score, curvature)
     key, sub = jax.random.split(state.key) if randomized else (state.key, state.key)
     hess_sum, hess_steps = state.hess_sum, state.hess_steps
     if accumulate:
-      h = _hessian(score, params, sub, loss_fn, batch, num_probes)
+      h = prune_scores.hessian_diag(score, curvature, params, flag_tree, sub, inputs)
       hess_sum = jax.tree.map(lambda a, x, f: a + jnp.asarray(x, jnp.float32) if f else a,
                               hess_sum, h, flag_tree)
       hess_steps = hess_steps + 1
@@ -304,7 +286,7 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
       if accumulate:  # unprunable leaves hold a scalar placeholder; their scores are unused
         hess = jax.tree.map(lambda a, p: jnp.broadcast_to(a / hess_steps, np.shape(p)),
                             hess_sum, params)
-      scores = _scores(score, params, flags, sub, hess, num_probes, grad, loss_fn, batch, extra)
+      scores = prune_scores.compute(score, curvature, params, flags, sub, hess, inputs)
       return policy.pruning_masks(
           params, target, scores=scores, scope=scope, distribution=distribution,
           overrides={q: t for (q, _), t in zip(chosen, override_targets)} or None,
