@@ -168,6 +168,26 @@ def test_obs_allocation_exact_total(setup):
   assert sum(int(jnp.sum(~m)) for m in _kernels(masks).values()) == round(0.5 * n)
 
 
+@pytest.mark.parametrize("allocation", ["global", "wanda"])
+def test_ranked_allocation_counts_per_kernel(setup, allocation):
+  # Each kernel's count is what one ranking over all kernels gives: magnitude, or the dense
+  # model's Wanda scores (which differ here, so the two allocations differ).
+  params, batches, _ = setup
+  _, masks = jp.oneshot(apply_fn, params, batches, 0.55, method="sparsegpt",
+                        allocation=allocation, progress=False)
+  ranked = jp.magnitude(params) if allocation == "global" else jp.wanda_scores(
+      apply_fn, params, batches)
+  expected = jp.unstructured_mask(ranked, 0.55, scope="global",
+                                  prunable=lambda path, leaf: leaf.ndim == 2)
+  counts = {k: int(jnp.sum(~m)) for k, m in _kernels(masks).items()}
+  assert counts == {k: int(jnp.sum(~m)) for k, m in _kernels(expected).items()}
+  assert sum(counts.values()) == round(0.55 * sum(k.size for k in _kernels(params).values()))
+  other = jp.unstructured_mask(jp.wanda_scores(apply_fn, params, batches) if allocation ==
+                               "global" else jp.magnitude(params), 0.55, scope="global",
+                               prunable=lambda path, leaf: leaf.ndim == 2)
+  assert counts != {k: int(jnp.sum(~m)) for k, m in _kernels(other).items()}
+
+
 def test_params_not_modified(setup):
   params, batches, _ = setup
   before = copy.deepcopy(jax.device_get(params))

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxprune._src import calibration
+from jaxprune._src import calibration_sites
 from jaxprune._src import interpret
 from jaxprune._src import tree as tree_lib
 
@@ -58,7 +59,7 @@ def _step(acc: dict, params: PyTree, batch: Any, *, apply_fn: Callable[[PyTree, 
           labels: Optional[Callable[[Any], jax.Array]]) -> dict:
   """Adds one batch to ``acc``; compiled once per (apply_fn, kernels, loss, labels, shapes)."""
   traced = interpret.trace(apply_fn, params, batch)
-  sites = [s for group in calibration.select_sites(traced, params, kernels, None,
+  sites = [s for group in calibration_sites.select_sites(traced, params, kernels, None,
                                                    pooled=False).values() for s in group]
   args = jax.tree.leaves(params) + jax.tree.leaves(batch)
 
@@ -138,7 +139,7 @@ def gauss_newton_diag(apply_fn: Callable[[PyTree, Any], jax.Array], params: PyTr
   if len(outs) != 1 or len(outs[0].shape) != 2:
     raise ValueError("apply_fn: expected one logits array of shape (batch, classes), got "
                      f"{[tuple(o.shape) for o in outs]}")
-  selected = calibration.select_sites(traced, params, None, prunable, pooled=False)
+  selected = calibration_sites.select_sites(traced, params, None, prunable, pooled=False)
   flags = jax.tree.leaves(tree_lib.prunable_flags(params, prunable))
   for path, flag in zip(traced.paths, flags):
     if flag and path not in selected:

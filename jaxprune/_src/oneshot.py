@@ -25,6 +25,7 @@ import numpy as np
 
 from jaxprune._src import allocation as allocation_lib
 from jaxprune._src import calibration as calib_lib
+from jaxprune._src import calibration_sites
 from jaxprune._src import interpret
 from jaxprune._src import masks as masks_lib
 from jaxprune._src import obc as obc_lib
@@ -39,7 +40,7 @@ from jaxprune._src.types import Prunable, PyTree
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "obc")
 TARGETS = ("dense", "pruned")
-ALLOCATIONS = ("global", "obs", "uniform")
+ALLOCATIONS = ("global", "wanda", "obs", "uniform")
 
 
 class Layer(NamedTuple):
@@ -70,8 +71,10 @@ def _materialise(batches: Iterable[Any]) -> list:
 
 
 def _layer_sparsities(params: PyTree, paths: Sequence[str], sparsity: Any,
-                      pattern: obs_lib.ParsedPattern, allocation: Any) -> dict[str, float]:
-  """Per-kernel sparsities: from the pattern, a global magnitude ranking, or given per leaf."""
+                      pattern: obs_lib.ParsedPattern, allocation: Any,
+                      ranking: Callable[[], PyTree]) -> dict[str, float]:
+  """Per-kernel sparsities: from the pattern, one ranking over all kernels (``ranking()`` gives
+  the Wanda scores), or given per leaf."""
   leaves = dict(tree_lib.leaves_with_paths(params))
   if pattern.kind == "nm":
     obs_lib.check_nm_sparsity(sparsity, pattern)
@@ -85,10 +88,11 @@ def _layer_sparsities(params: PyTree, paths: Sequence[str], sparsity: Any,
   sparsity = validation.check_fraction(sparsity, "sparsity", allow_traced=False)
   if allocation == "uniform":
     return {p: sparsity for p in paths}
-  if allocation == "global":
-    # Exactly round(s·N) over all pruned kernels, by magnitude: the layer sizes this picks are
-    # what the per-layer solvers then reach exactly.
-    scores = {p: jnp.abs(leaves[p]).astype(jnp.float32) for p in paths}
+  if allocation in ("global", "wanda"):
+    # Exactly round(s·N) over all pruned kernels, by magnitude or Wanda score: the layer sizes
+    # this picks are what the per-layer solvers then reach exactly.
+    ranked = leaves if allocation == "global" else dict(tree_lib.leaves_with_paths(ranking()))
+    scores = {p: jnp.abs(ranked[p]).astype(jnp.float32) for p in paths}
     kept = masks_lib.unstructured_mask(scores, sparsity, scope="global")
     pruned = jax.device_get({p: jnp.sum(~kept[p]) for p in paths})
     return {p: int(pruned[p]) / leaves[p].size for p in paths}
@@ -248,7 +252,8 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
       methods choose the pattern inside their solver.
     prunable: which leaves are pruned (see `jaxprune.unstructured_mask`).
     allocation: how ``sparsity`` is split across kernels: ``"global"`` (one magnitude ranking
-      over all kernels picks each kernel's count, ``round(s·N)`` in total), ``"obs"`` (counts
+      over all kernels picks each kernel's count, ``round(s·N)`` in total), ``"wanda"`` (the
+      same with one ranking of the dense model's Wanda scores ``|w|·‖x‖``), ``"obs"`` (counts
       minimising the sum of relative layer reconstruction errors, measured with the method's
       solver on the dense model's calibration inputs), ``"uniform"`` (the same fraction per
       kernel), or a mapping from leaf path to fraction.
@@ -283,7 +288,7 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
   # to matter instead of running the model from the start.
   calibrator = calib_lib.Calibrator(apply_fn, token_mask=token_mask, prunable=prunable)
   traced = calibrator.trace(params, batches[0])
-  selected = calib_lib.select_sites(traced, params, None, prunable, stacked=True)
+  selected = calibration_sites.select_sites(traced, params, None, prunable, stacked=True)
   sites = {p: v[0] for p, v in selected.items()}
   paths = list(sites)
   patterns = {p: interpret.site_pattern(pattern, sites[p]) for p in paths}
@@ -292,8 +297,9 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
         validation.check_fraction(sparsity, "sparsity", allow_traced=False)), method, patterns,
                                 refit, damp, block_size)
   else:
-    per_layer = _layer_sparsities(params, paths, sparsity, pattern, allocation)
-  stages = calib_lib.stage_order(traced, selected) if sequential else [paths]
+    per_layer = _layer_sparsities(params, paths, sparsity, pattern, allocation, lambda: (
+        wanda_scores(apply_fn, params, batches, prunable=prunable, token_mask=token_mask)))
+  stages = calibration_sites.stage_order(traced, selected) if sequential else [paths]
 
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   index = {tree_lib.path_str(p): i for i, (p, _) in enumerate(flat)}

@@ -27,6 +27,7 @@ import optax
 from jax import lax
 
 from jaxprune._src import policy
+from jaxprune._src import policy_args
 from jaxprune._src import prune_scores
 from jaxprune._src import stacked as stacked_lib
 from jaxprune._src import tree as tree_lib
@@ -111,7 +112,7 @@ def _resolve(params: PyTree, prunable: Prunable, overrides: Any,
   """Per leaf its layers and prunable slices, and the ``(leaf or slice path, schedule)`` of every
   overridden slice (host side, at trace time)."""
   layers = stacked_lib.resolve(params, stacked, prunable)
-  values = policy.slice_overrides(params, layers, overrides)
+  values = policy_args.slice_overrides(params, layers, overrides)
   chosen = []
   for (p, _), l, vals in zip(jax.tree_util.tree_flatten_with_path(params)[0], layers, values):
     chosen += [(q, as_schedule(v, f"overrides[{q!r}]"))
@@ -120,9 +121,9 @@ def _resolve(params: PyTree, prunable: Prunable, overrides: Any,
 
 
 def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
-          scope: str = "layer", distribution: policy.Distribution = "uniform",
+          scope: str = "layer", distribution: policy_args.Distribution = "uniform",
           overrides: Optional[Any] = None, prunable: Prunable = None,
-          pattern: policy.Pattern = "unstructured", hessian: str = "hutchinson",
+          pattern: policy_args.Pattern = "unstructured", hessian: str = "hutchinson",
           gauss_newton_loss: str = "softmax_cross_entropy", num_probes: int = 8,
           average_hessian: bool = False, seed: int = 0, masks: Optional[PyTree] = None,
           stacked: stacked_lib.Stacked = None) -> optax.GradientTransformationExtraArgs:
@@ -227,8 +228,8 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
   target_schedule = as_schedule(schedule, "schedule")
   curvature = prune_scores.check_options(score, hessian, num_probes, gauss_newton_loss)
   validation.check_choice(scope, ("layer", "global"), "scope")
-  policy.check_distribution(distribution, scope)
-  pattern = policy.check_pattern(pattern)
+  policy_args.check_distribution(distribution, scope)
+  pattern = policy_args.check_pattern(pattern)
   seed = validation.check_int(seed, "seed")
   accumulate = bool(average_hessian) and score in prune_scores.HESSIAN_SCORES
 
