@@ -8,9 +8,11 @@ LeNet-300-100 and LeNet-5 are trained dense (or read from ``--cache``), then pru
 * ``wanda``: ``|w|·‖x‖`` mask, no update;
 * ``magnitude+refit``: the magnitude mask, kept weights refitted by least squares;
 * ``sparsegpt``, ``obc``: layer-wise OBS (SparseGPT's blocked lazy updates; exact greedy OBC);
-* ``obc/obs``: OBC with per-layer sparsities allocated over its layer errors.
+* ``obc/obs``: OBC with per-layer sparsities allocated over its layer errors;
+* ``obc/wanda``: OBC with per-layer sparsities from one ranking of Wanda scores over all layers.
 
-Every criterion but the last gets the same per-layer sparsities (one global magnitude ranking).
+Every criterion without a ``/allocation`` suffix gets the same per-layer sparsities (one global
+magnitude ranking); a suffix passes that ``allocation`` to `jaxprune.oneshot`.
 Prints one table per model with the wall time of each pruning.
 
     python benchmarks/oneshot.py --data-dir ../shared/data/mnist
@@ -40,7 +42,8 @@ import jaxprune as jp  # noqa: E402
 from _timing import machine  # noqa: E402
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
-METHODS = ("magnitude", "obd", "wanda", "magnitude+refit", "sparsegpt", "obc", "obc/obs")
+METHODS = ("magnitude", "obd", "wanda", "magnitude+refit", "sparsegpt", "obc", "obc/obs",
+           "obc/wanda")
 EPOCHS = {"lenet300": 20, "lenet5": 8}
 
 
@@ -68,13 +71,10 @@ def prune(method: str, apply_fn, params, batches, sparsity: float, per_layer: di
       scores = jp.obd(params, h)
     masks = jp.unstructured_mask(scores, _prefix(params, per_layer))
     return jp.apply_masks(params, masks)
-  if method == "obc/obs":
-    out, _ = jp.oneshot(apply_fn, params, batches, sparsity, method="obc", allocation="obs",
-                        progress=False)
-    return out
-  name, _, extra = method.partition("+")
-  out, _ = jp.oneshot(apply_fn, params, batches, method=name, refit=extra == "refit",
-                      allocation=per_layer, progress=False)
+  head, _, allocation = method.partition("/")
+  name, _, extra = head.partition("+")
+  out, _ = jp.oneshot(apply_fn, params, batches, sparsity if allocation else None, method=name,
+                      refit=extra == "refit", allocation=allocation or per_layer, progress=False)
   return out
 
 
