@@ -7,10 +7,12 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 mkdir -p results
-for name in selection hessian step structured sharded; do
+for name in selection hessian structured sharded; do
   echo "== $name"
   python "$name.py" "$@" 2>&1 | tee "results/$name.txt"
 done
+echo "== step"
+python step.py --reps 15 "$@" 2>&1 | tee results/step.txt
 echo "== step variants"
 python step.py --score taylor --scope global "$@" 2>&1 | tee results/step_taylor_global.txt
 python step.py --batch 2048 --reps 3 "$@" 2>&1 | tee results/step_batch2048.txt
