@@ -146,3 +146,20 @@ def test_bad_input():
     gauss_newton.gauss_newton_diag(embed, params, [np.arange(3)])
   with pytest.raises(ValueError, match=r"labels: expected integer labels of shape \(12,\)"):
     gauss_newton.gauss_newton_diag(Net().apply, PARAMS, [X], labels=lambda b: Y[:3])
+
+
+def test_output_sensitivity_linear_exact_and_two_layer_trace():
+  # Output layer: ∂f/∂y = I, and a Rademacher probe has ‖v‖² = d_out exactly, so the estimate is
+  # exactly N·d_out. Hidden layer: E‖W2 v‖² = ‖W2‖²_F per position.
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((6, 3)), jnp.float32)
+  params = {"w1": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32),
+            "w2": jnp.asarray(rng.standard_normal((4, 2)), jnp.float32)}
+  apply_fn = lambda p, x: (x @ p["w1"]) @ p["w2"]
+  exact = gauss_newton.output_sensitivity(apply_fn, params, [x[:3], x[3:]], ["['w2']"])
+  assert exact == {"['w2']": 6 * 2}
+  many = gauss_newton.output_sensitivity(apply_fn, params, [x], ["['w1']", "['w2']"],
+                                         num_probes=4096, seed=1)
+  expected = 6 * float(jnp.sum(params["w2"] ** 2))
+  assert many["['w1']"] == pytest.approx(expected, rel=0.05)
+  assert many["['w2']"] == 12.0

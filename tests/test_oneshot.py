@@ -188,6 +188,21 @@ def test_ranked_allocation_counts_per_kernel(setup, allocation):
   assert counts != {k: int(jnp.sum(~m)) for k, m in _kernels(other).items()}
 
 
+def test_obs_allocation_spares_the_kernel_the_outputs_depend_on():
+  # Two kernels with the same inputs and the same weights, hence the same reconstruction error
+  # curves; the model's output scales one by 10 and the other by 0.1, so the allocation over
+  # output-weighted errors prunes the second more (relative errors would not tell them apart).
+  x = rand(7, (128, 12)) @ rand(8, (12, 12))
+  w = rand(9, (12, 8), 12 ** -0.5)
+  params = {"a": w, "b": w}
+  apply_fn = lambda p, x: jnp.concatenate([10.0 * (x @ p["a"]), 0.1 * (x @ p["b"])], axis=-1)
+  _, masks = jp.oneshot(apply_fn, params, [x[:64], x[64:]], 0.5, method="sparsegpt",
+                        allocation="obs", progress=False)
+  pruned = {k: int(jnp.sum(~m)) for k, m in masks.items()}
+  assert pruned["a"] + pruned["b"] == 96
+  assert pruned["b"] > pruned["a"], pruned
+
+
 def test_params_not_modified(setup):
   params, batches, _ = setup
   before = copy.deepcopy(jax.device_get(params))

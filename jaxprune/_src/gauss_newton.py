@@ -92,6 +92,68 @@ def _step(acc: dict, params: PyTree, batch: Any, *, apply_fn: Callable[[PyTree, 
   return new
 
 
+@functools.partial(jax.jit, static_argnames=("apply_fn", "kernels", "num_probes"))
+def _sensitivity_step(acc: dict, params: PyTree, batch: Any, key: jax.Array, *,
+                      apply_fn: Callable[[PyTree, Any], Any], kernels: tuple[str, ...],
+                      num_probes: int) -> dict:
+  """Adds one batch's probe estimate of ``Σ ‖∂f/∂y‖²`` per kernel to ``acc``."""
+  traced = interpret.trace(apply_fn, params, batch)
+  sites = [s for group in calibration_sites.select_sites(traced, params, kernels, None,
+                                                         pooled=False, stacked=True).values()
+           for s in group]
+  args = jax.tree.leaves(params) + jax.tree.leaves(batch)
+
+  def forward(eps: list) -> list:
+    hooks = {s.location: functools.partial(lambda ops, out, k: out + eps[k], k=k)
+             for k, s in enumerate(sites)}
+    return [o for o in interpret.evaluate(traced.jaxpr, args, hooks)
+            if jnp.issubdtype(o.dtype, jnp.floating)]
+
+  eps = [jnp.zeros(s.eqn.outvars[0].aval.shape, s.eqn.outvars[0].aval.dtype) for s in sites]
+  outs, pullback = jax.vjp(forward, eps)
+  keys = jax.random.split(key, len(outs))
+  probes = [jax.random.rademacher(k, (num_probes, *o.shape), o.dtype) for k, o in zip(keys, outs)]
+  (grads,) = jax.vmap(pullback)(probes)
+  new = dict(acc)
+  for k, s in enumerate(sites):
+    new[s.path] = new[s.path] + jnp.sum(jnp.square(grads[k].astype(jnp.float32))) / num_probes
+  return new
+
+
+def output_sensitivity(apply_fn: Callable[[PyTree, Any], Any], params: PyTree,
+                       batches: Iterable[Any], kernels: Sequence[str], *, num_probes: int = 4,
+                       seed: int = 0) -> dict[str, float]:
+  """How much each kernel's outputs move the model's outputs: ``Σ_t ‖∂f/∂y_t‖²_F`` per kernel.
+
+  ``y_t`` is the kernel's output at calibration position ``t`` and ``f`` every floating output
+  of ``apply_fn``; the sum runs over all positions and batches. It is the trace of the
+  Gauss–Newton matrix of ``½‖f - f₀‖²`` with respect to the kernel's outputs, estimated with
+  Rademacher probes ``v`` over the outputs (Hutchinson, 1990: ``E‖Jᵀv‖² = tr(JᵀJ)``); divided by
+  the number of positions and output features it is the factor that turns a layer's
+  reconstruction error ``‖ΔY‖²`` into the expected squared change of the model's outputs when
+  ``ΔY`` spreads evenly (an isotropic approximation of that Gauss–Newton matrix). Positions the
+  outputs do not depend on (padding under a mask) add nothing. A kernel read in several places,
+  or at every iteration of a ``scan``, gets the norm of the summed gradient of its uses.
+
+  Args:
+    apply_fn: ``apply_fn(params, batch)``.
+    params: the parameters.
+    batches: an iterable of batches.
+    kernels: paths of the kernels (each read by a dot/conv site).
+    num_probes: probes per batch.
+    seed: seed of the probes.
+
+  Returns:
+    ``{path: float}`` for ``kernels``.
+  """
+  kernels = tuple(kernels)
+  acc = {p: jnp.zeros((), jnp.float32) for p in kernels}
+  key = jax.random.key(seed)
+  for i, batch in enumerate(batches):
+    acc = _sensitivity_step(acc, params, batch, jax.random.fold_in(key, i), apply_fn=apply_fn,
+                            kernels=kernels, num_probes=num_probes)
+  return {p: float(v) for p, v in jax.device_get(acc).items()}
+
 def gauss_newton_diag(apply_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
                       batches: Iterable[Any], *, loss: str = "softmax_cross_entropy",
                       labels: Optional[Callable[[Any], jax.Array]] = None,

@@ -26,6 +26,7 @@ import numpy as np
 from jaxprune._src import allocation as allocation_lib
 from jaxprune._src import calibration as calib_lib
 from jaxprune._src import calibration_sites
+from jaxprune._src import gauss_newton
 from jaxprune._src import interpret
 from jaxprune._src import masks as masks_lib
 from jaxprune._src import obc as obc_lib
@@ -254,8 +255,9 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
     allocation: how ``sparsity`` is split across kernels: ``"global"`` (one magnitude ranking
       over all kernels picks each kernel's count, ``round(s·N)`` in total), ``"wanda"`` (the
       same with one ranking of the dense model's Wanda scores ``|w|·‖x‖``), ``"obs"`` (counts
-      minimising the sum of relative layer reconstruction errors, measured with the method's
-      solver on the dense model's calibration inputs), ``"uniform"`` (the same fraction per
+      minimising the sum of the layers' reconstruction errors, measured with the method's
+      solver on the dense model's calibration inputs, each weighted by how much that layer's
+      outputs move the model's outputs), ``"uniform"`` (the same fraction per
       kernel), or a mapping from leaf path to fraction.
     refit: after the mask is chosen, set the kept weights to their least-squares optimum.
     target: ``"dense"`` fits each layer to the dense model's outputs for that layer (its inputs
@@ -353,24 +355,32 @@ def _obs_allocation(calibrator: calib_lib.Calibrator, params: PyTree, batches: l
                     sites: Mapping[str, Any], sparsity: float, method: str,
                     patterns: Mapping[str, obs_lib.ParsedPattern], refit: bool, damp: float,
                     block_size: int) -> dict[str, float]:
-  """Per-kernel sparsities minimising the summed relative layer errors at ``round(s·N)``.
+  """Per-kernel sparsities minimising the predicted change of the model's outputs.
 
-  Each kernel's relative reconstruction error is measured with the method's own solver on the
-  dense model's calibration inputs at the sparsities of `OBS_GRID`; the allocation then takes
-  the cheapest error per pruned entry first over the curves' lower convex hulls (the
-  equal-slope solution of `jaxprune.allocate_sparsities`), with exactly ``round(s·N)`` entries.
+  Each kernel's reconstruction error ``‖ΔY‖²`` is measured with the method's own solver on the
+  dense model's calibration inputs at the sparsities of `OBS_GRID`, and weighted by how much
+  that kernel's outputs move the model's outputs (`gauss_newton.output_sensitivity` per
+  position and output feature), which puts every kernel's error in the same unit: the expected
+  squared change of the outputs. The allocation then takes the cheapest change per pruned entry
+  first over the curves' lower convex hulls (the equal-slope solution of
+  `jaxprune.allocate_sparsities`), with exactly ``round(s·N)`` entries.
+
+  References: Hassibi & Stork, 1993 (the OBS error); Frantar & Alistarh, "Optimal Brain
+  Compression", 2022 (allocating sparsity over per-layer OBS errors).
   """
   leaves = dict(tree_lib.leaves_with_paths(params))
   paths = list(sites)
   cal = calibrator(params, batches, kernels=paths)
+  sensitivity = gauss_newton.output_sensitivity(calibrator.apply_fn, params, batches, paths)
   grid = np.asarray(OBS_GRID)
   curves, sizes = [], []
   for path in paths:
     site = sites[path]
     ws = _slices(interpret.to_matrix(leaves[path], site).astype(jnp.float32), site)
-    errors, energy = np.zeros(len(grid)), 1e-30
+    positions = float(np.sum(jax.device_get(cal[path].count)))
+    weight = sensitivity[path] / max(positions * ws.shape[-1], 1e-30)
+    errors = np.zeros(len(grid))
     for w, h in zip(ws, _slices(cal[path].h, site)):  # a stacked kernel's slices add up
-      energy += float(obs_lib.layer_loss(jnp.zeros_like(w), w, h))
       if method == "obc" and not refit:
         path_ = obc_lib.obc_path(w, h, pattern=patterns[path], damp=damp)
         errors += np.asarray(obc_lib.obc_losses(path_, grid))
@@ -378,8 +388,7 @@ def _obs_allocation(calibrator: calib_lib.Calibrator, params: PyTree, batches: l
         errors[1:] += [float(obs_lib.layer_loss(w, solve_layer(
             method, w, h, float(s), patterns[path], refit=refit, damp=damp,
             block_size=block_size)[0], h)) for s in grid[1:]]
-    errors = errors / energy
-    curves.append((grid, np.maximum.accumulate(np.asarray(errors))))
+    curves.append((grid, np.maximum.accumulate(errors * weight)))
     sizes.append(int(leaves[path].size))
   total = sum(sizes)
   counts = allocation_lib.solve_counts(curves, sizes, [1.0] * len(sizes),
