@@ -33,19 +33,22 @@ ROOT = os.path.dirname(HERE)
 CHECK_NAMES = [
     "global_bit_identical_ties_nan",
     "global_random_trials",
-    "chunked_blocks_bit_identical",
     "elementwise_scores_read_per_block",
     "masks_keep_sharding",
     "layer_scope_per_leaf_sparsity_traced",
-    "eager_concrete_sparsity_and_prunable",
     "hlo_histograms_only",
-    "plain_unstructured_mask_gathers_under_gspmd",
     "explicit_axes",
     "uneven_sharding_error",
     "train_step_data_model_parallel",
-    "hessian_data_parallel",
-    "prune_mask_fn_gather_free",
     "hessian_model_sharded_params_in_shard_map",
+]
+# The compile-heaviest checks run in the slow set, in a second subprocess.
+SLOW_CHECK_NAMES = [
+    "chunked_blocks_bit_identical",
+    "eager_concrete_sparsity_and_prunable",
+    "plain_unstructured_mask_gathers_under_gspmd",
+    "prune_mask_fn_gather_free",
+    "hessian_data_parallel",
 ]
 
 
@@ -82,10 +85,8 @@ def process_pair(tmp_path_factory):
     log.close()
 
 
-@pytest.fixture(scope="module")
-def device_checks(process_pair) -> dict:
-  del process_pair  # started first, to run alongside
-  proc = subprocess.run([sys.executable, os.path.join(HERE, "_sharding_checks.py")],
+def _run_checks(names: list[str]) -> dict:
+  proc = subprocess.run([sys.executable, os.path.join(HERE, "_sharding_checks.py"), *names],
                         capture_output=True, text=True, timeout=900, env=_env(), cwd=ROOT)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")]
   if proc.returncode or not lines:
@@ -93,13 +94,36 @@ def device_checks(process_pair) -> dict:
   return json.loads(lines[-1][len("RESULTS "):])
 
 
+@pytest.fixture(scope="module")
+def device_checks(process_pair) -> dict:
+  del process_pair  # started first, to run alongside
+  return _run_checks(CHECK_NAMES)
+
+
+@pytest.fixture(scope="module")
+def slow_device_checks() -> dict:
+  return _run_checks(SLOW_CHECK_NAMES)
+
+
 def test_every_check_ran(device_checks):
   assert sorted(device_checks) == sorted(CHECK_NAMES)
+  # every check the script defines is in one of the two lists
+  text = open(os.path.join(HERE, "_sharding_checks.py")).read()
+  defined = {line[len("def check_"):].split("(")[0] for line in text.splitlines()
+             if line.startswith("def check_")}
+  assert defined == set(CHECK_NAMES) | set(SLOW_CHECK_NAMES)
 
 
 @pytest.mark.parametrize("name", CHECK_NAMES)
 def test_eight_devices(device_checks, name):
   result = device_checks.get(name, "missing from the subprocess results")
+  assert result == "ok", result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SLOW_CHECK_NAMES)
+def test_eight_devices_slow(slow_device_checks, name):
+  result = slow_device_checks.get(name, "missing from the subprocess results")
   assert result == "ok", result
 
 
