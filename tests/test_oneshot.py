@@ -5,13 +5,17 @@ from __future__ import annotations
 import copy
 
 import flax.linen as nn
+import hypothesis
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import strategies as st
 
 import jaxprune as jp
+from jaxprune._src import oneshot as oneshot_lib
+import reference
 
 
 class MLP(nn.Module):
@@ -201,6 +205,19 @@ def test_obs_allocation_spares_the_kernel_the_outputs_depend_on():
   pruned = {k: int(jnp.sum(~m)) for k, m in masks.items()}
   assert pruned["a"] + pruned["b"] == 96
   assert pruned["b"] > pruned["a"], pruned
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(st.lists(st.lists(st.sampled_from([0.0, 1.0, 2.0, 3.0, np.nan]), min_size=1,
+                                    max_size=7), min_size=1, max_size=4),
+                  st.floats(0.0, 1.0))
+def test_global_counts_equal_the_global_mask(values, sparsity):
+  # Heavy ties and NaN: the counts of the global ranking (reference.prune_lowest, the rule
+  # unstructured_mask(scope="global") is pinned to in test_select).
+  arrays = [np.asarray(v, np.float32) for v in values]
+  total = round(sparsity * sum(a.size for a in arrays))
+  masks = reference.prune_lowest(arrays, total)
+  assert oneshot_lib.global_counts(arrays, total) == [int(m.sum()) for m in masks]
 
 
 def test_params_not_modified(setup):

@@ -93,11 +93,40 @@ def _layer_sparsities(params: PyTree, paths: Sequence[str], sparsity: Any,
     # Exactly round(s·N) over all pruned kernels, by magnitude or Wanda score: the layer sizes
     # this picks are what the per-layer solvers then reach exactly.
     ranked = leaves if allocation == "global" else dict(tree_lib.leaves_with_paths(ranking()))
-    scores = {p: jnp.abs(ranked[p]).astype(jnp.float32) for p in paths}
-    kept = masks_lib.unstructured_mask(scores, sparsity, scope="global")
-    pruned = jax.device_get({p: jnp.sum(~kept[p]) for p in paths})
-    return {p: int(pruned[p]) / leaves[p].size for p in paths}
+    pruned = global_counts([np.abs(np.asarray(jax.device_get(ranked[p]), np.float32))
+                            for p in paths], select_lib.num_to_prune(
+                                sparsity, sum(leaves[p].size for p in paths)))
+    return {p: k / leaves[p].size for p, k in zip(paths, pruned)}
   raise AssertionError(allocation)
+
+
+def global_counts(scores: Sequence[np.ndarray], total: int) -> list[int]:
+  """How many entries of each array one global ranking prunes, host side.
+
+  The counts of `jaxprune.unstructured_mask` with ``scope="global"``: the ``total`` lowest
+  scores over all arrays, NaN lowest, ties pruned from the last position of the concatenation
+  backwards. One partition over the concatenated scores, no compiled program: the allocation
+  needs only the counts, and a selection program over every kernel of a large model takes
+  longer to compile than the ranking takes to run.
+
+  Args:
+    scores: float32 arrays.
+    total: the number of entries to prune, ``0 <= total <= Σ size``.
+
+  Returns:
+    Per array, its number of pruned entries (summing to ``total``).
+  """
+  flat = [np.where(np.isnan(s), -np.inf, s).ravel() for s in scores]
+  if total == 0:
+    return [0] * len(flat)
+  threshold = np.partition(np.concatenate(flat), total - 1)[total - 1]
+  counts = [int(np.sum(f < threshold)) for f in flat]
+  left = total - sum(counts)
+  for i in reversed(range(len(flat))):  # ties at the threshold: later positions first
+    take = min(left, int(np.sum(flat[i] == threshold)))
+    counts[i] += take
+    left -= take
+  return counts
 
 
 def _slices(x: Optional[jax.Array], site: Any) -> Optional[jax.Array]:
