@@ -17,31 +17,26 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxprune._src import allocation as allocation_lib
 from jaxprune._src import calibration as calib_lib
 from jaxprune._src import calibration_sites
-from jaxprune._src import gauss_newton
 from jaxprune._src import interpret
-from jaxprune._src import masks as masks_lib
-from jaxprune._src import obc as obc_lib
+from jaxprune._src import layer_solve
+from jaxprune._src import oneshot_allocation
 from jaxprune._src import obs as obs_lib
 from jaxprune._src import progress as progress_lib
-from jaxprune._src import refit as refit_lib
 from jaxprune._src import select as select_lib
-from jaxprune._src import sparsegpt as sparsegpt_lib
 from jaxprune._src import tree as tree_lib
 from jaxprune._src import validation
 from jaxprune._src.types import Prunable, PyTree
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "obc")
+METHODS = layer_solve.METHODS
 TARGETS = ("dense", "pruned")
-ALLOCATIONS = ("global", "wanda", "obs", "uniform")
+ALLOCATIONS = oneshot_allocation.ALLOCATIONS
 
 
 class Layer(NamedTuple):
@@ -69,120 +64,6 @@ def _materialise(batches: Iterable[Any]) -> list:
   if not out:
     raise ValueError("batches: expected at least one calibration batch, got an empty iterable.")
   return out
-
-
-def _layer_sparsities(params: PyTree, paths: Sequence[str], sparsity: Any,
-                      pattern: obs_lib.ParsedPattern, allocation: Any,
-                      ranking: Callable[[], PyTree]) -> dict[str, float]:
-  """Per-kernel sparsities: from the pattern, one ranking over all kernels (``ranking()`` gives
-  the Wanda scores), or given per leaf."""
-  leaves = dict(tree_lib.leaves_with_paths(params))
-  if pattern.kind == "nm":
-    obs_lib.check_nm_sparsity(sparsity, pattern)
-    return {p: obs_lib.nm_sparsity(pattern) for p in paths}
-  if isinstance(allocation, Mapping):
-    missing = [p for p in paths if p not in allocation]
-    if missing:
-      raise validation.error("allocation", "a sparsity for every pruned kernel", "none",
-                             missing[0])
-    return {p: validation.check_fraction(allocation[p], "allocation", p) for p in paths}
-  sparsity = validation.check_fraction(sparsity, "sparsity", allow_traced=False)
-  if allocation == "uniform":
-    return {p: sparsity for p in paths}
-  if allocation in ("global", "wanda"):
-    # Exactly round(s·N) over all pruned kernels, by magnitude or Wanda score: the layer sizes
-    # this picks are what the per-layer solvers then reach exactly.
-    ranked = leaves if allocation == "global" else dict(tree_lib.leaves_with_paths(ranking()))
-    pruned = global_counts([np.abs(np.asarray(jax.device_get(ranked[p]), np.float32))
-                            for p in paths], select_lib.num_to_prune(
-                                sparsity, sum(leaves[p].size for p in paths)))
-    return {p: k / leaves[p].size for p, k in zip(paths, pruned)}
-  raise AssertionError(allocation)
-
-
-def global_counts(scores: Sequence[np.ndarray], total: int) -> list[int]:
-  """How many entries of each array one global ranking prunes, host side.
-
-  The counts of `jaxprune.unstructured_mask` with ``scope="global"``: the ``total`` lowest
-  scores over all arrays, NaN lowest, ties pruned from the last position of the concatenation
-  backwards. One partition over the concatenated scores, no compiled program: the allocation
-  needs only the counts, and a selection program over every kernel of a large model takes
-  longer to compile than the ranking takes to run.
-
-  Args:
-    scores: float32 arrays.
-    total: the number of entries to prune, ``0 <= total <= Σ size``.
-
-  Returns:
-    Per array, its number of pruned entries (summing to ``total``).
-  """
-  flat = [np.where(np.isnan(s), -np.inf, s).ravel() for s in scores]
-  if total == 0:
-    return [0] * len(flat)
-  threshold = np.partition(np.concatenate(flat), total - 1)[total - 1]
-  counts = [int(np.sum(f < threshold)) for f in flat]
-  left = total - sum(counts)
-  for i in reversed(range(len(flat))):  # ties at the threshold: later positions first
-    take = min(left, int(np.sum(flat[i] == threshold)))
-    counts[i] += take
-    left -= take
-  return counts
-
-
-def _slices(x: Optional[jax.Array], site: Any) -> Optional[jax.Array]:
-  """A kernel-shaped calibration array with a leading axis of layers (one for an unstacked
-  kernel, one per slice of a kernel stacked along a scan)."""
-  return x if x is None or site.loop_axes else x[None]
-
-
-def _slice_counts(total: int, slices: int) -> list[int]:
-  """``total`` removals split over equal slices, exactly, by differences of rounded cumulative
-  targets."""
-  cum = [0] + [round(total * (k + 1) / slices) for k in range(slices)]
-  return [b - a for a, b in zip(cum, cum[1:])]
-
-
-def _mask(scores: jax.Array, sparsity: float, pattern: obs_lib.ParsedPattern) -> jax.Array:
-  """The library's own selection on an ``(inputs, outputs)`` score matrix: exact counts, ties."""
-  if pattern.kind == "none":
-    return masks_lib.unstructured_mask(scores, sparsity)
-  if pattern.kind == "nm":
-    return masks_lib.nm_mask(scores, pattern.a, pattern.b, axis=0)
-  return masks_lib.block_mask(scores, sparsity, (pattern.a, pattern.b), reduce=pattern.reduce)
-
-
-def solve_layer(method: str, w: jax.Array, h: jax.Array, sparsity: float,
-                pattern: obs_lib.Pattern = None, *, refit: bool = False, damp: float = 0.01,
-                block_size: int = 128) -> tuple[jax.Array, jax.Array]:
-  """Prunes one kernel in its ``(inputs, outputs)`` view with one of `METHODS`.
-
-  Args:
-    method: one of `METHODS`.
-    w: ``(d_in, d_out)`` float32 kernel.
-    h: ``(d_in, d_in)`` calibration Gram matrix ``XᵀX``.
-    sparsity: fraction of the entries (or, with a block pattern, of the tiles) to prune.
-    pattern: any spelling of `obs.parse_pattern`, resolved against ``w``'s shape.
-    refit: least-squares refit of the kept weights after the mask is chosen.
-    damp: relative dampening of ``h``.
-    block_size: SparseGPT's column block.
-
-  Returns:
-    ``(w', mask)``, ``w'`` zero where the bool mask is False.
-  """
-  pattern = obs_lib.layer_pattern(pattern, jnp.shape(w))
-  if method in ("magnitude", "wanda"):
-    scores = jnp.abs(w) if method == "magnitude" else obs_lib.wanda(w, h)
-    mask = _mask(scores, sparsity, pattern)
-    w_new = refit_lib.refit(w, h, mask, damp=damp) if refit else jnp.where(mask, w, 0)
-    return w_new, mask
-  if method == "sparsegpt":
-    w_new, mask = sparsegpt_lib.sparsegpt(w, h, sparsity, pattern=pattern, block_size=block_size,
-                                          damp=damp)
-  else:
-    w_new, mask = obc_lib.obc(w, h, sparsity, pattern=pattern, damp=damp)
-  if refit:
-    w_new = refit_lib.refit(w, h, mask, damp=damp)
-  return jnp.where(mask, w_new, 0), mask
 
 
 def wanda_scores(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Iterable[Any],
@@ -224,8 +105,8 @@ def wanda_scores(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches
     path = tree_lib.path_str(p)
     if path in cal:
       site = cal[path].site
-      ws = _slices(interpret.to_matrix(x, site).astype(jnp.float32), site)
-      hs = _slices(cal[path].h, site)
+      ws = layer_solve.slices(interpret.to_matrix(x, site).astype(jnp.float32), site)
+      hs = layer_solve.slices(cal[path].h, site)
       scores = jnp.stack([obs_lib.wanda(w, h) for w, h in zip(ws, hs)])
       out.append(interpret.from_matrix(scores if site.loop_axes else scores[0], site, x.shape))
     else:
@@ -324,12 +205,13 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
   paths = list(sites)
   patterns = {p: interpret.site_pattern(pattern, sites[p]) for p in paths}
   if allocation == "obs" and pattern.kind != "nm":
-    per_layer = _obs_allocation(calibrator, params, batches, sites, float(
-        validation.check_fraction(sparsity, "sparsity", allow_traced=False)), method, patterns,
-                                refit, damp, block_size)
+    fraction = float(validation.check_fraction(sparsity, "sparsity", allow_traced=False))
+    per_layer = oneshot_allocation.obs_allocation(calibrator, params, batches, sites, fraction,
+                                                  method, patterns, refit, damp, block_size)
   else:
-    per_layer = _layer_sparsities(params, paths, sparsity, pattern, allocation, lambda: (
-        wanda_scores(apply_fn, params, batches, prunable=prunable, token_mask=token_mask)))
+    per_layer = oneshot_allocation.layer_sparsities(
+        params, paths, sparsity, pattern, allocation,
+        lambda: wanda_scores(apply_fn, params, batches, prunable=prunable, token_mask=token_mask))
   stages = calibration_sites.stage_order(traced, selected) if sequential else [paths]
 
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -349,12 +231,12 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
       if total == 0:
         layers.append(Layer(path, 0.0, 0.0))
         continue
-      ws, dense_ws, cal_h, cross = (_slices(x, site) for x in (
+      ws, dense_ws, cal_h, cross = (layer_solve.slices(x, site) for x in (
           interpret.to_matrix(leaf, site).astype(jnp.float32),
           interpret.to_matrix(flat[i][1], site).astype(jnp.float32), cal[path].h,
           cal[path].cross if target == "dense" else None))
       outs, masks, loss, energy = [], [], 0.0, 0.0
-      for k, count in enumerate(_slice_counts(total, len(ws))):
+      for k, count in enumerate(layer_solve.slice_counts(total, len(ws))):
         w, h = ws[k], cal_h[k]
         if count == 0:
           outs.append(w)
@@ -362,8 +244,8 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
           continue
         if cross is not None:
           w = obs_lib.dense_target(dense_ws[k], h, cross[k], damp=damp)
-        w_new, mask = solve_layer(method, w, h, count / w.size, patterns[path], refit=refit,
-                                  damp=damp, block_size=block_size)
+        w_new, mask = layer_solve.solve_layer(method, w, h, count / w.size, patterns[path],
+                                              refit=refit, damp=damp, block_size=block_size)
         energy += float(obs_lib.layer_loss(jnp.zeros_like(w), w, h))
         loss += float(obs_lib.layer_loss(w, w_new, h))
         outs.append(w_new)
@@ -375,51 +257,3 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
       layers.append(Layer(path, 1.0 - float(jnp.mean(mask)), loss / max(energy, 1e-30)))
   out = (jax.tree.unflatten(treedef, new_leaves), jax.tree.unflatten(treedef, mask_leaves))
   return out + (layers,) if return_layers else out
-
-
-OBS_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
-
-
-def _obs_allocation(calibrator: calib_lib.Calibrator, params: PyTree, batches: list,
-                    sites: Mapping[str, Any], sparsity: float, method: str,
-                    patterns: Mapping[str, obs_lib.ParsedPattern], refit: bool, damp: float,
-                    block_size: int) -> dict[str, float]:
-  """Per-kernel sparsities minimising the predicted change of the model's outputs.
-
-  Each kernel's reconstruction error ``‖ΔY‖²`` is measured with the method's own solver on the
-  dense model's calibration inputs at the sparsities of `OBS_GRID`, and weighted by how much
-  that kernel's outputs move the model's outputs (`gauss_newton.output_sensitivity` per
-  position and output feature), which puts every kernel's error in the same unit: the expected
-  squared change of the outputs. The allocation then takes the cheapest change per pruned entry
-  first over the curves' lower convex hulls (the equal-slope solution of
-  `jaxprune.allocate_sparsities`), with exactly ``round(s·N)`` entries.
-
-  References: Hassibi & Stork, 1993 (the OBS error); Frantar & Alistarh, "Optimal Brain
-  Compression", 2022 (allocating sparsity over per-layer OBS errors).
-  """
-  leaves = dict(tree_lib.leaves_with_paths(params))
-  paths = list(sites)
-  cal = calibrator(params, batches, kernels=paths)
-  sensitivity = gauss_newton.output_sensitivity(calibrator.apply_fn, params, batches, paths)
-  grid = np.asarray(OBS_GRID)
-  curves, sizes = [], []
-  for path in paths:
-    site = sites[path]
-    ws = _slices(interpret.to_matrix(leaves[path], site).astype(jnp.float32), site)
-    positions = float(np.sum(jax.device_get(cal[path].count)))
-    weight = sensitivity[path] / max(positions * ws.shape[-1], 1e-30)
-    errors = np.zeros(len(grid))
-    for w, h in zip(ws, _slices(cal[path].h, site)):  # a stacked kernel's slices add up
-      if method == "obc" and not refit:
-        path_ = obc_lib.obc_path(w, h, pattern=patterns[path], damp=damp)
-        errors += np.asarray(obc_lib.obc_losses(path_, grid))
-      else:
-        errors[1:] += [float(obs_lib.layer_loss(w, solve_layer(
-            method, w, h, float(s), patterns[path], refit=refit, damp=damp,
-            block_size=block_size)[0], h)) for s in grid[1:]]
-    curves.append((grid, np.maximum.accumulate(errors * weight)))
-    sizes.append(int(leaves[path].size))
-  total = sum(sizes)
-  counts = allocation_lib.solve_counts(curves, sizes, [1.0] * len(sizes),
-                                       float(round(sparsity * total)), paths)
-  return {p: k / n for p, k, n in zip(paths, counts, sizes)}
