@@ -19,6 +19,7 @@ from jaxprune._src import layer_solve
 from jaxprune._src import obc as obc_lib
 from jaxprune._src import obs as obs_lib
 from jaxprune._src import select as select_lib
+from jaxprune._src import sparsegpt as sparsegpt_lib
 from jaxprune._src import tree as tree_lib
 from jaxprune._src import validation
 from jaxprune._src.types import PyTree
@@ -120,6 +121,9 @@ def obs_allocation(calibrator: calib_lib.Calibrator, params: PyTree, batches: li
       if method == "obc" and not refit:
         path_ = obc_lib.obc_path(w, h, pattern=patterns[path], damp=damp)
         errors += np.asarray(obc_lib.obc_losses(path_, grid))
+      elif method == "sparsegpt" and not refit:
+        errors[1:] += np.asarray(sparsegpt_lib.sparsegpt_losses(
+            w, h, grid[1:], pattern=patterns[path], block_size=block_size, damp=damp))
       else:
         errors[1:] += [float(obs_lib.layer_loss(w, layer_solve.solve_layer(
             method, w, h, float(s), patterns[path], refit=refit, damp=damp,

@@ -14,7 +14,7 @@ of each tile.
 from __future__ import annotations
 
 import functools
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -180,6 +180,14 @@ def sparsegpt(w: Array, h: Array, sparsity: Union[float, Array, None], *,
   Returns:
     ``(w_new, mask)``: float32 weights, zero where the bool mask is False.
   """
+  pat, size = _plan(w, h, pattern, block_size, damp)
+  return _sparsegpt(w, h, jnp.asarray(_total(w, sparsity, pat), jnp.int32), jnp.float32(damp),
+                    size, pat.kind, pat.a, pat.b)
+
+
+def _plan(w: Array, h: Array, pattern: obs.Pattern, block_size: int,
+          damp: float) -> tuple[obs.ParsedPattern, int]:
+  """Checks a layer's arguments; its pattern and the lazy-update block size."""
   obs.check_layer(w, h)
   obs.check_damp(damp)
   if not obs.is_int(block_size) or block_size < 1:
@@ -187,22 +195,34 @@ def sparsegpt(w: Array, h: Array, sparsity: Union[float, Array, None], *,
   d_in, d_out = np.shape(w)
   pat = obs.layer_pattern(pattern, (d_in, d_out))
   unit = {"none": 1, "nm": pat.b, "block": pat.a}[pat.kind]
-  size = min(max(block_size // unit, 1) * unit, d_in)
+  return pat, min(max(block_size // unit, 1) * unit, d_in)
+
+
+def _total(w: Array, sparsity: Union[float, Array, None], pat: obs.ParsedPattern) -> Any:
+  """How many weights (or tiles) ``sparsity`` removes; 0 for N:M, whose count is fixed."""
+  d_in, d_out = np.shape(w)
   if pat.kind == "nm":
     obs.check_nm_sparsity(sparsity, pat)
-    total = 0
-  elif pat.kind == "block":
-    total = select.num_to_prune(sparsity, d_in // pat.a * (d_out // pat.b), "sparsity")
-  else:
-    total = select.num_to_prune(sparsity, d_in * d_out, "sparsity")
-  return _sparsegpt(w, h, jnp.asarray(total, jnp.int32), jnp.float32(damp), size, pat.kind,
-                    pat.a, pat.b)
+    return 0
+  if pat.kind == "block":
+    return select.num_to_prune(sparsity, d_in // pat.a * (d_out // pat.b), "sparsity")
+  return select.num_to_prune(sparsity, d_in * d_out, "sparsity")
+
+
+@functools.partial(jax.jit, static_argnames=("size", "kind", "a", "b"))
+def _losses(w: Array, h: Array, totals: Array, damp: Array, size: int, kind: str, a: int,
+            b: int) -> Array:
+  # vmap over the counts only: the factorisation of H, which does not depend on them, is
+  # computed once for all of them.
+  one = lambda total: obs.layer_loss(w, _sparsegpt(w, h, total, damp, size, kind, a, b)[0], h)
+  return jax.vmap(one)(totals)
 
 
 def sparsegpt_losses(w: Array, h: Array, sparsities: Sequence[float], *,
                      pattern: obs.Pattern = None, block_size: int = 128,
                      damp: float = 0.01) -> Array:
-  """Layer loss of `sparsegpt` at each of ``sparsities`` (one run each, one compilation).
+  """Layer loss of `sparsegpt` at each of ``sparsities``, in one batched run (one compilation,
+  one factorisation of ``H``).
 
   Examples:
     >>> import numpy as np, jaxprune as jp
@@ -225,6 +245,9 @@ def sparsegpt_losses(w: Array, h: Array, sparsities: Sequence[float], *,
   Returns:
     float32 ``(len(sparsities),)``: ``trace(ΔᵀHΔ)`` with the undampened ``h``.
   """
-  out = [obs.layer_loss(w, sparsegpt(w, h, s, pattern=pattern, block_size=block_size,
-                                     damp=damp)[0], h) for s in sparsities]
-  return jnp.stack(out) if out else jnp.zeros((0,), jnp.float32)
+  pat, size = _plan(w, h, pattern, block_size, damp)
+  totals = [_total(w, s, pat) for s in sparsities]
+  if not totals:
+    return jnp.zeros((0,), jnp.float32)
+  return _losses(w, h, jnp.asarray(totals, jnp.int32), jnp.float32(damp), size, pat.kind,
+                 pat.a, pat.b)
