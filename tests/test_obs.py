@@ -12,7 +12,7 @@ import jaxprune as jp
 import reference
 from jaxprune._src import obc as obc_lib
 from jaxprune._src import obs
-from jaxprune._src import oneshot as oneshot_lib
+from jaxprune._src import layer_solve
 from jaxprune._src import refit as refit_lib
 
 D_IN, D_OUT, TOKENS, DEAD = 72, 8, 160, 5
@@ -91,7 +91,7 @@ def test_tile_path_equals_brute_force_greedy_over_tiles(monkeypatch):
   new, keep2 = obc_lib.obc(w, h, 0.5, pattern=jp.BlockPattern((2, 2)))
   np.testing.assert_array_equal(np.asarray(keep2), keep)
   # what oneshot(method="obc", pattern=BlockPattern) runs on each kernel
-  same, keep3 = oneshot_lib.solve_layer("obc", w, h, 0.5, jp.BlockPattern((2, 2)))
+  same, keep3 = layer_solve.solve_layer("obc", w, h, 0.5, jp.BlockPattern((2, 2)))
   np.testing.assert_array_equal(np.asarray(keep3), keep)
   np.testing.assert_array_equal(np.asarray(same), np.asarray(new))
   tile_l1 = np.abs(w).reshape(6, 2, 2, 2).sum(axis=(1, 3))
