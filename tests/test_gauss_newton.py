@@ -163,3 +163,6 @@ def test_output_sensitivity_linear_exact_and_two_layer_trace():
   expected = 6 * float(jnp.sum(params["w2"] ** 2))
   assert many["['w1']"] == pytest.approx(expected, rel=0.05)
   assert many["['w2']"] == 12.0
+  with pytest.raises(ValueError, match="apply_fn: expected at least one floating-point output"):
+    gauss_newton.output_sensitivity(lambda p, x: jnp.argmax(x @ p["w1"] @ p["w2"], -1), params,
+                                    [x], ["['w2']"])

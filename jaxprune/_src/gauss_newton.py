@@ -111,6 +111,9 @@ def _sensitivity_step(acc: dict, params: PyTree, batch: Any, key: jax.Array, *,
 
   eps = [jnp.zeros(s.eqn.outvars[0].aval.shape, s.eqn.outvars[0].aval.dtype) for s in sites]
   outs, pullback = jax.vjp(forward, eps)
+  if not outs:
+    raise ValueError("apply_fn: expected at least one floating-point output to measure the "
+                     "kernels' effect on, got none")
   keys = jax.random.split(key, len(outs))
   probes = [jax.random.rademacher(k, (num_probes, *o.shape), o.dtype) for k, o in zip(keys, outs)]
   (grads,) = jax.vmap(pullback)(probes)
