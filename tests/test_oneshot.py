@@ -136,6 +136,12 @@ def test_apply_fn_traced_once(setup):
 
   jp.oneshot(counted, params, batches, 0.5, method="magnitude", progress=False)
   assert len(traces) == 1
+  # the data-driven allocations add exactly one pass of their own
+  for allocation in ("wanda", "obs"):
+    traces.clear()
+    jp.oneshot(counted, params, batches, 0.5, method="magnitude", allocation=allocation,
+               progress=False)
+    assert len(traces) == 2, allocation
 
 
 @pytest.mark.parametrize("method,refit", [("obc", False), ("magnitude", True), ("wanda", True)])

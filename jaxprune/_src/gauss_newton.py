@@ -53,17 +53,21 @@ def _cotangents(logits: jax.Array, loss: str, labels: Optional[jax.Array]) -> ja
   return lax.stop_gradient(cots).astype(logits.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "kernels", "loss", "labels"))
-def _step(acc: dict, params: PyTree, batch: Any, *, apply_fn: Callable[[PyTree, Any], jax.Array],
-          kernels: tuple[str, ...], loss: str,
-          labels: Optional[Callable[[Any], jax.Array]]) -> dict:
-  """Adds one batch to ``acc``; compiled once per (apply_fn, kernels, loss, labels, shapes)."""
+def _perturbed(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batch: Any,
+               kernels: tuple[str, ...], *, stacked: bool) -> tuple[list, Callable, list]:
+  """The model as a function of perturbations added to the outputs of ``kernels``' sites.
+
+  Returns:
+    ``(sites, forward, zeros)``: ``forward(eps) -> (outputs, inputs)`` evaluates ``apply_fn``
+    with ``eps[k]`` added to site ``k``'s output and returns the flat outputs and each site's
+    input (`interpret.site_inputs`); ``zeros`` is the unperturbed ``eps``.
+  """
   traced = interpret.trace(apply_fn, params, batch)
-  sites = [s for group in calibration_sites.select_sites(traced, params, kernels, None,
-                                                   pooled=False).values() for s in group]
+  sites = [s for group in calibration_sites.select_sites(
+      traced, params, kernels, None, pooled=False, stacked=stacked).values() for s in group]
   args = jax.tree.leaves(params) + jax.tree.leaves(batch)
 
-  def forward(eps: list) -> tuple[jax.Array, list]:
+  def forward(eps: list) -> tuple[list, list]:
     xs: list = [None] * len(sites)
 
     def hook(ops: Sequence[jax.Array], out: jax.Array, k: int) -> jax.Array:
@@ -71,10 +75,24 @@ def _step(acc: dict, params: PyTree, batch: Any, *, apply_fn: Callable[[PyTree, 
       return out + eps[k]
 
     hooks = {s.location: functools.partial(hook, k=k) for k, s in enumerate(sites)}
-    return interpret.evaluate(traced.jaxpr, args, hooks)[0], xs
+    return interpret.evaluate(traced.jaxpr, args, hooks), xs
 
-  eps = [jnp.zeros(s.eqn.outvars[0].aval.shape, s.eqn.outvars[0].aval.dtype) for s in sites]
-  logits, pullback, xs = jax.vjp(forward, eps, has_aux=True)
+  zeros = [jnp.zeros(s.eqn.outvars[0].aval.shape, s.eqn.outvars[0].aval.dtype) for s in sites]
+  return sites, forward, zeros
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "kernels", "loss", "labels"))
+def _step(acc: dict, params: PyTree, batch: Any, *, apply_fn: Callable[[PyTree, Any], jax.Array],
+          kernels: tuple[str, ...], loss: str,
+          labels: Optional[Callable[[Any], jax.Array]]) -> dict:
+  """Adds one batch to ``acc``; compiled once per (apply_fn, kernels, loss, labels, shapes)."""
+  sites, forward, eps = _perturbed(apply_fn, params, batch, kernels, stacked=False)
+
+  def logits_of(e: list) -> tuple[jax.Array, list]:
+    outs, xs = forward(e)
+    return outs[0], xs
+
+  logits, pullback, xs = jax.vjp(logits_of, eps, has_aux=True)
   if logits.ndim != 2:
     raise ValueError("apply_fn: expected one logits array of shape (batch, classes), got "
                      f"shape {logits.shape}")
@@ -97,20 +115,10 @@ def _sensitivity_step(acc: dict, params: PyTree, batch: Any, key: jax.Array, *,
                       apply_fn: Callable[[PyTree, Any], Any], kernels: tuple[str, ...],
                       num_probes: int) -> dict:
   """Adds one batch's probe estimate of ``Σ ‖∂f/∂y‖²`` per kernel to ``acc``."""
-  traced = interpret.trace(apply_fn, params, batch)
-  sites = [s for group in calibration_sites.select_sites(traced, params, kernels, None,
-                                                         pooled=False, stacked=True).values()
-           for s in group]
-  args = jax.tree.leaves(params) + jax.tree.leaves(batch)
-
-  def forward(eps: list) -> list:
-    hooks = {s.location: functools.partial(lambda ops, out, k: out + eps[k], k=k)
-             for k, s in enumerate(sites)}
-    return [o for o in interpret.evaluate(traced.jaxpr, args, hooks)
-            if jnp.issubdtype(o.dtype, jnp.floating)]
-
-  eps = [jnp.zeros(s.eqn.outvars[0].aval.shape, s.eqn.outvars[0].aval.dtype) for s in sites]
-  outs, pullback = jax.vjp(forward, eps)
+  sites, forward, eps = _perturbed(apply_fn, params, batch, kernels, stacked=True)
+  # the site inputs forward also returns are unused here; jit drops them
+  floating = lambda e: [o for o in forward(e)[0] if jnp.issubdtype(o.dtype, jnp.floating)]
+  outs, pullback = jax.vjp(floating, eps)
   if not outs:
     raise ValueError("apply_fn: expected at least one floating-point output to measure the "
                      "kernels' effect on, got none")

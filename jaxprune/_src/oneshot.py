@@ -195,9 +195,11 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
   block_size = validation.check_int(block_size, "block_size", 1)
   batches = _materialise(batches)
   dense = params
-  # One calibrator, and its one trace of apply_fn, for the sites, the stages, the allocation and
-  # every stage's calibration; it resumes the forward pass where the last pruned kernels start
-  # to matter instead of running the model from the start.
+  # One calibrator, and its one trace of apply_fn, for the sites, the stages and every stage's
+  # calibration; it resumes the forward pass where the last pruned kernels start to matter
+  # instead of running the model from the start. The "wanda" and "obs" allocations trace once
+  # more: a diagonal-only calibration (O(d_in) per kernel, where the calibrator would hold
+  # every full H at once) and the output-sensitivity pass.
   calibrator = calib_lib.Calibrator(apply_fn, token_mask=token_mask, prunable=prunable)
   traced = calibrator.trace(params, batches[0])
   selected = calibration_sites.select_sites(traced, params, None, prunable, stacked=True)

@@ -34,9 +34,6 @@ from jaxprune._src import tree as tree_lib
 from jaxprune._src import validation
 from jaxprune._src.types import Array, Prunable, PyTree, Schedule, ScheduleLike
 
-ScoreFn = prune_scores.ScoreFn
-SCORES = prune_scores.SCORES
-
 
 class PruneState(NamedTuple):
   """State of `prune`; a plain pytree of arrays (checkpointable with orbax).
@@ -120,7 +117,7 @@ def _resolve(params: PyTree, prunable: Prunable, overrides: Any,
   return layers, chosen
 
 
-def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
+def prune(schedule: ScheduleLike, score: Union[str, prune_scores.ScoreFn] = "magnitude", *,
           scope: str = "layer", distribution: policy_args.Distribution = "uniform",
           overrides: Optional[Any] = None, prunable: Prunable = None,
           pattern: policy_args.Pattern = "unstructured", hessian: str = "hutchinson",
@@ -184,7 +181,7 @@ def prune(schedule: ScheduleLike, score: Union[str, ScoreFn] = "magnitude", *,
   Args:
     schedule: ``step -> sparsity`` (e.g. `polynomial_schedule`) or a constant sparsity; checked
       at ``init`` on step 0 where its value is concrete.
-    score: one of ``SCORES`` or a callable (see above).
+    score: one of the names above or a callable.
     scope: ``"layer"`` or ``"global"`` (see `pruning_masks`).
     distribution: ``"uniform"``, ``"erk"`` or ``fn(params, sparsity, *, prunable)`` (see
       `pruning_masks`); ``"uniform"`` with ``scope="global"``.
@@ -325,4 +322,4 @@ def _initial_masks(params: PyTree, masks: Optional[PyTree],
   return jax.tree.unflatten(jax.tree.structure(params), out)
 
 
-__all__ = ["PruneState", "SCORES", "as_schedule", "check_schedule_start", "prune"]
+__all__ = ["PruneState", "as_schedule", "check_schedule_start", "prune"]
