@@ -106,19 +106,18 @@ def group_scores(groups: Sequence[Group], scores: PyTree, *, reduce: str = "l2",
 
   Examples:
     >>> import jax, jax.numpy as jnp, jaxprune as jp
-    >>> params = {"hidden": {"kernel": jnp.array([[2.0, 0.0, 1.0], [1.0, 2.0, 0.0]]),
-    ...                      "bias": jnp.zeros(3)},
-    ...           "out": {"kernel": jnp.array([[1.0], [2.0], [0.0]])}}
-    >>> axes = [("['hidden']['kernel']", 1), ("['hidden']['bias']", 0), ("['out']['kernel']", 0)]
-    >>> group = jp.structured.make_group(params, axes)
-    >>> scores = jp.structured.group_scores([group], jp.magnitude(params))   # L2 per unit
-    >>> [round(float(s), 3) for s in scores[0]]   # the bias is not prunable, so not counted
-    [2.449, 2.828, 1.0]
+    >>> params = {"w1": jnp.array([[3.0, 0.0, 2.0], [4.0, 2.0, 1.0]]), "b1": jnp.ones(3),
+    ...           "w2": jnp.array([[0.0], [0.0], [2.0]])}
+    >>> group = jp.structured.make_group(params, [("['w1']", 1), ("['b1']", 0), ("['w2']", 0)])
+    >>> (l2,) = jp.structured.group_scores([group], jp.magnitude(params))
+    >>> (l1,) = jp.structured.group_scores([group], jp.magnitude(params), reduce="l1")
+    >>> l2.tolist(), l1.tolist()   # the bias is not prunable, so not counted
+    ([5.0, 2.0, 3.0], [7.0, 2.0, 5.0])
     >>> two = jax.tree.map(lambda x: jnp.stack([x, 2 * x]), params)   # two stacked layers
-    >>> per_layer = jp.structured.make_group(two, [(p, a + 1) for p, a in axes])
+    >>> per_layer = jp.structured.make_group(two, [(m.path, m.axis + 1) for m in group.members])
     >>> (s,) = jp.structured.group_scores([per_layer], jp.magnitude(two), stacked=1)
-    >>> s.shape, [round(float(v), 3) for v in s[1]]   # layer 1 holds twice layer 0's weights
-    ((2, 3), [4.899, 5.657, 2.0])
+    >>> s.tolist()   # one row per layer; layer 1 holds twice layer 0's weights
+    [[5.0, 2.0, 3.0], [10.0, 4.0, 6.0]]
 
   Args:
     groups: from `find_groups` or `make_group`.
@@ -285,22 +284,22 @@ def apply_group_masks(variables: PyTree, groups: Sequence[Group], keep: Sequence
 
   Examples:
     >>> import jax, jax.numpy as jnp, jaxprune as jp
-    >>> params = {"hidden": {"kernel": jnp.array([[2.0, 0.0, 1.0], [1.0, 2.0, 0.0]]),
-    ...                      "bias": jnp.zeros(3)},
-    ...           "out": {"kernel": jnp.array([[1.0], [2.0], [0.0]])}}
-    >>> axes = [("['hidden']['kernel']", 1), ("['hidden']['bias']", 0), ("['out']['kernel']", 0)]
-    >>> group = jp.structured.make_group(params, axes)
+    >>> params = {"up": jnp.array([[1.0, -2.0, 0.5]]), "down": jnp.array([[1.0], [3.0], [4.0]])}
+    >>> mlp = lambda p, x: jnp.tanh(x @ p["up"]) @ p["down"]
+    >>> groups = jp.structured.find_groups(mlp, params, jnp.ones((1, 1)))
     >>> keep = [jnp.array([True, False, True])]
-    >>> masked = jp.structured.apply_group_masks(params, [group], keep)
-    >>> masked["hidden"]["kernel"].tolist(), masked["out"]["kernel"].tolist()
-    ([[2.0, 0.0, 1.0], [1.0, 0.0, 0.0]], [[1.0], [0.0], [0.0]])
-    >>> two = jax.tree.map(lambda x: jnp.stack([x, x]), params)   # two stacked layers
-    >>> per_layer = jp.structured.make_group(two, [(p, a + 1) for p, a in axes])
-    >>> keep = [jnp.array([[True, False, True], [False, True, True]])]
-    >>> jp.structured.apply_group_masks(two, [per_layer], keep, stacked=1)["out"]["kernel"][1]
-    Array([[0.],
-           [2.],
-           [0.]], dtype=float32)
+    >>> masked = jp.structured.apply_group_masks(params, groups, keep)
+    >>> masked["up"].tolist(), masked["down"].tolist()
+    ([[1.0, 0.0, 0.5]], [[1.0], [0.0], [4.0]])
+    >>> small = jp.structured.shrink(params, groups, keep)
+    >>> x = jnp.array([[0.5], [-1.0]])
+    >>> bool(jnp.array_equal(mlp(masked, x), mlp(small, x)))   # the same function
+    True
+    >>> two = jax.tree.map(lambda x: jnp.stack([x, 2 * x]), params)   # two stacked layers
+    >>> per_layer = jp.structured.make_group(two, [("['up']", 2), ("['down']", 1)])
+    >>> keep = [jnp.array([[True, False, True], [False, True, True]])]   # one mask per layer
+    >>> jp.structured.apply_group_masks(two, [per_layer], keep, stacked=1)["down"].tolist()
+    [[[1.0], [0.0], [4.0]], [[0.0], [6.0], [8.0]]]
 
   Args:
     variables: the pytree the groups were found on.

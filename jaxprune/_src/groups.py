@@ -46,15 +46,15 @@ class Member:
   """One axis of one leaf that belongs to a group.
 
   Examples:
-    >>> import jax, jax.numpy as jnp, jaxprune as jp
-    >>> params = {"hidden": {"kernel": jnp.array([[2.0, 0.0, 1.0], [1.0, 2.0, 0.0]]),
-    ...                      "bias": jnp.zeros(3)},
-    ...           "out": {"kernel": jnp.array([[1.0], [2.0], [0.0]])}}
-    >>> axes = [("['hidden']['kernel']", 1), ("['hidden']['bias']", 0), ("['out']['kernel']", 0)]
-    >>> group = jp.structured.make_group(params, axes)
-    >>> member = group.members[2]
-    >>> member.path, member.axis, member.units.tolist()
-    ("['out']['kernel']", 0, [0, 1, 2])
+    Two channels at two positions, flattened into the input of a Dense kernel: each channel
+    owns every other row of that kernel.
+
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> params = {"a": jnp.ones((3, 2)), "b": jnp.ones((4, 1))}
+    >>> apply_fn = lambda p, x: (x @ p["a"]).reshape(1, 4) @ p["b"]   # x: (1, positions, 3)
+    >>> (group,) = jp.structured.find_groups(apply_fn, params, jnp.ones((1, 2, 3)))
+    >>> [(m.path, m.axis, m.units.tolist()) for m in group.members]
+    [("['a']", 1, [0, 1]), ("['b']", 0, [0, 1, 0, 1])]
 
   Attributes:
     path: ``jax.tree_util.keystr`` of the leaf in the traced variables.
@@ -78,14 +78,12 @@ class Group:
   """A set of leaf axes whose units (neurons, channels, heads) are pruned together.
 
   Examples:
-    >>> import jax, jax.numpy as jnp, jaxprune as jp
-    >>> params = {"hidden": {"kernel": jnp.array([[2.0, 0.0, 1.0], [1.0, 2.0, 0.0]]),
-    ...                      "bias": jnp.zeros(3)},
-    ...           "out": {"kernel": jnp.array([[1.0], [2.0], [0.0]])}}
-    >>> axes = [("['hidden']['kernel']", 1), ("['hidden']['bias']", 0), ("['out']['kernel']", 0)]
-    >>> group = jp.structured.make_group(params, axes)
-    >>> group.size, len(group.members)
-    (3, 3)
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> params = {"hidden": jnp.ones((2, 4)), "out": jnp.ones((4, 2))}
+    >>> mlp = lambda p, x: jnp.tanh(x @ p["hidden"]) @ p["out"]   # four hidden units
+    >>> (group,) = jp.structured.find_groups(mlp, params, jnp.ones((1, 2)))
+    >>> group.size, group.name, [(m.path, m.axis) for m in group.members]
+    (4, "['hidden'][axis 1]", [("['hidden']", 1), ("['out']", 0)])
 
   Attributes:
     size: number of units (e.g. neurons of the layer).

@@ -58,13 +58,14 @@ def find_masks(state: Any, params: PyTree) -> PyTree:
   """Finds the mask pytree held in an optimizer state (see `find_mask_state`).
 
   Examples:
+    Wherever wrappers put the pruning state (here gradient accumulation around a chain):
+
     >>> import jax.numpy as jnp, optax, jaxprune as jp
-    >>> params = {"w": jnp.array([[1.0, -4.0, 2.0], [-3.0, 0.5, 6.0]]), "b": jnp.zeros(3)}
-    >>> masks = {"w": jnp.array([[False, True, False], [True, False, True]]),
-    ...          "b": jnp.ones(3, bool)}
-    >>> state = optax.chain(optax.adam(1e-3), jp.prune(0.5, masks=masks)).init(params)
-    >>> jp.find_masks(state, params)["w"].tolist()
-    [[False, True, False], [True, False, True]]
+    >>> params = {"w": jnp.array([[1.0, -4.0], [-3.0, 0.5]])}
+    >>> pruner = jp.prune(0.5, masks={"w": jnp.abs(params["w"]) > 2})
+    >>> tx = optax.MultiSteps(optax.chain(optax.sgd(0.1), pruner), every_k_schedule=4)
+    >>> jp.find_masks(tx.init(params), params)["w"].tolist()
+    [[False, True], [True, False]]
 
     In a Flax NNX optimizer (masks all True until the first update):
 

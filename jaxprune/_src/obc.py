@@ -44,16 +44,16 @@ class ObcPath(NamedTuple):
   """The greedy removal path of every output column.
 
   Examples:
+    A 2:4 path over uncorrelated inputs (H = I): two removals per column, smallest ``|w|``
+    first, then the two kept inputs at infinite loss.
+
     >>> import numpy as np, jaxprune as jp
-    >>> x = np.array([[1, 1, 0, 2], [2, 2, 1, 0], [0, 0, 1, 1], [1, 1, 2, 1]],
-    ...              np.float32)   # calibration inputs: features 0 and 1 are twins
-    >>> h = x.T @ x   # what calibrate collects
-    >>> w = np.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]], np.float32)
-    >>> path = jp.layerwise.obc_path(w, h)
-    >>> path.order.tolist()   # column 0 removes input 1 first, column 1 input 0
-    [[1, 0], [3, 2], [0, 1], [2, 3]]
-    >>> path.losses.shape
-    (4, 2)
+    >>> w = np.array([[0.5], [-2.0], [1.0], [3.0]], np.float32)
+    >>> path = jp.layerwise.obc_path(w, np.eye(4, dtype=np.float32), pattern="2:4")
+    >>> path.order[:, 0].tolist()
+    [0, 2, 1, 3]
+    >>> np.asarray(path.losses[:, 0], float).round(2).tolist()   # w² · (1 + damp)
+    [0.25, 1.01, inf, inf]
 
   Attributes:
     order: int32 ``(d_in, d_out)``: ``order[t, j]`` is the input removed at step ``t`` of column
@@ -88,11 +88,9 @@ def _phases(size: int, plan: _Plan) -> list[tuple[int, int]]:
 
 
 class _Column(NamedTuple):
-  """State of one column's path. The inverse is ``g - u · diag(s) · uᵀ``: the downdates of the
-  current block are kept as ``u`` and ``s`` and folded into ``g`` once per block."""
-  g: Array
-  u: Array
-  s: Array
+  """State of one column's path: the inverse with the block's pending rank-one downdates, its
+  current diagonal, and with N:M the removals ``left`` in each group."""
+  inv: obc_tiles.LazyInverse
   diag: Array
   w: Array
   removed: Array
@@ -110,19 +108,22 @@ def _step(t: Array, i: Array, c: _Column, end: int, slots: Array, slot_dead: Arr
   blocked = c.removed | (c.left[slots // group] == 0) if group else c.removed
   score = jnp.where(blocked, jnp.inf, score)
   p = size - 1 - jnp.argmin(score[::-1])  # among equal scores the later input goes first
-  col = c.g[p] - c.u @ (c.s * c.u[p])  # column p of the current inverse (it is symmetric)
+  g, u, s = c.inv
+  col = g[p] - u @ (s * u[p])  # column p of the current inverse (it is symmetric)
   gpp, wp = jnp.maximum(col[p], jnp.finfo(col.dtype).tiny), c.w[p]  # > 0 up to rounding
   loss = jnp.where(slot_dead[p], 0.0, wp * wp / gpp)
   left = c.left.at[slots[p] // group].add(-1) if group else c.left
-  new = _Column(c.g, c.u.at[:, i].set(col), c.s.at[i].set(1.0 / gpp), c.diag - col * col / gpp,
-                (c.w - col * (wp / gpp)).at[p].set(0.0), c.removed.at[p].set(True), left,
-                c.order.at[t].set(slots[p]), c.losses.at[t].set(jnp.maximum(loss, 0.0)))
+  lazy = obc_tiles.LazyInverse(g, u.at[:, i].set(col), s.at[i].set(1.0 / gpp))
+  new = _Column(lazy, c.diag - col * col / gpp, (c.w - col * (wp / gpp)).at[p].set(0.0),
+                c.removed.at[p].set(True), left, c.order.at[t].set(slots[p]),
+                c.losses.at[t].set(jnp.maximum(loss, 0.0)))
   return jax.tree.map(lambda x, y: jnp.where(t < end, x, y), new, c)
 
 
 def _fold(c: _Column) -> _Column:
-  g = c.g - (c.u * c.s) @ c.u.T
-  return c._replace(g=g, u=jnp.zeros_like(c.u), s=jnp.zeros_like(c.s))
+  g, u, s = c.inv
+  return c._replace(inv=obc_tiles.LazyInverse(g - (u * s) @ u.T, jnp.zeros_like(u),
+                                              jnp.zeros_like(s)))
 
 
 def _run(c: _Column, start: int, count: int, slots: Array, slot_dead: Array,
@@ -140,8 +141,9 @@ def _column_path(g: Array, w: Array, dead: Array, plan: _Plan) -> tuple[Array, A
   """One column's greedy OBS path from ``g``, the inverse of the dampened H."""
   d, steps, group = w.shape[0], plan.steps, plan.group
   slots = jnp.arange(d)  # original input of each active slot, increasing
-  c = _Column(g, jnp.zeros((d, plan.block), g.dtype), jnp.zeros(plan.block, g.dtype),
-              jnp.diagonal(g), w, jnp.zeros(d, bool),
+  inv = obc_tiles.LazyInverse(g, jnp.zeros((d, plan.block), g.dtype),
+                              jnp.zeros(plan.block, g.dtype))
+  c = _Column(inv, jnp.diagonal(g), w, jnp.zeros(d, bool),
               jnp.full(d // group if group else 1, plan.quota, jnp.int32),
               jnp.zeros(d, jnp.int32), jnp.full(d, jnp.inf, jnp.float32))
   done = 0
@@ -150,8 +152,9 @@ def _column_path(g: Array, w: Array, dead: Array, plan: _Plan) -> tuple[Array, A
     done += n
     if done < steps:
       keep = jnp.argsort(c.removed, stable=True)[:size - n]
-      c = c._replace(g=jnp.take(jnp.take(c.g, keep, axis=0), keep, axis=1), u=c.u[keep],
-                     diag=c.diag[keep], w=c.w[keep], removed=c.removed[keep])
+      inv = c.inv._replace(g=jnp.take(jnp.take(c.inv.g, keep, axis=0), keep, axis=1),
+                           u=c.inv.u[keep])
+      c = c._replace(inv=inv, diag=c.diag[keep], w=c.w[keep], removed=c.removed[keep])
       slots = slots[keep]
   order = c.order
   if steps < d:  # an N:M path lists the inputs it keeps last
@@ -175,15 +178,14 @@ def obc_path(w: Array, h: Array, *, pattern: obs.Pattern = None, damp: float = 0
 
   Examples:
     >>> import numpy as np, jaxprune as jp
-    >>> x = np.array([[1, 1, 0, 2], [2, 2, 1, 0], [0, 0, 1, 1], [1, 1, 2, 1]],
-    ...              np.float32)   # calibration inputs: features 0 and 1 are twins
-    >>> h = x.T @ x   # what calibrate collects
+    >>> a, b, c = np.array([[1, 2, 0, 1], [0, 1, 1, 2], [2, 0, 1, 1]], np.float32)
+    >>> x = np.stack([a, a, b, c], axis=1)   # calibration inputs 0 and 1 are twins
     >>> w = np.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]], np.float32)
-    >>> path = jp.layerwise.obc_path(w, h)   # one run serves every sparsity
+    >>> path = jp.layerwise.obc_path(w, x.T @ x)   # one run serves every sparsity
     >>> path.order[0].tolist()   # the first removal of each column is one of the twins (free)
     [1, 0]
-    >>> jp.layerwise.obc_mask(path, 0.5).astype(int).tolist()
-    [[1, 0], [0, 1], [1, 0], [0, 1]]
+    >>> [int(jp.layerwise.obc_mask(path, s).sum()) for s in (0.25, 0.5, 0.75)]   # kept
+    [6, 4, 2]
 
   Args:
     w: ``(d_in, d_out)`` kernel.
@@ -277,14 +279,17 @@ def obc_mask(path: ObcPath, sparsity: Union[float, Array, None], *,
   ``round(sparsity · tiles)`` of them. With an N:M path the whole path is removed.
 
   Examples:
+    With uncorrelated inputs (H = I) an OBS step moves no other weight, and the mask is that of
+    magnitude pruning over the whole layer:
+
     >>> import numpy as np, jaxprune as jp
-    >>> x = np.array([[1, 1, 0, 2], [2, 2, 1, 0], [0, 0, 1, 1], [1, 1, 2, 1]],
-    ...              np.float32)   # calibration inputs: features 0 and 1 are twins
-    >>> h = x.T @ x   # what calibrate collects
-    >>> w = np.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]], np.float32)
-    >>> path = jp.layerwise.obc_path(w, h)
-    >>> jp.layerwise.obc_mask(path, 0.25).astype(int).tolist()
-    [[1, 0], [0, 1], [1, 1], [1, 1]]
+    >>> w = np.array([[1.0, -0.5], [0.75, 1.5], [-2.0, 0.25], [0.125, 3.0]], np.float32)
+    >>> path = jp.layerwise.obc_path(w, np.eye(4, dtype=np.float32))
+    >>> mask = jp.layerwise.obc_mask(path, 0.375)   # 3 of 8: one of column 0, two of column 1
+    >>> mask.astype(int).tolist()
+    [[1, 0], [1, 1], [1, 0], [0, 1]]
+    >>> bool(np.array_equal(mask, jp.unstructured_mask(jp.magnitude(w), 0.375)))
+    True
 
   Args:
     path: an `ObcPath` from `obc_path`.
@@ -318,14 +323,16 @@ def obc_losses(path: ObcPath, sparsities: Sequence[float]) -> Array:
   it.
 
   Examples:
+    Removing every weight costs ``trace(Wᵀ(H + λI)W)``, the dampened loss of the whole layer:
+
     >>> import numpy as np, jaxprune as jp
-    >>> x = np.array([[1, 1, 0, 2], [2, 2, 1, 0], [0, 0, 1, 1], [1, 1, 2, 1]],
-    ...              np.float32)   # calibration inputs: features 0 and 1 are twins
-    >>> h = x.T @ x   # what calibrate collects
-    >>> w = np.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]], np.float32)
-    >>> path = jp.layerwise.obc_path(w, h)
-    >>> np.asarray(jp.layerwise.obc_losses(path, [0.25, 0.5, 0.75]), float).round(2).tolist()
-    [0.06, 0.52, 10.8]
+    >>> h = np.array([[2.0, 1.0], [1.0, 2.0]], np.float32)   # two correlated inputs
+    >>> w = np.array([[1.0, 0.5, -1.0], [1.0, -0.5, 2.0]], np.float32)
+    >>> curve = jp.layerwise.obc_losses(jp.layerwise.obc_path(w, h), [0, 1 / 3, 2 / 3, 1])
+    >>> np.asarray(curve, float).round(2).tolist()
+    [0.0, 0.51, 3.56, 12.65]
+    >>> round(float(np.trace(w.T @ (h + 0.02 * np.eye(2)) @ w)), 2)   # λ = 0.01 · mean(diag H)
+    12.65
 
   Args:
     path: an unstructured or tile `ObcPath`.
@@ -355,10 +362,10 @@ def obc(w: Array, h: Array, sparsity: Union[float, Array, None], *, pattern: obs
   to prune one layer at several sparsities compute the path once and call those directly.
 
   Examples:
+    A Gram matrix whose inputs 0 and 1 are always equal (``H_00 = H_01 = H_11``):
+
     >>> import numpy as np, jaxprune as jp
-    >>> x = np.array([[1, 1, 0, 2], [2, 2, 1, 0], [0, 0, 1, 1], [1, 1, 2, 1]],
-    ...              np.float32)   # calibration inputs: features 0 and 1 are twins
-    >>> h = x.T @ x   # what calibrate collects
+    >>> h = np.array([[6, 6, 4, 3], [6, 6, 4, 3], [4, 4, 6, 3], [3, 3, 3, 6]], np.float32)
     >>> w = np.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]], np.float32)
     >>> w_new, mask = jp.layerwise.obc(w, h, 0.25)
     >>> mask.astype(int).tolist()   # one twin goes in each column ...

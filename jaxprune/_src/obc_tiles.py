@@ -18,14 +18,25 @@ from jax import lax
 Array = jax.Array
 
 
-class Tiles(NamedTuple):
-  """State of one group of ``bo`` columns removing tiles of ``bi`` inputs. The inverse is
-  ``g - Σ_i u_i s_i u_iᵀ`` over the downdates of the current block (``u_i`` a ``(d, bi)`` slice
-  of ``u``, ``s_i`` a ``(bi, bi)`` slice of ``s``), folded into ``g`` once per block; ``diag``
-  holds its ``(bi, bi)`` diagonal blocks, kept current at every step."""
+class LazyInverse(NamedTuple):
+  """The inverse Hessian of a greedy OBS path with the downdates of the current block pending.
+
+  The inverse is ``g - Σ_i u_i s_i u_iᵀ`` over the removals ``i`` of the block: ``u_i`` the
+  ``i``-th slice of columns of ``u`` (one column per removed input, ``bi`` for a tile) and
+  ``s_i = s[i]`` the inverse of the removed pivot (a scalar, or a ``(bi, bi)`` block). Folding
+  them into ``g`` once per block turns the rank-one (rank-``bi``) downdates of OBS (Hassibi &
+  Stork 1993) into one matrix product (Frantar & Alistarh 2022, "Optimal Brain Compression").
+  """
   g: Array
   u: Array
   s: Array
+
+
+class Tiles(NamedTuple):
+  """State of one group of ``bo`` columns removing tiles of ``bi`` inputs: the inverse with the
+  block's pending downdates, and ``diag``, its ``(bi, bi)`` diagonal blocks, kept current at
+  every step."""
+  inv: LazyInverse
   diag: Array
   w: Array
   removed: Array
@@ -46,7 +57,8 @@ def tile_step(t: Array, i: Array, c: Tiles, end: int, live: Array) -> Tiles:
   ``end`` on (the tail of the last block) change nothing."""
   tiles, rows, _ = c.diag.shape
   d, cols = c.w.shape
-  eye = jnp.eye(rows, dtype=c.g.dtype)
+  g, u, s = c.inv
+  eye = jnp.eye(rows, dtype=g.dtype)
   active = t < end
   wt = (c.w * live).reshape(tiles, rows, cols)
   blocks = jnp.where(c.removed[:, None, None], eye, c.diag)
@@ -54,17 +66,18 @@ def tile_step(t: Array, i: Array, c: Tiles, end: int, live: Array) -> Tiles:
   score = jnp.where(c.removed, jnp.inf, score)
   p = tiles - 1 - jnp.argmin(score[::-1])  # among equal scores the later tile goes first
   q = p * rows
-  u3 = c.u.reshape(d, -1, rows)
-  pending = jnp.einsum("ibc,qic->ibq", c.s, lax.dynamic_slice_in_dim(u3, q, rows))
-  col = lax.dynamic_slice_in_dim(c.g, q, rows, axis=1) - jnp.einsum("dib,ibq->dq", u3, pending)
+  u3 = u.reshape(d, -1, rows)
+  pending = jnp.einsum("ibc,qic->ibq", s, lax.dynamic_slice_in_dim(u3, q, rows))
+  col = lax.dynamic_slice_in_dim(g, q, rows, axis=1) - jnp.einsum("dib,ibq->dq", u3, pending)
   gone = jnp.repeat(c.removed, rows)[:, None]
   col = jnp.where(active & ~gone, col, 0.0)  # G_:Q of the current inverse
   inv = spd_solve(jnp.where(active, lax.dynamic_slice_in_dim(col, q, rows), eye), eye)
   w = c.w - col @ (inv @ lax.dynamic_slice_in_dim(c.w, q, rows))
   on = (jnp.arange(d) // rows == p)[:, None] & active
   col3 = col.reshape(tiles, rows, rows)
-  return Tiles(c.g, lax.dynamic_update_slice_in_dim(c.u, col, i * rows, axis=1),
-                c.s.at[i].set(inv), c.diag - jnp.einsum("kab,bc,kdc->kad", col3, inv, col3),
+  lazy = LazyInverse(g, lax.dynamic_update_slice_in_dim(u, col, i * rows, axis=1),
+                     s.at[i].set(inv))
+  return Tiles(lazy, c.diag - jnp.einsum("kab,bc,kdc->kad", col3, inv, col3),
                 jnp.where(on, 0.0, w), c.removed.at[p].set(c.removed[p] | active),
                 jnp.where(active, c.order.at[t].set(p), c.order),
                 jnp.where(active, c.losses.at[t].set(jnp.maximum(score[p], 0.0)), c.losses))
@@ -84,18 +97,19 @@ def tile_path(g: Array, w: Array, dead: Array, rows: int, block: int) -> tuple[A
   tiles = d // rows
   live = jnp.where(dead, 0.0, 1.0)[:, None]
   diag = jnp.moveaxis(jnp.diagonal(g.reshape(tiles, rows, tiles, rows), axis1=0, axis2=2), -1, 0)
-  c = Tiles(g, jnp.zeros((d, block * rows), g.dtype), jnp.zeros((block, rows, rows), g.dtype),
-             diag, w, jnp.zeros(tiles, bool), jnp.zeros(tiles, jnp.int32),
-             jnp.full(tiles, jnp.inf, jnp.float32))
+  inv = LazyInverse(g, jnp.zeros((d, block * rows), g.dtype),
+                    jnp.zeros((block, rows, rows), g.dtype))
+  c = Tiles(inv, diag, w, jnp.zeros(tiles, bool), jnp.zeros(tiles, jnp.int32),
+            jnp.full(tiles, jnp.inf, jnp.float32))
 
   def run_block(b, c):
     c = lax.fori_loop(0, block, lambda i, c: tile_step(b * block + i, i, c, tiles, live), c)
-    u3 = c.u.reshape(d, block, rows)
-    g = c.g - jnp.einsum("dib,ibc->dic", u3, c.s).reshape(d, -1) @ c.u.T
-    return c._replace(g=g, u=jnp.zeros_like(c.u), s=jnp.zeros_like(c.s))
+    g, u, s = c.inv
+    g = g - jnp.einsum("dib,ibc->dic", u.reshape(d, block, rows), s).reshape(d, -1) @ u.T
+    return c._replace(inv=LazyInverse(g, jnp.zeros_like(u), jnp.zeros_like(s)))
 
   c = lax.fori_loop(0, -(-tiles // block), run_block, c)
   return c.order, c.losses
 
 
-__all__ = ["Tiles", "spd_solve", "tile_path", "tile_step"]
+__all__ = ["LazyInverse", "Tiles", "spd_solve", "tile_path", "tile_step"]

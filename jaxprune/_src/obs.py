@@ -268,14 +268,12 @@ def layer_loss(w_old: Array, w_new: Array, h: Array) -> Array:
 
   Examples:
     >>> import numpy as np, jaxprune as jp
-    >>> x = np.array([[1, 1, 0, 2], [2, 2, 1, 0], [0, 0, 1, 1], [1, 1, 2, 1]],
-    ...              np.float32)   # calibration inputs: features 0 and 1 are twins
-    >>> h = x.T @ x   # what calibrate collects
-    >>> w = np.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]], np.float32)
-    >>> w_new = w.copy()
-    >>> w_new[3, 0] = 0.0   # Δ = 0.25 on input 3, with H_33 = 6
-    >>> float(jp.layerwise.layer_loss(w, w_new, h))   # 0.25² · 6
-    0.375
+    >>> x = np.array([[1.0, 2.0], [0.0, 1.0], [3.0, -1.0]], np.float32)   # 3 samples, 2 inputs
+    >>> w, w_new = np.array([[0.5], [-1.0]], np.float32), np.array([[0.5], [0.0]], np.float32)
+    >>> float(jp.layerwise.layer_loss(w, w_new, x.T @ x))
+    6.0
+    >>> float(np.sum((x @ w_new - x @ w) ** 2))   # the outputs move by x[:, 1]
+    6.0
 
   Args:
     w_old: ``(d_in, d_out)`` kernel.
@@ -303,14 +301,12 @@ def wanda(w: Array, h: Array) -> Array:
   for their least-squares weights, with `refit`.
 
   Examples:
+    Only the diagonal of ``H`` matters, the squared norms of the inputs:
+
     >>> import numpy as np, jaxprune as jp
-    >>> x = np.array([[1, 1, 0, 2], [2, 2, 1, 0], [0, 0, 1, 1], [1, 1, 2, 1]],
-    ...              np.float32)   # calibration inputs: features 0 and 1 are twins
-    >>> h = x.T @ x   # what calibrate collects
-    >>> w = np.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]], np.float32)
-    >>> scores = jp.layerwise.wanda(w, h)   # |w| · sqrt(diag H), diag H = (6, 6, 6, 6)
-    >>> np.asarray(scores, float).round(2).tolist()
-    [[2.45, 1.22], [1.22, 2.45], [4.9, 0.61], [0.61, 4.9]]
+    >>> w = np.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25]], np.float32)
+    >>> jp.layerwise.wanda(w, np.array([4.0, 1.0, 0.25], np.float32)).tolist()   # norms 2, 1, 0.5
+    [[2.0, 1.0], [0.5, 1.0], [1.0, 0.125]]
 
   Args:
     w: ``(d_in, d_out)`` kernel.
@@ -347,8 +343,7 @@ def dense_target(w: Array, h_pp: Array, h_pd: Array, *, damp: float = 0.01) -> A
   Examples:
     >>> import numpy as np, jaxprune as jp
     >>> x = np.array([[1, 1, 0, 2], [2, 2, 1, 0], [0, 0, 1, 1], [1, 1, 2, 1]],
-    ...              np.float32)   # calibration inputs: features 0 and 1 are twins
-    >>> h = x.T @ x   # what calibrate collects
+    ...              np.float32)   # the dense model's inputs to the layer
     >>> w = np.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]], np.float32)
     >>> x_p = x * np.array([1, 1, 0, 1], np.float32)   # input 2 pruned away upstream
     >>> k = np.asarray(jp.layerwise.dense_target(w, x_p.T @ x_p, x_p.T @ x))

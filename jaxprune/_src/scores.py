@@ -35,6 +35,16 @@ def _abs32(x: Array) -> Array:
   return jnp.abs(jnp.asarray(x).astype(jnp.float32))
 
 
+def _paired(fn: Callable[[Array, Array], Array], params: PyTree, other: PyTree,
+            name: str) -> PyTree:
+  """``fn`` over the leaves of ``params`` and of ``other``, a second float pytree of the same
+  structure and shapes called ``name`` in messages."""
+  tree_lib.check_float(params, "params")
+  tree_lib.check_float(other, name)
+  tree_lib.check_same_structure(params, other, "params", name)
+  return jax.tree.map(fn, params, other)
+
+
 def magnitude(params: PyTree) -> PyTree:
   """Weight magnitude ``|w|`` (Han et al. 2015, "Learning both Weights and Connections").
 
@@ -80,11 +90,13 @@ def taylor(params: PyTree, grads: PyTree) -> PyTree:
   Inference" (the per-weight form, as in Molchanov et al. 2019).
 
   Examples:
-    >>> import jax.numpy as jnp, jaxprune as jp
-    >>> params = {"w": jnp.array([[1.0, -2.0, 4.0]])}
-    >>> grads = {"w": jnp.array([[0.5, 0.25, 0.0]])}
-    >>> jp.taylor(params, grads)["w"].tolist()
-    [[0.5, 0.5, 0.0]]
+    For a linear loss the estimate is exact: zeroing ``w_i`` changes the loss by ``w_i·g_i``.
+
+    >>> import jax, jax.numpy as jnp, jaxprune as jp
+    >>> params = {"w": jnp.array([1.0, -2.0, 4.0])}
+    >>> loss_fn = lambda p: jnp.dot(jnp.array([0.5, 0.25, 0.0]), p["w"])
+    >>> jp.taylor(params, jax.grad(loss_fn)(params))["w"].tolist()
+    [0.5, 0.5, 0.0]
 
   Args:
     params: pytree of float arrays.
@@ -93,10 +105,7 @@ def taylor(params: PyTree, grads: PyTree) -> PyTree:
   Returns:
     float32 pytree of ``|w·g|``.
   """
-  tree_lib.check_float(params, "params")
-  tree_lib.check_float(grads, "grads")
-  tree_lib.check_same_structure(params, grads, "params", "grads")
-  return jax.tree.map(lambda w, g: _abs32(jnp.asarray(w, jnp.float32) * g), params, grads)
+  return _paired(lambda w, g: _abs32(jnp.asarray(w, jnp.float32) * g), params, grads, "grads")
 
 
 def random_scores(params: PyTree, key: Array) -> PyTree:
@@ -240,12 +249,9 @@ def obd(params: PyTree, hess_diag: PyTree) -> PyTree:
   Returns:
     float32 pytree of saliencies.
   """
-  tree_lib.check_float(params, "params")
-  tree_lib.check_float(hess_diag, "hess_diag")
-  tree_lib.check_same_structure(params, hess_diag, "params", "hess_diag")
-  return jax.tree.map(
+  return _paired(
       lambda w, h: 0.5 * jnp.asarray(h, jnp.float32) * jnp.square(jnp.asarray(w, jnp.float32)),
-      params, hess_diag)
+      params, hess_diag, "hess_diag")
 
 
 def curvature(hess_diag: PyTree) -> PyTree:

@@ -158,15 +158,17 @@ def sparsegpt(w: Array, h: Array, sparsity: Union[float, Array, None], *,
 
   Examples:
     >>> import numpy as np, jaxprune as jp
-    >>> x = np.array([[1, 1, 0, 2], [2, 2, 1, 0], [0, 0, 1, 1], [1, 1, 2, 1]],
-    ...              np.float32)   # calibration inputs: features 0 and 1 are twins
-    >>> h = x.T @ x   # what calibrate collects
+    >>> f = np.array([[1, 0, 2], [2, 1, 0], [0, 1, 1], [1, 2, 1]], np.float32)   # 3 features
+    >>> x = np.concatenate([f[:, :1], f], axis=1)   # calibration inputs 0 and 1 are twins
     >>> w = np.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]], np.float32)
-    >>> w_new, mask = jp.layerwise.sparsegpt(w, h, 0.25)
-    >>> mask.astype(int).tolist()   # input 0 goes; its twin takes its weights
+    >>> w_new, mask = jp.layerwise.sparsegpt(w, x.T @ x, 0.25)
+    >>> mask.astype(int).tolist()   # input 0 goes; its twin, later in the pass, takes its weights
     [[0, 0], [1, 1], [1, 1], [1, 1]]
     >>> np.asarray(w_new, float)[:2].round(2).tolist()
     [[0.0, 0.0], [1.48, 0.51]]
+    >>> _, nm = jp.layerwise.sparsegpt(w, x.T @ x, None, pattern="2:4")
+    >>> nm.astype(int).T.tolist()   # two of the four inputs of each column
+    [[0, 1, 1, 0], [0, 1, 0, 1]]
 
   Args:
     w: ``(d_in, d_out)`` kernel.
@@ -226,13 +228,16 @@ def sparsegpt_losses(w: Array, h: Array, sparsities: Sequence[float], *,
 
   Examples:
     >>> import numpy as np, jaxprune as jp
-    >>> x = np.array([[1, 1, 0, 2], [2, 2, 1, 0], [0, 0, 1, 1], [1, 1, 2, 1]],
-    ...              np.float32)   # calibration inputs: features 0 and 1 are twins
-    >>> h = x.T @ x   # what calibrate collects
-    >>> w = np.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]], np.float32)
-    >>> losses = jp.layerwise.sparsegpt_losses(w, h, [0.25, 0.5, 0.75])
-    >>> np.asarray(losses, float).round(2).tolist()
-    [0.0, 0.66, 11.1]
+    >>> x = np.array([[1, 0, 1], [0, 1, 1], [1, 1, 0], [2, 1, 1]], np.float32)   # 3 inputs
+    >>> h, w = x.T @ x, np.array([[1.0, -1.0], [0.5, 2.0], [-0.25, 1.0]], np.float32)
+    >>> losses = jp.layerwise.sparsegpt_losses(w, h, [0.5, 1.0])
+    >>> w_half, _ = jp.layerwise.sparsegpt(w, h, 0.5)   # what a separate run gives
+    >>> bool(np.isclose(losses[0], jp.layerwise.layer_loss(w, w_half, h)))
+    True
+    >>> np.asarray(losses, float).round(1).tolist()
+    [2.8, 18.9]
+    >>> bool(np.isclose(losses[1], np.trace(w.T @ h @ w)))   # removing every weight: w_new = 0
+    True
 
   Args:
     w: ``(d_in, d_out)`` kernel.

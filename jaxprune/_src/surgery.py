@@ -70,20 +70,21 @@ def shrink(variables: PyTree, groups: Sequence[Group], keep: Sequence[Any], *,
   """Removes the pruned units of every group from every coupled leaf.
 
   Examples:
+    A convolution's channels and their BatchNorm statistics, in a Linen variables dict:
+
     >>> import jax, jax.numpy as jnp, jaxprune as jp
-    >>> params = {"hidden": {"kernel": jnp.array([[2.0, 0.0, 1.0], [1.0, 2.0, 0.0]]),
-    ...                      "bias": jnp.zeros(3)},
-    ...           "out": {"kernel": jnp.array([[1.0], [2.0], [0.0]])}}
-    >>> axes = [("['hidden']['kernel']", 1), ("['hidden']['bias']", 0), ("['out']['kernel']", 0)]
-    >>> group = jp.structured.make_group(params, axes)
-    >>> small = jp.structured.shrink(params, [group], [jnp.array([True, False, True])])
-    >>> small["hidden"]["kernel"].tolist(), small["out"]["kernel"].tolist()
-    ([[2.0, 1.0], [1.0, 0.0]], [[1.0], [0.0]])
-    >>> two = jax.tree.map(lambda x: jnp.stack([x, x]), params)   # two stacked layers
-    >>> per_layer = jp.structured.make_group(two, [(p, a + 1) for p, a in axes])
+    >>> variables = {"params": {"kernel": jnp.arange(6.0).reshape(1, 2, 3)},
+    ...              "batch_stats": {"mean": jnp.array([0.5, 1.5, 2.5])}}
+    >>> channels = [("['params']['kernel']", -1), ("['batch_stats']['mean']", -1)]
+    >>> group = jp.structured.make_group(variables, channels)
+    >>> small = jp.structured.shrink(variables, [group], [jnp.array([True, False, True])])
+    >>> small["params"]["kernel"].tolist(), small["batch_stats"]["mean"].tolist()
+    ([[[0.0, 2.0], [3.0, 5.0]]], [0.5, 2.5])
+    >>> two = jax.tree.map(lambda x: jnp.stack([x, x + 10]), variables)   # two stacked layers
+    >>> per_layer = jp.structured.make_group(two, channels)   # negative axes: the same list
     >>> keep = [jnp.array([[True, False, True], [False, True, True]])]   # 2 units per layer
-    >>> jp.structured.shrink(two, [per_layer], keep, stacked=1)["out"]["kernel"].tolist()
-    [[[1.0], [0.0]], [[2.0], [0.0]]]
+    >>> jp.structured.shrink(two, [per_layer], keep, stacked=1)["batch_stats"]["mean"].tolist()
+    [[0.5, 2.5], [11.5, 12.5]]
 
   Args:
     variables: the pytree the groups were found on (e.g. a Linen
@@ -201,12 +202,16 @@ def shrink_nnx(model: Any, groups: Sequence[Group], keep: Sequence[Any]) -> Any:
   Examples:
     >>> import jax.numpy as jnp, jaxprune as jp
     >>> from flax import nnx
-    >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), jnp.tanh,
-    ...                        nnx.Linear(3, 1, rngs=nnx.Rngs(1)))
+    >>> rngs = nnx.Rngs(0)
+    >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=rngs), nnx.BatchNorm(3, rngs=rngs),
+    ...                        nnx.Linear(3, 1, rngs=rngs))
+    >>> model.eval()   # BatchNorm reads its running statistics
     >>> groups = jp.structured.find_groups_nnx(model, jnp.ones((1, 2)))
     >>> small = jp.structured.shrink_nnx(model, groups, [jnp.array([True, False, True])])
-    >>> small.layers[0].kernel.shape, small.layers[0].out_features, small.layers[2].in_features
-    ((2, 2), 2, 2)
+    >>> small.layers[0].out_features, small.layers[1].num_features, small.layers[1].mean.shape
+    (2, 2, (2,))
+    >>> small.layers[2].kernel.shape, small.layers[2].in_features
+    ((2, 1), 2)
 
   Args:
     model: an ``nnx.Module``.
