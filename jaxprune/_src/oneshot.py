@@ -119,8 +119,8 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
             pattern: obs_lib.Pattern = None, prunable: Prunable = None,
             allocation: Union[str, Mapping[str, float]] = "global", refit: bool = False,
             target: str = "dense", sequential: bool = True,
-            token_mask: Optional[Callable[[Any], jax.Array]] = None, damp: float = 0.01,
-            block_size: int = 128, progress: Optional[bool] = None,
+            token_mask: Optional[Callable[[Any], jax.Array]] = None, damp: float = 0.1,
+            block_size: int = 32, progress: Optional[bool] = None,
             return_layers: bool = False) -> Any:
   """Prunes a trained model at once from calibration data, updating the kept weights.
 
@@ -175,8 +175,12 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
     sequential: collect each stage's inputs from the already-pruned model (else all from the
       dense model in one pass).
     token_mask: ``batch -> mask`` of the positions to calibrate on (e.g. no padding).
-    damp: dampening, ``H + damp·mean(diag H)·I``.
-    block_size: SparseGPT's column block.
+    damp: dampening, ``H + damp·mean(diag H)·I``: a ridge towards the original weights. Larger
+      than the layer solvers' 0.01 because a few hundred calibration samples give some layers
+      hardly more tokens than inputs, and their reconstruction then fits the calibration data
+      rather than the model (``benchmarks/results/oneshot.txt``, ``pretrained.txt``).
+    block_size: SparseGPT's block of inputs, within which each mask is chosen and across which
+      updates are applied lazily; smaller blocks choose the mask from more up-to-date weights.
     progress: a progress bar over the pruning stages (default: when stderr is a terminal).
     return_layers: also return one `Layer` record per kernel.
 
