@@ -126,14 +126,16 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
 
   Examples:
     A dense layer whose inputs 0 and 1 are always equal: SparseGPT removes input 0 and moves its
-    weights onto input 1, so the outputs barely change.
+    weights onto input 1, so the outputs barely change. Four rows are all the calibration data
+    here, so the ridge towards the old weights is made lighter than the default.
 
     >>> import jax.numpy as jnp, numpy as np, optax, jaxprune as jp
     >>> x = np.array([[1, 1, 0, 2], [2, 2, 1, 0], [0, 0, 1, 1], [1, 1, 2, 1]], np.float32)
     >>> params = {"w": jnp.array([[1.0, -0.5], [0.5, 1.0], [-2.0, 0.25], [0.25, 2.0]]),
     ...           "b": jnp.zeros(2)}
     >>> apply_fn = lambda p, x: x @ p["w"] + p["b"]
-    >>> pruned, masks, layers = jp.oneshot(apply_fn, params, [x], 0.25, return_layers=True)
+    >>> pruned, masks, layers = jp.oneshot(apply_fn, params, [x], 0.25, damp=0.01,
+    ...                                    return_layers=True)
     >>> masks["w"].astype(int).tolist()
     [[0, 0], [1, 1], [1, 1], [1, 1]]
     >>> layers[0].sparsity, layers[0].loss < 1e-4   # relative reconstruction error
