@@ -166,3 +166,23 @@ def test_output_sensitivity_linear_exact_and_two_layer_trace():
   with pytest.raises(ValueError, match="apply_fn: expected at least one floating-point output"):
     gauss_newton.output_sensitivity(lambda p, x: jnp.argmax(x @ p["w1"] @ p["w2"], -1), params,
                                     [x], ["['w2']"])
+
+
+def test_output_diag_exact_for_a_linear_output_and_invariant_to_rescaling():
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(40, 5)), jnp.float32)
+  a = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
+  b = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+  # f = x @ a: the probes' squares are 1, so the estimate is Σ_n x_ni² for every output, exactly
+  linear = gauss_newton.output_diag(lambda p, x: x @ p["a"], {"a": a}, [x[:16], x[16:]], ["['a']"])
+  expected = np.broadcast_to(np.sum(np.square(np.asarray(x)), axis=0)[:, None], (5, 4))
+  np.testing.assert_allclose(np.asarray(linear["['a']"]), expected, rtol=1e-5)
+  # f = (x @ a) @ b with a scaled up by 8 and b down by 8 (powers of two: exact in float32):
+  # the same model, and w² · diag, the OBD saliency, is unchanged in both kernels
+  model = lambda p, x: (x @ p["a"]) @ p["b"]
+  paths = ["['a']", "['b']"]
+  sal = lambda p: {k: np.asarray(jnp.square(p[k[2]]) * d) for k, d in
+                   gauss_newton.output_diag(model, p, [x], paths).items()}
+  plain, scaled = sal({"a": a, "b": b}), sal({"a": 8.0 * a, "b": b / 8.0})
+  for k in paths:
+    np.testing.assert_allclose(scaled[k], plain[k], rtol=1e-5)

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import strategies as st
 
 import jaxprune as jp
+from jaxprune._src import gauss_newton
 from jaxprune._src import oneshot_allocation
 import reference
 
@@ -137,7 +138,7 @@ def test_apply_fn_traced_once(setup):
   jp.oneshot(counted, params, batches, 0.5, method="magnitude", progress=False)
   assert len(traces) == 1
   # the data-driven allocations add exactly one pass of their own
-  for allocation in ("wanda", "obs"):
+  for allocation in ("wanda", "obd", "obs"):
     traces.clear()
     jp.oneshot(counted, params, batches, 0.5, method="magnitude", allocation=allocation,
                progress=False)
@@ -306,3 +307,23 @@ def test_scan_stacked_kernel_pruned_slice_by_slice_with_its_own_h():
   scores = jp.wanda_scores(model, params, [x])["layers"]
   np.testing.assert_allclose(np.asarray(scores[1]), np.asarray(jp.layerwise.wanda(
       layers[1], cal.h[1])), rtol=1e-6)
+
+
+def test_obd_allocation_ranks_output_saliencies_and_ignores_rescaling():
+  # Each kernel's count is what one global ranking of w² · (output Gauss-Newton diagonal)
+  # gives; scaling the first kernel up and the second down by 8 leaves the model, and so this
+  # allocation, unchanged, where the magnitude ranking moves the pruning onto the small kernel.
+  x = rand(20, (64, 10))
+  params = {"a": rand(21, (10, 12), 0.3), "b": rand(22, (12, 6), 0.3)}
+  model = lambda p, x: (x @ p["a"]) @ p["b"]
+  counts = lambda m: {k: int(jnp.sum(~v)) for k, v in m.items()}
+  _, masks = jp.oneshot(model, params, [x], 0.5, allocation="obd", progress=False)
+  diag = gauss_newton.output_diag(model, params, [x], ["['a']", "['b']"])
+  sal = [np.asarray(jnp.square(params[k]) * diag[f"['{k}']"]) for k in ("a", "b")]
+  expected = oneshot_allocation.global_counts(sal, round(0.5 * 192))
+  assert [counts(masks)["a"], counts(masks)["b"]] == expected
+  scaled = {"a": 8.0 * params["a"], "b": params["b"] / 8.0}
+  _, masks_scaled = jp.oneshot(model, scaled, [x], 0.5, allocation="obd", progress=False)
+  assert counts(masks_scaled) == counts(masks)
+  _, by_magnitude = jp.oneshot(model, scaled, [x], 0.5, allocation="global", progress=False)
+  assert counts(by_magnitude)["b"] == 72  # every entry of the shrunk kernel ranks lowest

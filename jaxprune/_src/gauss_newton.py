@@ -101,13 +101,35 @@ def _step(acc: dict, params: PyTree, batch: Any, *, apply_fn: Callable[[PyTree, 
     raise ValueError(f"labels: expected integer labels of shape {logits.shape[:1]}, got "
                      f"shape {y.shape}")
   (deltas,) = jax.vmap(pullback)(_cotangents(logits, loss, y))
+  return _add_diagonals(acc, sites, deltas, xs, 1.0)
+
+
+def _add_diagonals(acc: dict, sites: list, deltas: list, xs: list, scale: float) -> dict:
+  """Adds ``scale · Σ_t x_ti² Σ_K (δ_K)_to²`` per site (in its leaf's layout) to ``acc``."""
   new = dict(acc)
   for k, s in enumerate(sites):
-    d2 = jnp.sum(jnp.square(deltas[k].astype(jnp.float32)), axis=0)
+    d2 = jnp.sum(jnp.square(deltas[k].astype(jnp.float32)), axis=0) * scale
     d2 = interpret.site_outputs(s, d2).reshape(-1, s.d_out)
     x2 = jnp.square(xs[k]).reshape(-1, s.d_in)
     new[s.path] = new[s.path] + interpret.from_matrix(calibration.gram(x2, d2), s)
   return new
+
+
+def _probed(forward: Callable, eps: list, key: jax.Array, num_probes: int) -> tuple[list, list]:
+  """Pullbacks of ``num_probes`` Rademacher probes over every floating output of ``forward``
+  to the site outputs (Hutchinson, 1990), and the sites' inputs."""
+  def floating(e: list) -> tuple[list, list]:
+    outs, xs = forward(e)
+    return [o for o in outs if jnp.issubdtype(o.dtype, jnp.floating)], xs
+
+  outs, pullback, xs = jax.vjp(floating, eps, has_aux=True)
+  if not outs:
+    raise ValueError("apply_fn: expected at least one floating-point output to measure the "
+                     "kernels' effect on, got none")
+  keys = jax.random.split(key, len(outs))
+  probes = [jax.random.rademacher(k, (num_probes, *o.shape), o.dtype) for k, o in zip(keys, outs)]
+  (grads,) = jax.vmap(pullback)(probes)
+  return grads, xs
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "kernels", "num_probes"))
@@ -116,15 +138,7 @@ def _sensitivity_step(acc: dict, params: PyTree, batch: Any, key: jax.Array, *,
                       num_probes: int) -> dict:
   """Adds one batch's probe estimate of ``Σ ‖∂f/∂y‖²`` per kernel to ``acc``."""
   sites, forward, eps = _perturbed(apply_fn, params, batch, kernels, stacked=True)
-  # the site inputs forward also returns are unused here; jit drops them
-  floating = lambda e: [o for o in forward(e)[0] if jnp.issubdtype(o.dtype, jnp.floating)]
-  outs, pullback = jax.vjp(floating, eps)
-  if not outs:
-    raise ValueError("apply_fn: expected at least one floating-point output to measure the "
-                     "kernels' effect on, got none")
-  keys = jax.random.split(key, len(outs))
-  probes = [jax.random.rademacher(k, (num_probes, *o.shape), o.dtype) for k, o in zip(keys, outs)]
-  (grads,) = jax.vmap(pullback)(probes)
+  grads, _ = _probed(forward, eps, key, num_probes)  # the unused site inputs: jit drops them
   new = dict(acc)
   for k, s in enumerate(sites):
     new[s.path] = new[s.path] + jnp.sum(jnp.square(grads[k].astype(jnp.float32))) / num_probes
@@ -164,6 +178,50 @@ def output_sensitivity(apply_fn: Callable[[PyTree, Any], Any], params: PyTree,
     acc = _sensitivity_step(acc, params, batch, jax.random.fold_in(key, i), apply_fn=apply_fn,
                             kernels=kernels, num_probes=num_probes)
   return {p: float(v) for p, v in jax.device_get(acc).items()}
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "kernels", "num_probes"))
+def _output_diag_step(acc: dict, params: PyTree, batch: Any, key: jax.Array, *,
+                      apply_fn: Callable[[PyTree, Any], Any], kernels: tuple[str, ...],
+                      num_probes: int) -> dict:
+  """Adds one batch's probe estimate of the output Gauss–Newton diagonal to ``acc``."""
+  sites, forward, eps = _perturbed(apply_fn, params, batch, kernels, stacked=False)
+  grads, xs = _probed(forward, eps, key, num_probes)
+  return _add_diagonals(acc, sites, grads, xs, 1.0 / num_probes)
+
+
+def output_diag(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Iterable[Any],
+                kernels: Sequence[str], *, num_probes: int = 4,
+                seed: int = 0) -> dict[str, jax.Array]:
+  """Diagonal of the Gauss–Newton matrix of ``½‖f - f₀‖²`` in each kernel's weights.
+
+  ``f`` is every floating output of ``apply_fn``: the diagonal says how much the model's outputs
+  move when one weight moves, so ``w² · diag`` is each weight's Optimal Brain Damage saliency
+  for the outputs (LeCun, Denker & Solla, 1990), in one unit for every kernel. Unlike magnitudes
+  it does not change when a kernel is scaled up and the next one down (a query and a key
+  kernel, or a layer before a normalisation): the output gradients scale the other way.
+  ``Σ_t x_ti² E_v[(Jᵀv)_to²]`` with Rademacher probes ``v`` over the outputs (Hutchinson, 1990),
+  per position ``t``, so cross-position terms are dropped as in `gauss_newton_diag`.
+
+  Args:
+    apply_fn: ``apply_fn(params, batch)``.
+    params: the parameters.
+    batches: an iterable of batches.
+    kernels: paths of the kernels (each read by a dot/conv site, not inside a ``scan``).
+    num_probes: probes per batch.
+    seed: seed of the probes.
+
+  Returns:
+    ``{path: float32 array shaped like the kernel}`` for ``kernels``.
+  """
+  kernels = tuple(kernels)
+  leaves = dict(tree_lib.leaves_with_paths(params))
+  acc = {p: jnp.zeros(jnp.shape(leaves[p]), jnp.float32) for p in kernels}
+  key = jax.random.key(seed)
+  for i, batch in enumerate(batches):
+    acc = _output_diag_step(acc, params, batch, jax.random.fold_in(key, i), apply_fn=apply_fn,
+                            kernels=kernels, num_probes=num_probes)
+  return acc
+
 
 def gauss_newton_diag(apply_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
                       batches: Iterable[Any], *, loss: str = "softmax_cross_entropy",

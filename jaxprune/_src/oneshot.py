@@ -17,6 +17,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Union
 
 import jax
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 
 from jaxprune._src import calibration as calib_lib
 from jaxprune._src import calibration_sites
+from jaxprune._src import gauss_newton
 from jaxprune._src import interpret
 from jaxprune._src import layer_solve
 from jaxprune._src import oneshot_allocation
@@ -114,6 +116,18 @@ def wanda_scores(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches
   return jax.tree.unflatten(treedef, out)
 
 
+def _ranking(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: list,
+             paths: list[str], prunable: Prunable,
+             token_mask: Optional[Callable[[Any], jax.Array]], name: str) -> dict[str, Any]:
+  """``{path: scores}`` that the ``"wanda"`` or ``"obd"`` allocation ranks over all kernels."""
+  if name == "wanda":
+    scores = wanda_scores(apply_fn, params, batches, prunable=prunable, token_mask=token_mask)
+    return dict(tree_lib.leaves_with_paths(scores))
+  leaves = dict(tree_lib.leaves_with_paths(params))
+  diag = gauss_newton.output_diag(apply_fn, params, batches, paths)
+  return {p: jnp.square(jnp.asarray(leaves[p], jnp.float32)) * diag[p] for p in paths}
+
+
 def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Iterable[Any],
             sparsity: Optional[float] = None, *, method: str = "sparsegpt",
             pattern: obs_lib.Pattern = None, prunable: Prunable = None,
@@ -166,7 +180,11 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
     prunable: which leaves are pruned (see `jaxprune.unstructured_mask`).
     allocation: how ``sparsity`` is split across kernels: ``"global"`` (one magnitude ranking
       over all kernels picks each kernel's count, ``round(s·N)`` in total), ``"wanda"`` (the
-      same with one ranking of the dense model's Wanda scores ``|w|·‖x‖``), ``"obs"`` (counts
+      same with one ranking of the dense model's Wanda scores ``|w|·‖x‖``), ``"obd"`` (the same
+      with Optimal Brain Damage saliencies ``w²·G_ii``, ``G`` the Gauss–Newton matrix of the
+      change of the model's floating outputs, estimated with Rademacher probes: unlike
+      magnitudes these are comparable across kernels whose scales trade off, as a query and a
+      key kernel's do), ``"obs"`` (counts
       minimising the sum of the layers' reconstruction errors, measured with the method's
       solver on the dense model's calibration inputs, each weighted by how much that layer's
       outputs move the model's outputs), ``"uniform"`` (the same fraction per
@@ -203,9 +221,9 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
   dense = params
   # One calibrator, and its one trace of apply_fn, for the sites, the stages and every stage's
   # calibration; it resumes the forward pass where the last pruned kernels start to matter
-  # instead of running the model from the start. The "wanda" and "obs" allocations trace once
-  # more: a diagonal-only calibration (O(d_in) per kernel, where the calibrator would hold
-  # every full H at once) and the output-sensitivity pass.
+  # instead of running the model from the start. The "wanda", "obd" and "obs" allocations trace
+  # once more: a diagonal-only calibration (O(d_in) per kernel, where the calibrator would hold
+  # every full H at once), the output Gauss-Newton pass and the output-sensitivity pass.
   calibrator = calib_lib.Calibrator(apply_fn, token_mask=token_mask, prunable=prunable)
   traced = calibrator.trace(params, batches[0])
   selected = calibration_sites.select_sites(traced, params, None, prunable, stacked=True)
@@ -219,7 +237,7 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
   else:
     per_layer = oneshot_allocation.layer_sparsities(
         params, paths, sparsity, pattern, allocation,
-        lambda: wanda_scores(apply_fn, params, batches, prunable=prunable, token_mask=token_mask))
+        functools.partial(_ranking, apply_fn, params, batches, paths, prunable, token_mask))
   stages = calibration_sites.stage_order(traced, selected) if sequential else [paths]
 
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)

@@ -1,6 +1,6 @@
 """How `oneshot` splits a sparsity over kernels: per-layer fractions from a pattern, a global
-ranking (magnitude or Wanda scores, counted on the host), the layers' output-weighted OBS error
-curves, uniform, or given per leaf.
+ranking (magnitude, Wanda scores or output OBD saliencies, counted on the host), the layers'
+output-weighted OBS error curves, uniform, or given per leaf.
 """
 
 from __future__ import annotations
@@ -24,14 +24,15 @@ from jaxprune._src import tree as tree_lib
 from jaxprune._src import validation
 from jaxprune._src.types import PyTree
 
-ALLOCATIONS = ("global", "wanda", "obs", "uniform")
+ALLOCATIONS = ("global", "wanda", "obd", "obs", "uniform")
+RANKED = ("wanda", "obd")
 
 
 def layer_sparsities(params: PyTree, paths: Sequence[str], sparsity: Any,
                       pattern: obs_lib.ParsedPattern, allocation: Any,
-                      ranking: Callable[[], PyTree]) -> dict[str, float]:
-  """Per-kernel sparsities: from the pattern, one ranking over all kernels (``ranking()`` gives
-  the Wanda scores), or given per leaf."""
+                      ranking: Callable[[str], Mapping[str, Any]]) -> dict[str, float]:
+  """Per-kernel sparsities: from the pattern, one ranking over all kernels (``ranking(name)``
+  gives ``{path: scores}`` of the allocations in `RANKED`), or given per leaf."""
   leaves = dict(tree_lib.leaves_with_paths(params))
   if pattern.kind == "nm":
     obs_lib.check_nm_sparsity(sparsity, pattern)
@@ -45,10 +46,10 @@ def layer_sparsities(params: PyTree, paths: Sequence[str], sparsity: Any,
   sparsity = validation.check_fraction(sparsity, "sparsity", allow_traced=False)
   if allocation == "uniform":
     return {p: sparsity for p in paths}
-  if allocation in ("global", "wanda"):
-    # Exactly round(s·N) over all pruned kernels, by magnitude or Wanda score: the layer sizes
-    # this picks are what the per-layer solvers then reach exactly.
-    ranked = leaves if allocation == "global" else dict(tree_lib.leaves_with_paths(ranking()))
+  if allocation == "global" or allocation in RANKED:
+    # Exactly round(s·N) over all pruned kernels, by magnitude or a calibrated score: the layer
+    # sizes this picks are what the per-layer solvers then reach exactly.
+    ranked = leaves if allocation == "global" else ranking(allocation)
     pruned = global_counts([np.abs(np.asarray(jax.device_get(ranked[p]), np.float32))
                             for p in paths], select_lib.num_to_prune(
                                 sparsity, sum(leaves[p].size for p in paths)))
@@ -136,4 +137,6 @@ def obs_allocation(calibrator: calib_lib.Calibrator, params: PyTree, batches: li
   return {p: k / n for p, k, n in zip(paths, counts, sizes)}
 
 
-__all__ = ["ALLOCATIONS", "OBS_GRID", "global_counts", "layer_sparsities", "obs_allocation"]
+__all__ = [
+    "ALLOCATIONS", "OBS_GRID", "RANKED", "global_counts", "layer_sparsities", "obs_allocation",
+]
