@@ -43,7 +43,7 @@ from _timing import machine  # noqa: E402
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
 METHODS = ("magnitude", "obd", "wanda", "magnitude+refit", "sparsegpt", "obc", "obc/obs",
-           "obc/wanda", "sparsegpt/uniform", "obc/uniform")
+           "obc/wanda", "obc/obd", "sparsegpt/obd", "sparsegpt/uniform", "obc/uniform")
 EPOCHS = {"lenet300": 20, "lenet5": 8}
 
 
