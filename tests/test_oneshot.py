@@ -327,3 +327,11 @@ def test_obd_allocation_ranks_output_saliencies_and_ignores_rescaling():
   assert counts(masks_scaled) == counts(masks)
   _, by_magnitude = jp.oneshot(model, scaled, [x], 0.5, allocation="global", progress=False)
   assert counts(by_magnitude)["b"] == 72  # every entry of the shrunk kernel ranks lowest
+
+
+def test_obd_allocation_refuses_a_kernel_inside_scan_by_name():
+  layers = rand(23, (3, 8, 8), 0.4)
+  model = lambda p, v: jax.lax.scan(lambda c, w: (jnp.tanh(c @ w), None), v, p["layers"])[0]
+  with pytest.raises(ValueError, match=r"\['layers'\] is read inside scan"):
+    jp.oneshot(model, {"layers": layers}, [rand(24, (32, 8))], 0.5, allocation="obd",
+               progress=False)

@@ -1,4 +1,5 @@
-"""The exact Gauss–Newton (Fisher) diagonal of Dense and Conv kernels, without probes.
+"""The Gauss–Newton (Fisher) diagonal of Dense and Conv kernels: exact for a loss, probed for
+the change of the outputs.
 
 For a linear site ``y = x @ W`` the gradient of one example's loss is ``xᵀ δ`` with ``δ`` the
 loss's gradient at ``y``. The Gauss–Newton matrix of the summed loss is ``Σ_n J_nᵀ Λ_n J_n`` with
@@ -18,6 +19,11 @@ the cross-token terms for convolutions and sequence models. A kernel read by sev
 the sum of its sites' diagonals (the cross-site terms are dropped alike). This is the diagonal
 that Optimal Brain Damage (LeCun, Denker & Solla, 1990) asks for, without the sampling noise of
 Hutchinson's estimator (`jaxprune.hessian_diag`).
+
+The same perturbed model also gives two measures of how the model's outputs ``f`` move, with
+Rademacher probes over the outputs in place of a loss's classes (Hutchinson, 1990):
+`output_sensitivity`, the trace of the Gauss–Newton matrix of ``½‖f - f₀‖²`` in each kernel's
+outputs, and `output_diag`, its diagonal in each kernel's weights.
 """
 
 from __future__ import annotations
@@ -178,6 +184,7 @@ def output_sensitivity(apply_fn: Callable[[PyTree, Any], Any], params: PyTree,
     acc = _sensitivity_step(acc, params, batch, jax.random.fold_in(key, i), apply_fn=apply_fn,
                             kernels=kernels, num_probes=num_probes)
   return {p: float(v) for p, v in jax.device_get(acc).items()}
+
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "kernels", "num_probes"))
 def _output_diag_step(acc: dict, params: PyTree, batch: Any, key: jax.Array, *,

@@ -184,7 +184,7 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
       with Optimal Brain Damage saliencies ``w²·G_ii``, ``G`` the Gauss–Newton matrix of the
       change of the model's floating outputs, estimated with Rademacher probes: unlike
       magnitudes these are comparable across kernels whose scales trade off, as a query and a
-      key kernel's do), ``"obs"`` (counts
+      key kernel's do; kernels read inside a ``scan`` are refused), ``"obs"`` (counts
       minimising the sum of the layers' reconstruction errors, measured with the method's
       solver on the dense model's calibration inputs, each weighted by how much that layer's
       outputs move the model's outputs), ``"uniform"`` (the same fraction per
