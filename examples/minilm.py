@@ -160,7 +160,7 @@ def load(path: Optional[str | Path] = None) -> tuple[PyTree, Any]:
 
 
 def tokenize(tokenizer: Any, sentences: Sequence[str],
-             pad_to_multiple_of: Optional[int] = None) -> Batch:
+             pad_to_multiple_of: Optional[int] = None, length: Optional[int] = None) -> Batch:
   """Tokenises a batch, padded to its longest sentence (rounded up to ``pad_to_multiple_of``).
 
   Padding positions change nothing in `encode` (masked in attention and pooling); rounding the
@@ -170,6 +170,7 @@ def tokenize(tokenizer: Any, sentences: Sequence[str],
     tokenizer: from `load_tokenizer`.
     sentences: non-empty list of strings.
     pad_to_multiple_of: round the padded length up to a multiple of this; None: no rounding.
+    length: pad to at least this length.
 
   Returns:
     ``{"input_ids": int32 (B, L), "attention_mask": int32 (B, L)}``.
@@ -177,7 +178,7 @@ def tokenize(tokenizer: Any, sentences: Sequence[str],
   if isinstance(sentences, str) or not sentences:
     raise ValueError(f"sentences: expected a non-empty list of strings, got {sentences!r}.")
   encodings = tokenizer.encode_batch(list(sentences))
-  length = max(len(e.ids) for e in encodings)
+  length = max([len(e.ids) for e in encodings] + [length or 0])
   if pad_to_multiple_of:
     length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
   ids = np.zeros((len(encodings), length), np.int32)
@@ -190,7 +191,10 @@ def tokenize(tokenizer: Any, sentences: Sequence[str],
 
 def make_batches(tokenizer: Any, sentences: Sequence[str], batch_size: int,
                  pad_to_multiple_of: Optional[int] = 8) -> list[Batch]:
-  """Splits ``sentences`` into consecutive batches and tokenises each.
+  """Splits ``sentences`` into consecutive batches and tokenises each, all to one length.
+
+  One length (the longest sentence's, rounded up) gives every full batch one shape, so each
+  program that runs over the calibration batches compiles once rather than once per length.
 
   Args:
     tokenizer: from `load_tokenizer`.
@@ -203,7 +207,8 @@ def make_batches(tokenizer: Any, sentences: Sequence[str], batch_size: int,
   """
   if batch_size < 1:
     raise ValueError(f"batch_size: expected >= 1, got {batch_size}.")
-  return [tokenize(tokenizer, sentences[i:i + batch_size], pad_to_multiple_of)
+  length = max((len(e.ids) for e in tokenizer.encode_batch(list(sentences))), default=0)
+  return [tokenize(tokenizer, sentences[i:i + batch_size], pad_to_multiple_of, length)
           for i in range(0, len(sentences), batch_size)]
 
 

@@ -93,8 +93,8 @@ def oneshot_prune(spec: str) -> PruneFn:
   Args:
     spec: ``method[+refit][/option...]``: a ``jp.oneshot`` method, ``+refit`` for a
       least-squares refit of the kept weights, and options that are either a reconstruction
-      ``target`` (``dense``, ``pruned``) or an ``allocation`` (``global``, ``obs``,
-      ``uniform``), e.g. ``wanda+refit/uniform``.
+      ``target`` (``dense``, ``pruned``) or an ``allocation`` (``obd``, the default,
+      ``global``, ``wanda``, ``obs``, ``uniform``), e.g. ``wanda+refit/uniform``.
 
   Returns:
     The pruning function.

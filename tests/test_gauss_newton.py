@@ -186,3 +186,27 @@ def test_output_diag_exact_for_a_linear_output_and_invariant_to_rescaling():
   plain, scaled = sal({"a": a, "b": b}), sal({"a": 8.0 * a, "b": b / 8.0})
   for k in paths:
     np.testing.assert_allclose(scaled[k], plain[k], rtol=1e-5)
+
+
+def test_output_diag_of_a_scan_stacked_kernel_equals_the_unrolled_layers():
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)
+  stack = jnp.asarray(rng.normal(size=(3, 4, 4)) / 2, jnp.float32)
+  out = jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)
+  body = lambda c, w: (jnp.tanh(c @ w), None)
+  scanned = lambda p, x: jax.lax.scan(body, x, p["stack"])[0] @ p["out"]
+
+  def unrolled(p, x):
+    for k in range(3):
+      x = body(x, p[f"w{k}"])[0]
+    return x @ p["out"]
+
+  both = {"['stack']": None, "['out']": None}
+  got = gauss_newton.output_diag(scanned, {"stack": stack, "out": out}, [x], list(both))
+  flat = {f"w{k}": stack[k] for k in range(3)} | {"out": out}
+  want = gauss_newton.output_diag(unrolled, flat, [x], [f"['w{k}']" for k in range(3)] + ["['out']"])
+  # the same probes (one key per batch, one probe array per output), so equal up to rounding
+  np.testing.assert_allclose(got["['stack']"], np.stack([want[f"['w{k}']"] for k in range(3)]),
+                             rtol=1e-5)
+  np.testing.assert_allclose(got["['out']"], want["['out']"], rtol=1e-5)
+  assert float(jnp.min(got["['stack']"])) > 0.0

@@ -1,4 +1,4 @@
-"""The jaxpr walker: leaf views, dot/conv sites, the 2-D kernel view and the hooked evaluator."""
+"""The jaxpr walker: leaf views, dot/conv sites, the 2-D kernel view and the shifted evaluator."""
 
 import flax.linen as nn
 import jax
@@ -30,16 +30,9 @@ def check_view(fn, params, batch):
   leaves = jax.tree.leaves(params)
 
   def run(leaves, batch):
-    got = {}
-
-    def hook(ops, out, site):
-      got[site.location] = (interpret.site_inputs(site, ops[1 - site.operand]),
-                            interpret.site_outputs(site, out))
-      return out
-
-    hooks = {s.location: lambda o, y, s=s: hook(o, y, s) for s in traced.sites}
-    interpret.evaluate(traced.jaxpr, leaves + jax.tree.leaves(batch), hooks)
-    return got
+    taps = {s.location: lambda o, y, s=s: (interpret.site_inputs(s, o[1 - s.operand]),
+                                           interpret.site_outputs(s, y)) for s in traced.sites}
+    return interpret.evaluate_with_taps(traced.jaxpr, leaves + jax.tree.leaves(batch), taps)[1]
 
   with jax.default_matmul_precision("highest"):
     got = jax.jit(run)(leaves, batch)
@@ -174,21 +167,41 @@ def test_one_jitted_function_at_two_places_has_two_locations():
   traced = interpret.trace(fn, params, x)
   a, b = traced.sites
   assert (a.path, b.path) == ("['a']", "['b']") and a.location != b.location
-  # Hooks tell the two calls apart: zeroing the first site's output zeroes the model's output.
-  hooks = {a.location: lambda ops, y: jnp.zeros_like(y)}
-  (out,) = interpret.evaluate(traced.jaxpr, jax.tree.leaves(params) + [x], hooks)
-  np.testing.assert_array_equal(out, jnp.zeros((2, 3)))
+  # Shifts tell the two calls apart: cancelling the first site's output zeroes the model's.
+  shifts = {a.location: -(x @ params["a"])}
+  (out,) = interpret.evaluate(traced.jaxpr, jax.tree.leaves(params) + [x], shifts)
+  np.testing.assert_allclose(out, jnp.zeros((2, 3)), atol=1e-6)
 
 
-def test_evaluate_without_hooks_is_the_function_jitted_and_eager():
+def test_shifts_inside_a_scan_are_added_one_slice_per_iteration():
+  fn = lambda p, x: lax.scan(lambda c, w: (jnp.tanh(c @ w), None), x @ p["a"], p["e"])[0]
+  params = {"a": rand(1, (4, 4)), "e": rand(2, (3, 4, 4))}
+  x = rand(3, (2, 4))
+  traced = interpret.trace(fn, params, x)
+  first, stacked = traced.sites
+  assert interpret.scan_lengths(traced.jaxpr, first.location) == ()
+  assert interpret.scan_lengths(traced.jaxpr, stacked.location) == (3,)
+  shift = rand(4, (3, 2, 4))
+  expected = x @ params["a"] + 0.5
+  for i in range(3):
+    expected = np.tanh(expected @ params["e"][i] + shift[i])
+  run = lambda ls, v: interpret.evaluate_with_taps(
+      traced.jaxpr, ls + [v], {stacked.location: lambda ops, y: y},
+      {first.location: 0.5, stacked.location: shift})
+  for (out,), taps in (run(jax.tree.leaves(params), x), jax.jit(run)(jax.tree.leaves(params), x)):
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    assert taps[stacked.location].shape == (3, 2, 4)   # the unshifted outputs, per iteration
+
+
+def test_evaluate_without_shifts_is_the_function_jitted_and_eager():
   m = nn.Dense(3)
   x = rand(4, (2, 4))
   params = {"params": {"kernel": rand(5, (4, 3)), "bias": rand(6, (3,))}}
   fn = lambda p, v: jax.checkpoint(m.apply)(p, jnp.tanh(v))
   traced = interpret.trace(fn, params, x)
   (site,) = traced.sites
-  double = {site.location: lambda ops, y: 2 * y}
-  run = lambda ls, v, hooks: interpret.evaluate(traced.jaxpr, ls + [v], hooks)[0]
+  double = {site.location: jnp.tanh(x) @ params["params"]["kernel"]}   # the site's own output
+  run = lambda ls, v, shifts: interpret.evaluate(traced.jaxpr, ls + [v], shifts)[0]
   leaves = jax.tree.leaves(params)
   np.testing.assert_allclose(run(leaves, x, {}), fn(params, x), rtol=1e-6)
   eager = run(leaves, x, double)

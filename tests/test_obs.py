@@ -237,6 +237,21 @@ def test_prune_lowest_tie_rule_and_pattern_parsing():
                                   reference.prune_lowest([scores], k)[0])
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.sampled_from([0.0, -0.0, 1.0, 2.5, -3.0, np.inf, -np.inf, np.nan, 1e-3]),
+                min_size=1, max_size=24), st.data())
+def test_prune_lowest_matches_the_reference_order_jitted_and_eager(values, data):
+  scores = np.asarray(values, np.float32).reshape(1, -1)
+  k = data.draw(st.integers(0, scores.size))
+  want = reference.prune_lowest([scores], k)[0]
+  np.testing.assert_array_equal(np.asarray(obs.prune_lowest(scores, k)), want)
+  np.testing.assert_array_equal(np.asarray(JIT_PRUNE_LOWEST(scores, jnp.int32(k))), want)
+  np.testing.assert_array_equal(np.asarray(obs.prune_ranks(scores) < k), want)
+
+
+JIT_PRUNE_LOWEST = jax.jit(obs.prune_lowest)
+
+
 def test_one_parser_reads_every_spelling():
   nm, block = obs.ParsedPattern("nm", 2, 4), obs.ParsedPattern("block", 2, 3)
   for spelling, want in [(None, obs.NONE), ("unstructured", obs.NONE), ("2:4", nm),

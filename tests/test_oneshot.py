@@ -127,7 +127,7 @@ def test_patterns_follow_each_kernels_input_axis():
   np.testing.assert_array_equal(blocks["w"], jp.block_mask(scores["w"], 0.5, (2, 4)))
 
 
-def test_apply_fn_traced_once(setup):
+def test_apply_fn_traced_once_plus_one_pass_per_data_driven_allocation(setup):
   params, batches, _ = setup
   traces = []
 
@@ -135,13 +135,16 @@ def test_apply_fn_traced_once(setup):
     traces.append(None)
     return apply_fn(p, x)
 
-  jp.oneshot(counted, params, batches, 0.5, method="magnitude", progress=False)
-  assert len(traces) == 1
-  # the data-driven allocations add exactly one pass of their own
-  for allocation in ("wanda", "obd", "obs"):
+  for allocation in ("global", "uniform"):
     traces.clear()
     jp.oneshot(counted, params, batches, 0.5, method="magnitude", allocation=allocation,
                progress=False)
+    assert len(traces) == 1, allocation
+  # the data-driven allocations add exactly one pass of their own (None: the default, "obd")
+  for allocation in (None, "wanda", "obs"):
+    traces.clear()
+    kwargs = {} if allocation is None else {"allocation": allocation}
+    jp.oneshot(counted, params, batches, 0.5, method="magnitude", progress=False, **kwargs)
     assert len(traces) == 2, allocation
 
 
@@ -318,7 +321,7 @@ def test_obd_allocation_ranks_output_saliencies_and_ignores_rescaling():
   model = lambda p, x: (x @ p["a"]) @ p["b"]
   counts = lambda m: {k: int(jnp.sum(~v)) for k, v in m.items()}
   _, masks = jp.oneshot(model, params, [x], 0.5, allocation="obd", progress=False)
-  diag = gauss_newton.output_diag(model, params, [x], ["['a']", "['b']"])
+  diag = gauss_newton.output_diag(model, params, [x], ["['a']", "['b']"], num_probes=1)
   sal = [np.asarray(jnp.square(params[k]) * diag[f"['{k}']"]) for k in ("a", "b")]
   expected = oneshot_allocation.global_counts(sal, round(0.5 * 192))
   assert [counts(masks)["a"], counts(masks)["b"]] == expected
@@ -329,9 +332,28 @@ def test_obd_allocation_ranks_output_saliencies_and_ignores_rescaling():
   assert counts(by_magnitude)["b"] == 72  # every entry of the shrunk kernel ranks lowest
 
 
-def test_obd_allocation_refuses_a_kernel_inside_scan_by_name():
-  layers = rand(23, (3, 8, 8), 0.4)
-  model = lambda p, v: jax.lax.scan(lambda c, w: (jnp.tanh(c @ w), None), v, p["layers"])[0]
-  with pytest.raises(ValueError, match=r"\['layers'\] is read inside scan"):
-    jp.oneshot(model, {"layers": layers}, [rand(24, (32, 8))], 0.5, allocation="obd",
-               progress=False)
+def test_obd_allocation_of_scan_stacked_kernels():
+  # a kernel stacked along a scan is ranked with each slice's own output diagonal
+  x = rand(24, (32, 8))
+  params = {"layers": rand(23, (3, 8, 8), 0.4), "out": rand(25, (8, 4), 0.4)}
+  model = lambda p, v: jax.lax.scan(lambda c, w: (jnp.tanh(c @ w), None), v,
+                                    p["layers"])[0] @ p["out"]
+  _, masks = jp.oneshot(model, params, [x], 0.5, allocation="obd", progress=False)
+  diag = gauss_newton.output_diag(model, params, [x], ["['layers']", "['out']"], num_probes=1)
+  sal = [np.asarray(jnp.square(params[k]) * diag[f"['{k}']"]) for k in ("layers", "out")]
+  expected = oneshot_allocation.global_counts(sal, round(0.5 * (192 + 32)))
+  assert [int(jnp.sum(~masks[k])) for k in ("layers", "out")] == expected
+  assert expected != [96, 16]  # not the uniform split
+  per_slice = [int(jnp.sum(~m)) for m in masks["layers"]]
+  assert sum(per_slice) == expected[0] and max(per_slice) - min(per_slice) <= 1
+
+
+def test_default_allocation_needs_a_floating_output(setup):
+  params, batches, _ = setup
+  labels = lambda p, x: jnp.argmax(apply_fn(p, x), axis=-1)
+  with pytest.raises(ValueError, match="floating-point output .* 'global' does not"):
+    jp.oneshot(labels, params, batches, 0.5, method="magnitude", progress=False)
+  _, masks = jp.oneshot(labels, params, batches, 0.5, method="magnitude", allocation="global",
+                        progress=False)
+  kernels = _kernels(masks)
+  assert sum(int(jnp.sum(~m)) for m in kernels.values()) == round(0.5 * 3 * 16 * 24)

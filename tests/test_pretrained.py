@@ -80,6 +80,10 @@ def test_calibration_interface(model):
   np.testing.assert_array_equal(batch["input_ids"][0, lengths[0]:], 0)
   np.testing.assert_array_equal(np.asarray(minilm.token_mask(batch)), batch["attention_mask"] > 0)
   assert minilm.tokenize(tok, [short])["input_ids"].shape == (1, lengths[0])
+  # batches of the short sentence alone are padded to the longest one's length: one shape
+  batches = minilm.make_batches(tok, [short, short, long], 2)
+  assert [b["input_ids"].shape for b in batches] == [(2, 16), (1, 16)]
+  np.testing.assert_array_equal(batches[0]["attention_mask"].sum(1), [lengths[0]] * 2)
   with pytest.raises(ValueError, match="sentences"):
     minilm.tokenize(tok, [])
 

@@ -194,7 +194,7 @@ def run(segment: Segment, args: Sequence[jax.Array]) -> tuple[list, list]:
     return interpret.site_inputs(site, ops[1 - site.operand])
 
   taps = {loc: functools.partial(tap, site=s) for loc, s in segment.sites}
-  outs, found = interpret.evaluate_with_taps(segment.jaxpr, args, {}, taps)
+  outs, found = interpret.evaluate_with_taps(segment.jaxpr, args, taps)
   return outs, [found[loc] for loc, _ in segment.sites]
 
 

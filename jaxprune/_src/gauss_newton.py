@@ -39,6 +39,7 @@ from jaxprune._src import calibration
 from jaxprune._src import calibration_sites
 from jaxprune._src import interpret
 from jaxprune._src import tree as tree_lib
+from jaxprune._src.jaxpr_sites import Site
 
 PyTree = Any
 LOSSES = ("softmax_cross_entropy", "mse")
@@ -61,29 +62,35 @@ def _cotangents(logits: jax.Array, loss: str, labels: Optional[jax.Array]) -> ja
 
 def _perturbed(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batch: Any,
                kernels: tuple[str, ...], *, stacked: bool) -> tuple[list, Callable, list]:
-  """The model as a function of perturbations added to the outputs of ``kernels``' sites.
+  """The model as a function of shifts added to the outputs of ``kernels``' sites.
+
+  Args:
+    apply_fn: ``apply_fn(params, batch)``.
+    params: the parameters.
+    batch: one batch.
+    kernels: the kernels' paths.
+    stacked: whether sites inside one ``scan`` are accepted (their shifts and inputs then have
+      a leading axis over the iterations).
 
   Returns:
     ``(sites, forward, zeros)``: ``forward(eps) -> (outputs, inputs)`` evaluates ``apply_fn``
     with ``eps[k]`` added to site ``k``'s output and returns the flat outputs and each site's
-    input (`interpret.site_inputs`); ``zeros`` is the unperturbed ``eps``.
+    input (`interpret.site_inputs`); ``zeros`` is the unshifted ``eps``.
   """
   traced = interpret.trace(apply_fn, params, batch)
   sites = [s for group in calibration_sites.select_sites(
       traced, params, kernels, None, pooled=False, stacked=stacked).values() for s in group]
   args = jax.tree.leaves(params) + jax.tree.leaves(batch)
+  taps = {s.location: functools.partial(lambda ops, out, s: interpret.site_inputs(
+      s, ops[1 - s.operand]), s=s) for s in sites}
 
   def forward(eps: list) -> tuple[list, list]:
-    xs: list = [None] * len(sites)
+    outs, found = interpret.evaluate_with_taps(
+        traced.jaxpr, args, taps, {s.location: e for s, e in zip(sites, eps)})
+    return outs, [found[s.location] for s in sites]
 
-    def hook(ops: Sequence[jax.Array], out: jax.Array, k: int) -> jax.Array:
-      xs[k] = interpret.site_inputs(sites[k], ops[1 - sites[k].operand])
-      return out + eps[k]
-
-    hooks = {s.location: functools.partial(hook, k=k) for k, s in enumerate(sites)}
-    return interpret.evaluate(traced.jaxpr, args, hooks), xs
-
-  zeros = [jnp.zeros(s.eqn.outvars[0].aval.shape, s.eqn.outvars[0].aval.dtype) for s in sites]
+  zeros = [jnp.zeros(interpret.scan_lengths(traced.jaxpr, s.location)
+                     + s.eqn.outvars[0].aval.shape, s.eqn.outvars[0].aval.dtype) for s in sites]
   return sites, forward, zeros
 
 
@@ -110,14 +117,32 @@ def _step(acc: dict, params: PyTree, batch: Any, *, apply_fn: Callable[[PyTree, 
   return _add_diagonals(acc, sites, deltas, xs, 1.0)
 
 
+def _token_major(site: Site, d2: jax.Array, lead: int) -> jax.Array:
+  """`interpret.site_outputs` of ``d2`` under ``lead`` leading iteration axes."""
+  fn = functools.partial(interpret.site_outputs, site)
+  for _ in range(lead):
+    fn = jax.vmap(fn)
+  return fn(d2)
+
+
 def _add_diagonals(acc: dict, sites: list, deltas: list, xs: list, scale: float) -> dict:
-  """Adds ``scale · Σ_t x_ti² Σ_K (δ_K)_to²`` per site (in its leaf's layout) to ``acc``."""
+  """Adds ``scale · Σ_t x_ti² Σ_K (δ_K)_to²`` per site (in its leaf's layout) to ``acc``.
+
+  A site inside a ``scan`` has inputs and cotangents per iteration: a kernel stacked along it
+  gets one diagonal per slice, one read at every iteration the sum over the iterations.
+  """
   new = dict(acc)
   for k, s in enumerate(sites):
+    lead = deltas[k].ndim - 1 - s.eqn.outvars[0].aval.ndim
     d2 = jnp.sum(jnp.square(deltas[k].astype(jnp.float32)), axis=0) * scale
-    d2 = interpret.site_outputs(s, d2).reshape(-1, s.d_out)
-    x2 = jnp.square(xs[k]).reshape(-1, s.d_in)
-    new[s.path] = new[s.path] + interpret.from_matrix(calibration.gram(x2, d2), s)
+    d2 = _token_major(s, d2, lead)
+    x2 = jnp.square(xs[k])
+    if s.loop_axes:
+      shape = (s.slices, -1)
+      diag = jax.vmap(calibration.gram)(x2.reshape(*shape, s.d_in), d2.reshape(*shape, s.d_out))
+    else:
+      diag = calibration.gram(x2.reshape(-1, s.d_in), d2.reshape(-1, s.d_out))
+    new[s.path] = new[s.path] + interpret.from_matrix(diag, s)
   return new
 
 
@@ -131,7 +156,8 @@ def _probed(forward: Callable, eps: list, key: jax.Array, num_probes: int) -> tu
   outs, pullback, xs = jax.vjp(floating, eps, has_aux=True)
   if not outs:
     raise ValueError("apply_fn: expected at least one floating-point output to measure the "
-                     "kernels' effect on, got none")
+                     "kernels' effect on, got none (oneshot's allocations 'obd' and 'obs' "
+                     "need one; 'global' does not)")
   keys = jax.random.split(key, len(outs))
   probes = [jax.random.rademacher(k, (num_probes, *o.shape), o.dtype) for k, o in zip(keys, outs)]
   (grads,) = jax.vmap(pullback)(probes)
@@ -164,7 +190,8 @@ def output_sensitivity(apply_fn: Callable[[PyTree, Any], Any], params: PyTree,
   reconstruction error ``‖ΔY‖²`` into the expected squared change of the model's outputs when
   ``ΔY`` spreads evenly (an isotropic approximation of that Gauss–Newton matrix). Positions the
   outputs do not depend on (padding under a mask) add nothing. A kernel read in several places,
-  or at every iteration of a ``scan``, gets the norm of the summed gradient of its uses.
+  or at every iteration of a ``scan``, gets the sum over its uses; a kernel stacked along a
+  ``scan`` the sum over its slices.
 
   Args:
     apply_fn: ``apply_fn(params, batch)``.
@@ -191,7 +218,7 @@ def _output_diag_step(acc: dict, params: PyTree, batch: Any, key: jax.Array, *,
                       apply_fn: Callable[[PyTree, Any], Any], kernels: tuple[str, ...],
                       num_probes: int) -> dict:
   """Adds one batch's probe estimate of the output Gauss–Newton diagonal to ``acc``."""
-  sites, forward, eps = _perturbed(apply_fn, params, batch, kernels, stacked=False)
+  sites, forward, eps = _perturbed(apply_fn, params, batch, kernels, stacked=True)
   grads, xs = _probed(forward, eps, key, num_probes)
   return _add_diagonals(acc, sites, grads, xs, 1.0 / num_probes)
 
@@ -213,7 +240,9 @@ def output_diag(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches:
     apply_fn: ``apply_fn(params, batch)``.
     params: the parameters.
     batches: an iterable of batches.
-    kernels: paths of the kernels (each read by a dot/conv site, not inside a ``scan``).
+    kernels: paths of the kernels (each read by a dot/conv site, also inside one ``scan``: a
+      kernel stacked along it gets each slice's diagonal, one read at every iteration the sum
+      over the iterations).
     num_probes: probes per batch.
     seed: seed of the probes.
 

@@ -5,14 +5,15 @@ finds its dot/conv sites (`jaxpr_sites.find_sites`). `to_matrix` / `from_matrix`
 canonical ``(d_in, d_out)`` view at a site and its exact inverse.
 
 `evaluate` binds each equation as `jax.core.eval_jaxpr` does, except that a call-like equation
-(``jit``, ``checkpoint``, ``custom_jvp_call`` ...) holding a hooked site is evaluated inline, a
-``scan`` holding one as a `jax.lax.scan` over its evaluated body, and a hooked site's output goes
-through its hook, which sees the equation's operands and may return a replacement output
-(`evaluate_with_taps` also returns values computed at sites, stacked over scan iterations).
-Everything is ordinary `jax.numpy` work, so the evaluation traces under `jax.jit`, `jax.vjp` and
-`jax.vmap` like the original function. Inlining a ``custom_jvp_call`` or
-``custom_vjp_call`` that holds a hooked site drops its custom derivative rule (differentiation then
-goes through its primal body).
+(``jit``, ``checkpoint``, ``custom_jvp_call`` ...) holding a marked site is evaluated inline and a
+``scan`` holding one as a `jax.lax.scan` over its evaluated body. A marked site is shifted (a
+given array is added to its output, one slice per iteration inside a ``scan``: differentiating
+the evaluation with respect to the shifts gives each site's output cotangents) or tapped
+(`evaluate_with_taps` returns a value computed from its operands and output, stacked over scan
+iterations). Everything is ordinary `jax.numpy` work, so the evaluation traces under `jax.jit`,
+`jax.vjp` and `jax.vmap` like the original function. Inlining a ``custom_jvp_call`` or
+``custom_vjp_call`` that holds a marked site drops its custom derivative rule (differentiation
+then goes through its primal body).
 
 `site_inputs` / `site_outputs` turn a site's activation operand and output into token-major
 arrays ``(*tokens, d_in)`` / ``(*tokens, d_out)`` matching `to_matrix`'s rows and columns, so that
@@ -40,8 +41,6 @@ from jaxprune._src.jaxpr_walk import Location
 
 PyTree = Any
 
-# (operands of the site's equation, its output) -> the output to use instead.
-Hook = Callable[[Sequence[jax.Array], jax.Array], jax.Array]
 # (operands of the site's equation, its output) -> a value to return from the evaluation.
 Tap = Callable[[Sequence[jax.Array], jax.Array], Any]
 
@@ -226,7 +225,7 @@ def _bind(eqn: Any, args: Sequence[Any]) -> list[Any]:
 
 
 def _eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], prefix: Location,
-          hooks: Mapping[Location, Hook], taps: Mapping[Location, Tap], enclosing: frozenset,
+          shifts: Mapping[Location, Any], taps: Mapping[Location, Tap], enclosing: frozenset,
           found: dict) -> list[Any]:
   env: dict = dict(zip(jaxpr.constvars, consts))
   env.update(zip(jaxpr.invars, args))
@@ -235,79 +234,101 @@ def _eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], prefix: Locati
     loc = prefix + (i,)
     ins = [read(v) for v in eqn.invars]
     if loc in enclosing and eqn.primitive.name == "scan":
-      outs = _scan(eqn, ins, loc, hooks, taps, enclosing, found)
+      outs = _scan(eqn, ins, loc, shifts, taps, enclosing, found)
     elif loc in enclosing:
       body = jaxpr_walk.call_body(eqn)
       if body is None:
-        raise ValueError(f"hooks: expected sites outside {eqn.primitive.name}, got a hooked site "
-                         f"inside it at location {loc}")
+        raise ValueError(f"shifts, taps: expected sites outside {eqn.primitive.name}, got a "
+                         f"marked site inside it at location {loc}")
       inner = getattr(body, "jaxpr", body)
-      outs = _eval(inner, list(getattr(body, "consts", [])), ins, loc + (0,), hooks, taps,
+      outs = _eval(inner, list(getattr(body, "consts", [])), ins, loc + (0,), shifts, taps,
                    enclosing, found)
     else:
       outs = _bind(eqn, ins)
     if loc in taps:
       found[loc] = taps[loc](ins, outs[0])
-    if loc in hooks:
-      outs = [hooks[loc](ins, outs[0])]
+    if loc in shifts:
+      outs = [outs[0] + shifts[loc]]
     env.update(zip(eqn.outvars, outs))
   return [read(v) for v in jaxpr.outvars]
 
 
-def _scan(eqn: Any, ins: list, loc: Location, hooks: Mapping[Location, Hook],
+def _scan(eqn: Any, ins: list, loc: Location, shifts: Mapping[Location, Any],
           taps: Mapping[Location, Tap], enclosing: frozenset, found: dict) -> list[Any]:
-  """A ``scan`` holding hooked or tapped sites, as a `jax.lax.scan` over its evaluated body; the
-  values tapped inside come out stacked over the iterations, in the order of the scanned axis."""
+  """A ``scan`` holding marked sites, as a `jax.lax.scan` over its evaluated body: the shifts of
+  its sites are scanned over with its inputs, and the values tapped inside come out stacked over
+  the iterations, in the order of the scanned axis."""
   p = eqn.params
   body, nc, ncar = p["jaxpr"], p["num_consts"], p["num_carry"]
   consts, init, xs = ins[:nc], ins[nc:nc + ncar], ins[nc + ncar:]
+  inside = [k for k in shifts if k[:len(loc)] == loc]
 
-  def step(carry: list, x: list) -> tuple[list, tuple[list, dict]]:
+  def step(carry: list, x: tuple[list, list]) -> tuple[list, tuple[list, dict]]:
+    sliced, here = x
     inner: dict = {}
-    outs = _eval(body.jaxpr, list(body.consts), [*consts, *carry, *x], loc + (0,), hooks, taps,
-                 enclosing, inner)
+    outs = _eval(body.jaxpr, list(body.consts), [*consts, *carry, *sliced], loc + (0,),
+                 {**shifts, **dict(zip(inside, here))}, taps, enclosing, inner)
     return outs[:ncar], (outs[ncar:], inner)
 
-  carry, (ys, inner) = lax.scan(step, list(init), list(xs), length=p["length"],
-                                reverse=p["reverse"])
+  carry, (ys, inner) = lax.scan(step, list(init), (list(xs), [shifts[k] for k in inside]),
+                                length=p["length"], reverse=p["reverse"])
   found.update(inner)
   return [*carry, *ys]
 
 
-def evaluate(jaxpr: Any, args: Sequence[Any], hooks: Mapping[Location, Hook]) -> list[Any]:
-  """Evaluates a closed jaxpr, passing each hooked site's operands and output to its hook.
+def scan_lengths(jaxpr: Any, location: Location) -> tuple[int, ...]:
+  """Lengths of the ``scan`` equations enclosing ``location`` in a closed jaxpr, outermost
+  first: the leading axes of a shift or tapped value at that location."""
+  inner, lengths = jaxpr.jaxpr, []
+  for depth in range(0, len(location) - 1, 2):
+    eqn = inner.eqns[location[depth]]
+    if eqn.primitive.name == "scan":
+      lengths.append(int(eqn.params["length"]))
+      body = eqn.params["jaxpr"]
+    else:
+      body = jaxpr_walk.call_body(eqn)
+    inner = getattr(body, "jaxpr", body)
+  return tuple(lengths)
+
+
+def evaluate(jaxpr: Any, args: Sequence[Any],
+             shifts: Optional[Mapping[Location, Any]] = None) -> list[Any]:
+  """Evaluates a closed jaxpr, adding a shift to the output of each shifted site.
 
   Args:
     jaxpr: a `ClosedJaxpr`.
     args: one value per invar.
-    hooks: ``{site location: hook}``; each hook returns the output to use for its site. A hook
-      inside a ``scan`` runs once, while its body is traced: it must not keep values (use
-      `evaluate_with_taps` to read them).
+    shifts: ``{site location: array}`` added to the site's output; for a site inside a
+      ``scan``, stacked over the iterations on a leading axis (in the order of the scanned
+      axis), one slice added per iteration.
 
   Returns:
     One value per outvar.
   """
-  return evaluate_with_taps(jaxpr, args, hooks, {})[0]
+  return evaluate_with_taps(jaxpr, args, {}, shifts)[0]
 
 
-def evaluate_with_taps(jaxpr: Any, args: Sequence[Any], hooks: Mapping[Location, Hook],
-                       taps: Mapping[Location, Tap]) -> tuple[list[Any], dict[Location, Any]]:
+def evaluate_with_taps(jaxpr: Any, args: Sequence[Any], taps: Mapping[Location, Tap],
+                       shifts: Optional[Mapping[Location, Any]] = None
+                       ) -> tuple[list[Any], dict[Location, Any]]:
   """`evaluate`, also returning a value computed at each tapped site.
 
   Args:
     jaxpr: a `ClosedJaxpr`.
     args: one value per invar.
-    hooks: as in `evaluate`.
-    taps: ``{site location: tap}``; each tap maps the site's operands and output to a value.
+    taps: ``{site location: tap}``; each tap maps the site's operands and output (before its
+      shift) to a value.
+    shifts: as in `evaluate`.
 
   Returns:
     The outvars' values and ``{location: tapped value}``; a site inside a ``scan`` gives its
     values over the iterations stacked on a leading axis.
   """
-  marked = list(hooks) + list(taps)
+  shifts = dict(shifts or {})
+  marked = list(shifts) + list(taps)
   enclosing = frozenset(loc[:k] for loc in marked for k in range(1, len(loc), 2))
   found: dict = {}
-  outs = _eval(jaxpr.jaxpr, list(jaxpr.consts), list(args), (), dict(hooks), dict(taps),
+  outs = _eval(jaxpr.jaxpr, list(jaxpr.consts), list(args), (), shifts, dict(taps),
                enclosing, found)
   return outs, found
 

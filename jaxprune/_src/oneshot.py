@@ -124,14 +124,16 @@ def _ranking(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: li
     scores = wanda_scores(apply_fn, params, batches, prunable=prunable, token_mask=token_mask)
     return dict(tree_lib.leaves_with_paths(scores))
   leaves = dict(tree_lib.leaves_with_paths(params))
-  diag = gauss_newton.output_diag(apply_fn, params, batches, paths)
+  # One probe per batch: each saliency sums over every calibration position, which averages the
+  # probes' noise, and the pass then costs about one forward and backward run of the batches.
+  diag = gauss_newton.output_diag(apply_fn, params, batches, paths, num_probes=1)
   return {p: jnp.square(jnp.asarray(leaves[p], jnp.float32)) * diag[p] for p in paths}
 
 
 def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Iterable[Any],
             sparsity: Optional[float] = None, *, method: str = "sparsegpt",
             pattern: obs_lib.Pattern = None, prunable: Prunable = None,
-            allocation: Union[str, Mapping[str, float]] = "global", refit: bool = False,
+            allocation: Union[str, Mapping[str, float]] = "obd", refit: bool = False,
             target: str = "dense", sequential: bool = True,
             token_mask: Optional[Callable[[Any], jax.Array]] = None, damp: float = 0.1,
             block_size: int = 32, progress: Optional[bool] = None,
@@ -178,17 +180,18 @@ def oneshot(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Ite
       ``"magnitude"`` and ``"wanda"``); or ``("block", rows, cols)`` (tiles of that view). All
       methods choose the pattern inside their solver.
     prunable: which leaves are pruned (see `jaxprune.unstructured_mask`).
-    allocation: how ``sparsity`` is split across kernels: ``"global"`` (one magnitude ranking
-      over all kernels picks each kernel's count, ``round(s·N)`` in total), ``"wanda"`` (the
-      same with one ranking of the dense model's Wanda scores ``|w|·‖x‖``), ``"obd"`` (the same
-      with Optimal Brain Damage saliencies ``w²·G_ii``, ``G`` the Gauss–Newton matrix of the
-      change of the model's floating outputs, estimated with Rademacher probes: unlike
+    allocation: how ``sparsity`` is split across kernels, ``round(s·N)`` in total: ``"obd"``
+      (default: one ranking over all kernels of the Optimal Brain Damage saliencies
+      ``w²·G_ii``, ``G`` the Gauss–Newton matrix of the change of the model's floating outputs,
+      estimated from the dense model with one Rademacher probe per calibration batch; unlike
       magnitudes these are comparable across kernels whose scales trade off, as a query and a
-      key kernel's do; kernels read inside a ``scan`` are refused), ``"obs"`` (counts
-      minimising the sum of the layers' reconstruction errors, measured with the method's
-      solver on the dense model's calibration inputs, each weighted by how much that layer's
-      outputs move the model's outputs), ``"uniform"`` (the same fraction per
-      kernel), or a mapping from leaf path to fraction.
+      key kernel's do; it costs one more forward and backward pass over the batches and needs
+      ``apply_fn`` differentiable with a floating output), ``"global"`` (the same with one
+      magnitude ranking), ``"wanda"`` (the same with the dense model's Wanda scores
+      ``|w|·‖x‖``), ``"obs"`` (counts minimising the sum of the layers' reconstruction errors,
+      measured with the method's solver on the dense model's calibration inputs, each weighted
+      by how much that layer's outputs move the model's outputs), ``"uniform"`` (the same
+      fraction per kernel), or a mapping from leaf path to fraction.
     refit: after the mask is chosen, set the kept weights to their least-squares optimum.
     target: ``"dense"`` fits each layer to the dense model's outputs for that layer (its inputs
       still come from the pruned model); ``"pruned"`` to the outputs its own inputs give.

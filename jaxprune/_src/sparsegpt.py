@@ -18,6 +18,7 @@ from typing import Any, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg as jsl
 import numpy as np
 from jax import lax
 
@@ -67,8 +68,14 @@ def _block_counts(total: Array, free: Array, sizes: Sequence[int]) -> Array:
 
 
 def _upper_inverse_factor(hd: Array) -> Array:
-  """``U`` upper triangular with ``UᵀU = hd⁻¹``."""
-  return jnp.linalg.cholesky(obs.spd_inverse(hd)).T
+  """``U`` upper triangular with ``UᵀU = hd⁻¹``.
+
+  With ``R`` the upper triangular factor of ``hd = RRᵀ`` (the lower Cholesky factor of ``hd``
+  with rows and columns reversed), ``hd⁻¹ = R⁻ᵀR⁻¹``, so ``U = R⁻¹``: one factorisation and one
+  triangular solve, where inverting ``hd`` first and factorising the inverse takes two of each.
+  """
+  r = jnp.linalg.cholesky(hd[::-1, ::-1])[::-1, ::-1]
+  return jsl.solve_triangular(r, jnp.eye(hd.shape[0], dtype=hd.dtype), lower=False)
 
 
 def _score(w1: Array, diag: Array, dead1: Array) -> Array:
