@@ -259,27 +259,8 @@ def prune_ranks(scores: Array) -> Array:
 
 def prune_lowest(scores: Array, count: Union[int, Array]) -> Array:
   """True for the ``count`` lowest entries of ``scores`` (``count`` may be traced), in the
-  order of `prune_ranks`.
-
-  The threshold key is found by bisection over the ``uint32`` keys (32 counting passes), and of
-  the entries equal to it the last ones in row-major order go: no sort, which at the sizes of a
-  solver's block of weights costs several times more than the passes.
-  """
-  keys = select.score_keys(scores).reshape(-1)
-  count = jnp.asarray(count, jnp.int32)
-
-  def halve(_: int, bounds: tuple[Array, Array]) -> tuple[Array, Array]:
-    lo, hi = bounds  # the smallest key t with #(keys <= t) >= count lies in [lo, hi]
-    mid = lo + (hi - lo) // 2
-    enough = jnp.sum(keys <= mid, dtype=jnp.int32) >= count
-    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
-
-  _, threshold = lax.fori_loop(0, 32, halve, (jnp.uint32(0), jnp.uint32(0xFFFFFFFF)))
-  below = keys < threshold
-  tied = keys == threshold
-  ties_from_end = jnp.cumsum(tied[::-1].astype(jnp.int32))[::-1]
-  ties_taken = count - jnp.sum(below, dtype=jnp.int32)
-  return (below | (tied & (ties_from_end <= ties_taken))).reshape(jnp.shape(scores))
+  order of `prune_ranks`: `jaxprune._src.select.prune_lowest` on one array, without a sort."""
+  return select.prune_lowest([scores], count)[0]
 
 
 def layer_loss(w_old: Array, w_new: Array, h: Array) -> Array:

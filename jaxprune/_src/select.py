@@ -19,8 +19,9 @@ bins and the histogram, never a parameter-sized array. With `Elementwise` scores
 scores themselves are computed per chunk from their inputs (``|w|`` from ``w``), which is how
 `jaxprune.prune` updates masks inside a train step without raising its memory footprint.
 
-On a single device, selections over at most 2¹⁴ entries sort the keys and positions instead:
-the same order and the same result, cheaper at that size than four 2¹⁶-bin histograms.
+On a single device, selections over at most 2¹⁴ entries find the threshold key and the tie cut
+by bisection over the concatenated keys and positions instead (32 counting passes each): the
+same order and the same result, cheaper at that size than four 2¹⁶-bin histograms or a sort.
 """
 
 from __future__ import annotations
@@ -321,30 +322,46 @@ def prune_lowest(scores: Sequence[ScoreLike], k: Union[int, Array], *,
   return _prune_lowest_compiled(fns, operands, k, positions)
 
 
-# Selections over at most this many entries sort their keys instead: the same exact rule, and
-# for small arrays cheaper than four 2^16-bin histograms, to run and to compile.
-_SORT_MAX = 1 << 14
+# Selections over at most this many entries find their threshold by bisection instead: the same
+# exact rule, and for small arrays cheaper than four 2^16-bin histograms (or a sort), to run and
+# to compile.
+_BISECT_MAX = 1 << 14
+
+
+def _bisect(values: Array, k: Array) -> Array:
+  """The k-th smallest of the ``uint32`` ``values`` (``1 <= k <= size``), by 32 counting passes."""
+  def halve(_: int, bounds: tuple[Array, Array]) -> tuple[Array, Array]:
+    lo, hi = bounds  # the answer, the smallest t with #(values <= t) >= k, lies in [lo, hi]
+    mid = lo + (hi - lo) // 2
+    enough = jnp.sum(values <= mid, dtype=jnp.int32) >= k
+    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+  return lax.fori_loop(0, 32, halve, (jnp.uint32(0), jnp.uint32(0xFFFFFFFF)))[1]
 
 
 def _select(scores: list[ScoreLike], k: Array, positions: list) -> list[Array]:
-  # With several devices the arrays may be sharded under GSPMD, where a sort gathers them and
-  # the histograms do not (for leaves split along their leading dimension).
-  if sum(int(s.size) for s in scores) > _SORT_MAX or jax.device_count() > 1:
+  # With several devices the arrays may be sharded under GSPMD, where a concatenation gathers
+  # them and the histograms do not (for leaves split along their leading dimension).
+  if sum(int(s.size) for s in scores) > _BISECT_MAX or jax.device_count() > 1:
     return _prune_lowest_impl(scores, k, positions, [None] * len(scores), None)
   sizes = [int(s.size) for s in scores]
   if not sum(sizes):
     return [jnp.zeros(s.shape, bool) for s in scores]
   offsets = np.cumsum([0] + sizes[:-1]).tolist()
-  keys = [score_keys(_score_reader(s)(0, n)) for s, n in zip(scores, sizes)]
-  pos = [_position_reader(p, o, tuple(s.shape))(0, n)
-         for p, o, s, n in zip(positions, offsets, scores, sizes)]
-  # Pruning order: ascending key, then descending position; the k-th entry in that order is the
-  # last one pruned.
-  order_keys, order_pos = lax.sort((jnp.concatenate(keys), ~jnp.concatenate(pos)), num_keys=2)
-  last = jnp.clip(k - 1, 0, sum(sizes) - 1)
-  t, cut = order_keys[last], ~order_pos[last]
-  return [((k > 0) & ((x < t) | ((x == t) & (q >= cut)))).reshape(s.shape)
-          for x, q, s in zip(keys, pos, scores)]
+  keys = jnp.concatenate([score_keys(_score_reader(s)(0, n)) for s, n in zip(scores, sizes)])
+  pos = jnp.concatenate([_position_reader(p, o, tuple(s.shape))(0, n)
+                         for p, o, s, n in zip(positions, offsets, scores, sizes)])
+  t = _bisect(keys, jnp.maximum(k, 1))
+  tied = keys == t
+  ties_pruned = k - jnp.sum(keys < t, dtype=jnp.int32)
+  kept_ties = jnp.sum(tied, dtype=jnp.int32) - ties_pruned
+  # Tied entries from the (kept_ties + 1)-th smallest position on are pruned; positions are
+  # unique and below 2^32 - 1, which stands for the untied entries here.
+  cut = lax.cond(kept_ties > 0,
+                 lambda: _bisect(jnp.where(tied, pos, jnp.uint32(0xFFFFFFFF)), kept_ties + 1),
+                 lambda: jnp.uint32(0))
+  pruned = (k > 0) & ((keys < t) | (tied & (pos >= cut)))
+  return [x.reshape(s.shape) for x, s in zip(jnp.split(pruned, offsets[1:]), scores)]
 
 
 def _prune_lowest_impl(scores: list[ScoreLike], k: Array, positions: list, counted: list,
