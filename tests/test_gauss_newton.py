@@ -201,10 +201,11 @@ def test_output_diag_of_a_scan_stacked_kernel_equals_the_unrolled_layers():
       x = body(x, p[f"w{k}"])[0]
     return x @ p["out"]
 
-  both = {"['stack']": None, "['out']": None}
-  got = gauss_newton.output_diag(scanned, {"stack": stack, "out": out}, [x], list(both))
+  got = gauss_newton.output_diag(scanned, {"stack": stack, "out": out}, [x],
+                                 ["['stack']", "['out']"])
   flat = {f"w{k}": stack[k] for k in range(3)} | {"out": out}
-  want = gauss_newton.output_diag(unrolled, flat, [x], [f"['w{k}']" for k in range(3)] + ["['out']"])
+  paths = [f"['w{k}']" for k in range(3)] + ["['out']"]
+  want = gauss_newton.output_diag(unrolled, flat, [x], paths)
   # the same probes (one key per batch, one probe array per output), so equal up to rounding
   np.testing.assert_allclose(got["['stack']"], np.stack([want[f"['w{k}']"] for k in range(3)]),
                              rtol=1e-5)
